@@ -1,0 +1,3 @@
+from pfi_rag.cli import main
+
+main()
