@@ -47,6 +47,17 @@ class ModelsConfig(Section):
     )
 
 
+class AdapterConfig(Section):
+    """The LoRA adapter every client trains (PEFT format on disk)."""
+
+    r: int = Field(default=8, ge=1, le=256)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Serving keeps at most this many adapters in memory (least recently used leave first).
+    cache_size: int = Field(default=16, ge=1)
+
+
 class RetrievalConfig(Section):
     chunk_tokens: int = Field(default=200, ge=16, le=4096)
     chunk_overlap: int = Field(default=32, ge=0)
@@ -78,10 +89,6 @@ class PrivacyConfig(Section):
     local_steps: int = Field(default=10, ge=1)
     learning_rate: float = Field(default=2e-3, gt=0)
     max_seq_len: int = Field(default=128, ge=8)
-    lora_r: int = Field(default=8, ge=1)
-    lora_alpha: int = Field(default=16, ge=1)
-    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
-    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 class FederationConfig(Section):
@@ -133,6 +140,7 @@ class Config(BaseSettings):
     data_root: Path = Path("pfi-data")
     seed: int = 0
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)

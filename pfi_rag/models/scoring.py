@@ -1,0 +1,68 @@
+"""Likelihood scores of text under a causal LM: what utility, calibration and leakage probes read.
+
+All functions take an already-loaded model (base, or a PeftModel with the wanted adapter
+active) and score in batches without gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+@torch.no_grad()
+def continuation_nll(
+    model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 16
+) -> list[tuple[float, int]]:
+    """Summed negative log-likelihood (nats) of each continuation given its prompt, and its length.
+
+    Only the continuation's tokens are scored; the prompt is context. Tokenizing prompt and
+    continuation separately keeps the boundary exact (no merge across it).
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError("prompts and continuations must have the same length")
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        for prompt, continuation in zip(
+            prompts[start : start + batch_size], continuations[start : start + batch_size], strict=True
+        ):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+            target_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            if not target_ids:
+                raise ValueError(f"continuation {continuation!r} has no tokens")
+            if not prompt_ids:  # score the first token too: condition on BOS/EOS
+                prompt_ids = [tokenizer.bos_token_id or tokenizer.eos_token_id]
+            rows.append((prompt_ids, target_ids))
+        width = max(len(p) + len(t) for p, t in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (prompt_ids, target_ids) in enumerate(rows):
+            ids = prompt_ids + target_ids
+            input_ids[i, : len(ids)] = torch.tensor(ids)  # right padding: positions stay 0..n
+            attention[i, : len(ids)] = 1
+            labels[i, len(prompt_ids) : len(ids)] = torch.tensor(target_ids)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+        targets = labels[:, 1:].to(device)  # (B, T-1)
+        token_nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
+        )  # (B, T-1)
+        for i in range(len(rows)):
+            results.append((float(token_nll[i].sum()), int((targets[i] != -100).sum())))
+    return results
+
+
+def mean_token_nll(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16) -> float:
+    """Mean per-token NLL over all texts (exp of it is the perplexity)."""
+    scored = continuation_nll(model, tokenizer, [""] * len(texts), list(texts), batch_size=batch_size)
+    total = sum(nll for nll, _ in scored)
+    tokens = sum(n for _, n in scored)
+    return total / tokens
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16) -> float:
+    return float(torch.exp(torch.tensor(mean_token_nll(model, tokenizer, texts, batch_size=batch_size))))
