@@ -42,3 +42,22 @@ def test_batched_scores_equal_one_at_a_time(tiny_generator):
     assert mean_token_nll(model, tokenizer, ["The cat sat on the mat."]) == pytest.approx(
         np.log(len(tokenizer)), rel=0.1
     )
+
+
+def test_adapter_saves_are_versioned_and_loadable_by_peft(tiny_peft, tiny_generator, tmp_path):
+    from peft import PeftModel
+
+    from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
+
+    model, _ = tiny_peft
+    directory = client_adapter_dir(tmp_path, "alice")
+    assert read_adapter_info(directory) is None
+    first = save_adapter(model, directory)
+    second = save_adapter(model, directory, round=3, source="federated")
+    assert (first.version, second.version, second.round) == (1, 2, 3)
+    assert read_adapter_info(directory) == second
+
+    base, _, _ = tiny_generator
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), directory)
+    for name, value in lora_arrays(model).items():
+        np.testing.assert_allclose(lora_arrays(loaded)[name], value)

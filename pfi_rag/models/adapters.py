@@ -1,0 +1,73 @@
+"""Per-client LoRA adapters on disk: PEFT format plus a small version record.
+
+``clients/<id>/adapter/`` is a directory ``PeftModel.from_pretrained`` loads as is, with
+``pfi-rag-adapter.json`` beside the weights: the version (increasing by one per save), the
+federation round it came from (None for local training), and when. The shared/global adapter
+of a federation lives at ``federation/global_adapter/`` in the same format. A save replaces the
+whole directory atomically, so a reader sees the old or the new adapter, never a mix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pfi_rag.storage import atomic_directory, client_dir, recover_directory
+
+METADATA_FILE = "pfi-rag-adapter.json"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    version: int
+    round: int | None
+    created_at: str
+    source: str  # "local" (pfi-rag train), "federated" (a round), ...
+
+    @classmethod
+    def read(cls, directory: Path) -> AdapterInfo | None:
+        path = Path(directory) / METADATA_FILE
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def client_adapter_dir(data_root: Path, client_id: str) -> Path:
+    return client_dir(data_root, client_id) / "adapter"
+
+
+def global_adapter_dir(data_root: Path) -> Path:
+    return Path(data_root) / "federation" / "global_adapter"
+
+
+def read_adapter_info(directory: Path) -> AdapterInfo | None:
+    """The version record of the adapter in ``directory``, or None when there is none."""
+    recover_directory(directory)
+    if not (Path(directory) / "adapter_config.json").is_file():
+        return None
+    return AdapterInfo.read(directory) or AdapterInfo(version=0, round=None, created_at="", source="external")
+
+
+def save_adapter(
+    model, directory: Path, *, round: int | None = None, source: str = "local", adapter_name: str = "default"
+) -> AdapterInfo:
+    """Save ``model``'s adapter ``adapter_name`` to ``directory`` as the next version, atomically."""
+    previous = read_adapter_info(directory)
+    info = AdapterInfo(
+        version=(previous.version if previous else 0) + 1,
+        round=round,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        source=source,
+    )
+    with atomic_directory(directory) as staging:
+        model.save_pretrained(staging, selected_adapters=[adapter_name])
+        if adapter_name != "default":
+            # PEFT saves non-default adapters in a subdirectory; keep one adapter per directory.
+            nested = staging / adapter_name
+            for item in nested.iterdir():
+                item.rename(staging / item.name)
+            nested.rmdir()
+        (staging / METADATA_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
+    return info
