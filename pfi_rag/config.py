@@ -66,7 +66,16 @@ class RetrievalConfig(Section):
     # With index = "auto", a client switches from exact flat search to HNSW past this size.
     auto_ann_threshold: int = Field(default=50_000, ge=1)
     embed_batch_size: int = Field(default=64, ge=1, le=4096)
+    # Chunks embedded and committed together during an ingest: a killed process loses at most
+    # the batch in flight. Larger batches let the embedder sort more texts by length (faster).
+    ingest_batch_chunks: int = Field(default=512, ge=1)
     max_file_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    # HNSW graph degree and search breadth (recall vs latency; see README "Retrieval").
+    hnsw_m: int = Field(default=32, ge=4, le=256)
+    hnsw_ef_construction: int = Field(default=80, ge=8)
+    hnsw_ef_search: int = Field(default=96, ge=8)
+    # IVF lists probed per query (nlist is sqrt-scaled with the client's size).
+    ivf_nprobe: int = Field(default=16, ge=1)
 
     @model_validator(mode="after")
     def _overlap_below_chunk(self) -> RetrievalConfig:
@@ -99,9 +108,26 @@ class FederationConfig(Section):
     clients_per_round: int | None = Field(default=None, ge=1)
     # A round with fewer successful results than this ends the run with an error.
     min_results: int = Field(default=1, ge=1)
-    # Client-level DP on the shared update (DP-FedAvg): clip to this L2 norm, then add noise.
+    # Client-level DP on the aggregate (DP-FedAvg, server side): each update is clipped to this
+    # L2 norm, and the average gets Gaussian noise of std noise_multiplier * clip / sampled.
     update_clip_norm: float | None = Field(default=None, gt=0)
     update_noise_multiplier: float = Field(default=0.0, ge=0)
+    # Fraction cut from each end per coordinate when aggregation = "trimmed_mean".
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
+    # Ditto's proximal weight: how strongly a personal adapter is pulled towards the global one.
+    ditto_lambda: float = Field(default=0.1, ge=0)
+    # How long the server waits for nodes to connect, and for one round's replies.
+    connect_timeout_s: float = Field(default=120.0, gt=0)
+    round_timeout_s: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _noise_needs_a_clip_norm(self) -> FederationConfig:
+        if self.update_noise_multiplier > 0 and self.update_clip_norm is None:
+            raise ValueError(
+                "federation.update_noise_multiplier needs federation.update_clip_norm: noise is "
+                "calibrated to the clipping norm"
+            )
+        return self
 
 
 class ServingConfig(Section):
