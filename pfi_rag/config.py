@@ -108,26 +108,9 @@ class FederationConfig(Section):
     clients_per_round: int | None = Field(default=None, ge=1)
     # A round with fewer successful results than this ends the run with an error.
     min_results: int = Field(default=1, ge=1)
-    # Client-level DP on the aggregate (DP-FedAvg, server side): each update is clipped to this
-    # L2 norm, and the average gets Gaussian noise of std noise_multiplier * clip / sampled.
+    # Client-level DP on the shared update (DP-FedAvg): clip to this L2 norm, then add noise.
     update_clip_norm: float | None = Field(default=None, gt=0)
     update_noise_multiplier: float = Field(default=0.0, ge=0)
-    # Fraction cut from each end per coordinate when aggregation = "trimmed_mean".
-    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
-    # Ditto's proximal weight: how strongly a personal adapter is pulled towards the global one.
-    ditto_lambda: float = Field(default=0.1, ge=0)
-    # How long the server waits for nodes to connect, and for one round's replies.
-    connect_timeout_s: float = Field(default=120.0, gt=0)
-    round_timeout_s: float = Field(default=3600.0, gt=0)
-
-    @model_validator(mode="after")
-    def _noise_needs_a_clip_norm(self) -> FederationConfig:
-        if self.update_noise_multiplier > 0 and self.update_clip_norm is None:
-            raise ValueError(
-                "federation.update_noise_multiplier needs federation.update_clip_norm: noise is "
-                "calibrated to the clipping norm"
-            )
-        return self
 
 
 class ServingConfig(Section):
