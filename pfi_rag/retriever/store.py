@@ -49,7 +49,7 @@ INDEX_FILE = "faiss.index"
 DOCSTORE_FILE = "docstore.sqlite"
 LOCK_FILE = "lock"
 
-Progress = Callable[[int], None]  # called with the number of chunks just committed
+Progress = Callable[[int], None]  # called with the number of documents just done (written or unchanged)
 
 
 def _now() -> str:
@@ -159,6 +159,8 @@ class ClientStore:
                     known = None if current is None else current["content_hash"]
                 if known == digest:
                     report.unchanged += 1
+                    if progress is not None:
+                        progress(1)
                     continue
                 chunks = chunk_text(
                     doc.text, self.embedder.tokenizer, size=self._window[0], overlap=self._window[1]
@@ -251,7 +253,7 @@ class ClientStore:
             self._index.add_with_ids(vectors[keep], np.asarray(added, dtype=np.int64)[keep])
         report.chunks += int(keep.sum())
         if progress is not None:
-            progress(len(texts))
+            progress(len(batch))
 
     def _sync_index(self) -> None:
         """Make the index hold exactly the docstore's live chunks, in the right structure; save it."""
