@@ -56,6 +56,8 @@ class AdapterConfig(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     # Serving keeps at most this many adapters in memory (least recently used leave first).
     cache_size: int = Field(default=16, ge=1)
+    # ... and at most this much adapter weight memory (MiB); adapters in use are never evicted.
+    cache_max_mb: float = Field(default=512.0, gt=0)
 
 
 class RetrievalConfig(Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,3 +72,25 @@ def save_adapter(
             nested.rmdir()
         (staging / METADATA_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info
+
+
+def peek_adapter_info(directory: Path, *, attempts: int = 20, wait_s: float = 0.005) -> AdapterInfo | None:
+    """Like :func:`read_adapter_info`, for readers that run beside a writer (serving).
+
+    It never repairs an interrupted swap: a reader moving ``<dir>.old-*`` back could collide with
+    the writer's second rename. A directory missing while such a sibling exists is a swap in
+    progress, so it waits for the writer instead of reporting "no adapter".
+    """
+    directory = Path(directory)
+    for _ in range(attempts):
+        if (directory / "adapter_config.json").is_file():
+            try:
+                info = AdapterInfo.read(directory)
+            except (FileNotFoundError, json.JSONDecodeError):  # replaced while reading: look again
+                time.sleep(wait_s)
+                continue
+            return info or AdapterInfo(version=0, round=None, created_at="", source="external")
+        if not any(directory.parent.glob(f"{directory.name}.old-*")):
+            return None
+        time.sleep(wait_s)
+    return None

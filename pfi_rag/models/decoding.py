@@ -1,0 +1,264 @@
+"""One decoding loop for single requests and mixed-adapter batches, with rows joining mid-flight.
+
+Why our own loop rather than ``model.generate``: every row of a batch keeps its own sampling
+settings, seed, stop strings and token limit, streams its own text, and leaves the batch when
+it finishes; new rows join between steps (continuous admission) by merging their KV cache into
+the running one. A row's output therefore does not depend on what it was batched with: greedy
+rows pick the same tokens, sampled rows draw from their own seeded generator.
+
+Layout of a running batch (B rows, T cached positions, left padded)::
+
+    cache        DynamicCache, keys/values (B, heads, T, head_dim)
+    mask         (B, T)  1 where a real token is cached
+    next_tokens  (B,)    the token each row feeds at the next step
+    row.length           real tokens cached for that row (= the next token's position id)
+
+Rows are joined by padding the shorter side on the left with masked positions, which is what
+``generate`` does with left-padded prompts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence being decoded: its prompt, adapter, settings, and what it produced so far."""
+
+    prompt_ids: list[int]
+    adapter_name: str
+    params: SamplingParams
+    on_text: Callable[[str], None] | None = None  # receives text pieces as they become final
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (eos or a stop string), "length" or "cancelled"
+    length: int = 0
+    _emitted: int = 0
+    _generator: torch.Generator | None = None
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of ``text`` that could still become a stop string (not streamed yet)."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class DecodeBatch:
+    """Rows decoded together in one forward pass per step, each with its own adapter.
+
+    ``lock`` is held around every forward pass, so adapters can be loaded into the same model
+    from another thread between steps.
+    """
+
+    def __init__(self, model, tokenizer, *, eos_ids: Sequence[int], lock: threading.Lock | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
+        self.lock = lock or threading.Lock()
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None
+        self.next_tokens: torch.Tensor | None = None
+        # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns, then goes).
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._is_peft = hasattr(model, "peft_config")
+        takes_cache = "cache" in inspect.signature(base.forward).parameters
+        self._cache_arg = "cache" if takes_cache else "past_key_values"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def can_join(self) -> bool:
+        """Rows can join a running batch only when every cache layer is a plain growing one."""
+        return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def _forward(self, input_ids, mask, positions, cache, adapter_names) -> torch.Tensor:
+        if self._is_peft:
+            extra = {"adapter_names": adapter_names}
+        elif set(adapter_names) == {BASE_ADAPTER}:
+            extra = {}
+        else:
+            raise ValueError(f"adapters {sorted(set(adapter_names))} requested from a model without peft")
+        with self.lock, torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: cache},
+                **extra,
+            )
+        return out.logits[:, -1, :].float()  # (B, V)
+
+    def add(self, rows: Sequence[Row]) -> list[Row]:
+        """Prefill ``rows`` and merge them into the batch; returns rows already finished."""
+        if not rows:
+            return []
+        if not self.can_join():
+            raise RuntimeError("this model's cache cannot take rows mid-flight; start a new batch")
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if not row.prompt_ids:
+                raise ValueError("a row needs at least one prompt token")
+            ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
+            mask[i, width - len(row.prompt_ids) :] = 1
+            row.length = len(row.prompt_ids)
+            if not row.params.greedy:
+                row._generator = torch.Generator(device=self.device)
+                if row.params.seed is None:
+                    row._generator.seed()
+                else:
+                    row._generator.manual_seed(row.params.seed)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L): left padding keeps positions 0..n-1
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        cache = DynamicCache(config=getattr(self.model, "config", None))
+        logits = self._forward(ids, mask, positions, cache, [r.adapter_name for r in rows])
+        tokens = self._sample(rows, logits)
+        if self.cache is None:
+            self.rows, self.cache, self.mask, self.next_tokens = list(rows), cache, mask, tokens
+        else:
+            self._merge(list(rows), cache, mask, tokens)
+        return self._advance(rows, tokens.tolist())
+
+    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+        self.next_tokens = torch.cat([self.next_tokens, tokens])
+        self.rows.extend(rows)
+
+    def step(self) -> list[Row]:
+        """Feed every row its next token; returns the rows that finished (they leave the batch)."""
+        if not self.rows:
+            return []
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)  # (B, T+1)
+        positions = torch.tensor([[r.length] for r in self.rows], device=self.device)  # (B, 1)
+        logits = self._forward(
+            self.next_tokens[:, None], self.mask, positions, self.cache, [r.adapter_name for r in self.rows]
+        )
+        for row in self.rows:
+            row.length += 1
+        self.next_tokens = self._sample(self.rows, logits)
+        return self._advance(self.rows, self.next_tokens.tolist())
+
+    def cancel(self, rows: Sequence[Row]) -> None:
+        """Take rows out before they finish (a client went away)."""
+        leaving = [row for row in rows if row in self.rows]
+        for row in leaving:
+            row.finish_reason = "cancelled"
+        if leaving:
+            self._drop(leaving)
+
+    def _sample(self, rows: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
+        tokens = logits.argmax(dim=-1)  # (B,)
+        for i, row in enumerate(rows):
+            p = row.params
+            if p.greedy:
+                continue
+            scores = logits[i] / p.temperature  # (V,)
+            if p.top_k > 0:
+                kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            if p.top_p < 1.0:
+                ordered, order = torch.sort(scores, descending=True)
+                cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
+                # Drop a token once the ones before it already cover top_p (the first always stays).
+                drop = (cumulative - torch.softmax(ordered, dim=-1)) >= p.top_p
+                scores = scores.scatter(0, order[drop], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            tokens[i] = torch.multinomial(probs, 1, generator=row._generator)[0]
+        return tokens
+
+    def _advance(self, rows: Sequence[Row], tokens: list[int]) -> list[Row]:
+        """Record each row's new token, stream its final text, and drop finished rows."""
+        for row, token in zip(rows, tokens, strict=True):
+            if token in self.eos_ids:
+                row.finish_reason = "stop"
+            else:
+                row.token_ids.append(token)
+                if len(row.token_ids) >= row.params.max_new_tokens:
+                    row.finish_reason = "length"
+            self._update_text(row)
+        finished = [row for row in rows if row.finish_reason is not None]
+        if finished:
+            self._drop(finished)
+        return finished
+
+    def _update_text(self, row: Row) -> None:
+        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        stops = row.params.stop
+        if stops:
+            start = max(0, row._emitted - max(len(s) for s in stops))
+            hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                text, row.finish_reason = text[: min(hits)], "stop"
+        row.text = text
+        if row.finish_reason is not None:
+            end = len(text)
+        elif text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+            return
+        else:
+            end = len(text) - _held_back(text, stops)
+        if end > row._emitted:
+            if row.on_text is not None:
+                row.on_text(text[row._emitted : end])
+            row._emitted = end
+
+    def _drop(self, finished: Sequence[Row]) -> None:
+        keep = [i for i, row in enumerate(self.rows) if row not in finished]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.next_tokens = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.mask = self.mask[index]
+        self.next_tokens = self.next_tokens[index]
+        # Columns that are padding for every remaining row carry nothing: cut them.
+        first = int(self.mask.any(dim=0).nonzero()[0])
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]

@@ -1,0 +1,254 @@
+"""Personalized, retrieval-grounded generation: the request, the result, and the engine.
+
+The :class:`Engine` holds the base model once per process, wrapped for per-request adapters,
+and answers one request at a time (``generate``, ``stream``). The batching scheduler
+(:mod:`pfi_rag.models.batching`) drives the same engine to answer many requests per forward
+pass. A request goes through ``prepare`` (adapter lease, passages, prompt: everything that can
+refuse bad input), then decoding, then ``finish`` (the result, the lease released).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pfi_rag.config import AdapterConfig, Config, ServingConfig
+from pfi_rag.models.adapter_cache import AdapterCache, AdapterLease, ServedAdapter, serving_model
+from pfi_rag.models.decoding import DecodeBatch, Row, SamplingParams
+from pfi_rag.models.prompting import PassageLike, Prompt, UsedPassage, build_prompt
+from pfi_rag.storage import validate_client_id
+
+logger = logging.getLogger(__name__)
+
+# (client_id, question) -> ranked passages; the retriever's ClientStore.search fits behind it.
+Retrieve = Callable[[str, str], Sequence[PassageLike]]
+
+
+class InvalidRequest(ValueError):
+    """A request that cannot be served as given; the message names the field to fix."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One question from one client.
+
+    Give ``question`` or ``messages`` (chat turns ending with the user's). ``passages=None``
+    lets the engine retrieve from the client's store; a sequence (even empty) is used as is.
+    ``temperature=0`` is greedy; ``seed`` makes sampling reproducible. The answer stops at
+    end of sequence, at ``max_new_tokens``, or before the first ``stop`` string.
+    """
+
+    client_id: str
+    question: str | None = None
+    messages: Sequence[dict[str, str]] | None = None
+    passages: Sequence[PassageLike] | None = None
+    max_new_tokens: int | None = None  # None: serving.max_new_tokens
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            validate_client_id(self.client_id)
+        except ValueError as exc:
+            raise InvalidRequest(f"client_id: {exc}") from None
+        if (self.question is None) == (self.messages is None):
+            raise InvalidRequest("give exactly one of question or messages")
+        if self.question is not None and not self.question.strip():
+            raise InvalidRequest("question is empty")
+        if self.messages is not None:
+            if not self.messages or self.messages[-1].get("role") != "user":
+                raise InvalidRequest("messages must end with a message whose role is 'user'")
+            for message in self.messages:
+                if message.get("role") not in {"system", "user", "assistant"} or not isinstance(
+                    message.get("content"), str
+                ):
+                    raise InvalidRequest("each message needs a role (system/user/assistant) and text content")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise InvalidRequest("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise InvalidRequest("temperature must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidRequest("top_k must be >= 0 (0 disables it)")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequest("stop must be a list of non-empty strings")
+
+    def chat(self) -> list[dict[str, str]]:
+        if self.messages is not None:
+            return [dict(m) for m in self.messages]
+        return [{"role": "user", "content": self.question}]
+
+    @property
+    def query(self) -> str:
+        """The text retrieval searches for: the last user turn."""
+        return self.chat()[-1]["content"]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated tokens (a stop string's tokens included, end of sequence not)
+    passages: list[UsedPassage]  # what went into the prompt, numbered as the answer cites them
+    adapter: ServedAdapter
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "passages": [p.as_dict() for p in self.passages],
+            "adapter": self.adapter.as_dict(),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass(eq=False)
+class PreparedRequest:
+    """A request ready to decode: its prompt built and its adapter pinned until ``finish``."""
+
+    request: GenerationRequest
+    prompt: Prompt
+    lease: AdapterLease
+    row: Row
+
+
+class Engine:
+    """The base model, loaded once, answering requests with each client's adapter and passages."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        data_root: Path,
+        serving: ServingConfig | None = None,
+        adapter: AdapterConfig | None = None,
+        retrieve: Retrieve | None = None,
+        retrieval_k: int = 4,
+    ):
+        self.serving = serving or ServingConfig()
+        adapter = adapter or AdapterConfig()
+        # Takes over ``model``: its modules gain LoRA layers. Callers must not use it directly after.
+        self.model = serving_model(model, adapter)
+        self.tokenizer = tokenizer
+        self.lock = threading.Lock()  # held around each forward pass and each adapter load
+        self.adapters = AdapterCache(
+            self.model,
+            data_root,
+            max_adapters=adapter.cache_size,
+            max_bytes=int(adapter.cache_max_mb * 2**20),
+            model_lock=self.lock,
+        )
+        self.retrieve = retrieve
+        self.retrieval_k = retrieval_k
+        eos = self.model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, list | tuple) else [eos]
+        self.eos_ids = sorted({tokenizer.eos_token_id, *(e for e in eos if e is not None)} - {None})
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, retrieve: Retrieve | None = None) -> Engine:
+        from pfi_rag.models.loading import load_generator
+
+        model, tokenizer, _ = load_generator(cfg.models)
+        return cls(
+            model,
+            tokenizer,
+            data_root=cfg.data_root,
+            serving=cfg.serving,
+            adapter=cfg.adapter,
+            retrieve=retrieve,
+            retrieval_k=cfg.retrieval.top_k,
+        )
+
+    def new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.model, self.tokenizer, eos_ids=self.eos_ids, lock=self.lock)
+
+    def prepare(
+        self, request: GenerationRequest, on_text: Callable[[str], None] | None = None
+    ) -> PreparedRequest:
+        """Check limits, gather passages, build the prompt and pin the adapter. Raises on bad input."""
+        max_new = request.max_new_tokens or self.serving.max_new_tokens
+        if max_new > self.serving.max_new_tokens:
+            raise InvalidRequest(
+                f"max_new_tokens {max_new} is over the limit of {self.serving.max_new_tokens} "
+                "(serving.max_new_tokens)"
+            )
+        passages = request.passages
+        if passages is None:
+            passages = self.retrieve(request.client_id, request.query) if self.retrieve is not None else ()
+        prompt = build_prompt(
+            self.tokenizer,
+            messages=request.chat(),
+            passages=passages,
+            system_prompt=self.serving.system_prompt,
+            max_prompt_tokens=self.serving.max_prompt_tokens,
+        )
+        if self.max_positions is not None and len(prompt.input_ids) + max_new > self.max_positions:
+            raise InvalidRequest(
+                f"prompt ({len(prompt.input_ids)} tokens) plus max_new_tokens ({max_new}) exceed the "
+                f"model's context of {self.max_positions} tokens"
+            )
+        params = SamplingParams(
+            max_new_tokens=max_new,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            stop=tuple(request.stop),
+        )
+        lease = self.adapters.acquire(request.client_id)
+        row = Row(prompt_ids=prompt.input_ids, adapter_name=lease.name, params=params, on_text=on_text)
+        return PreparedRequest(request=request, prompt=prompt, lease=lease, row=row)
+
+    def finish(self, job: PreparedRequest) -> GenerationResult:
+        job.lease.release()
+        return GenerationResult(
+            text=job.row.text,
+            token_ids=list(job.row.token_ids),
+            passages=job.prompt.passages,
+            adapter=job.lease.served,
+            prompt_tokens=len(job.prompt.input_ids),
+            completion_tokens=len(job.row.token_ids),
+            finish_reason=job.row.finish_reason or "length",
+        )
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Answer one request alone (the scheduler batches many)."""
+        job = self.prepare(request)
+        try:
+            batch = self.new_batch()
+            batch.add([job.row])
+            while len(batch):
+                batch.step()
+        finally:
+            job.lease.release()
+        return self.finish(job)
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """Yield the answer's text as it is decoded, in the caller's thread."""
+        pieces: list[str] = []
+        job = self.prepare(request, on_text=pieces.append)
+        try:
+            batch = self.new_batch()
+            batch.add([job.row])
+            while True:
+                yield from pieces
+                pieces.clear()
+                if not len(batch):
+                    break
+                batch.step()
+        finally:
+            job.lease.release()
