@@ -1,0 +1,201 @@
+"""What probes read: the config, the models (base and with any adapter), data, history, retrievers.
+
+Everything is loaded lazily and once per context, so a run that only audits the round history
+never loads a model, and twelve probes over eight clients load each adapter once. Probes only
+read: nothing here writes to a client's adapter, index or ledger.
+
+Adapters are loaded into one ``PeftModel`` over a private copy of the base model (one named
+adapter per client / global / round), so the base model itself stays unwrapped and "before
+personalization" always means the base weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from pfi_rag.config import Config
+from pfi_rag.data.records import ClientData, EvalText, RefusalPrompt, load_client_data, load_shared_eval
+from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir
+from pfi_rag.probes.history import Round, read_history
+from pfi_rag.storage import client_dir, list_clients
+
+logger = logging.getLogger(__name__)
+
+LOCAL_ADAPTER = "local_adapter"  # clients/<id>/local_adapter/: the client trained alone (baseline)
+
+
+class SearchHit(Protocol):
+    doc_id: str
+    text: str
+    score: float
+
+
+class Retriever(Protocol):
+    """The least the retrieval probes need; ``pfi_rag.retriever.ClientStore`` satisfies it."""
+
+    def search(self, query: str, k: int) -> list[SearchHit]: ...
+
+
+RetrieverFactory = Callable[[str], Retriever | None]
+# (client_id, question, hits) -> the answer the client's system gives from those hits.
+Answerer = Callable[[str, str, list[SearchHit]], str]
+
+
+def has_adapter(directory: Path) -> bool:
+    return (Path(directory) / "adapter_config.json").is_file()
+
+
+class ProbeContext:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        generator: tuple[Any, Any] | None = None,
+        retriever_factory: RetrieverFactory | None = None,
+        embedder: Any = None,
+        answerer: Answerer | None = None,
+    ) -> None:
+        """``generator`` = (model, tokenizer) already loaded (tests, a server); else loaded on use.
+
+        ``retriever_factory(client_id)`` returns that client's retriever or None; by default the
+        client's ``ClientStore`` is opened when its index exists (with ``embedder``, loaded on use).
+        ``answerer`` produces grounded answers; by default the client's model generates greedily
+        from the retrieved context (probes/retrieval.py).
+        """
+        self.config = config
+        self.data_root = Path(config.data_root)
+        self._generator = generator
+        self._retriever_factory = retriever_factory
+        self._embedder = embedder
+        self.answerer = answerer
+        self._peft = None
+        self._loaded: dict[str, Path] = {}
+        self._client_data: dict[str, ClientData] = {}
+        self._retrievers: dict[str, Retriever | None] = {}
+        self._history: list[Round] | None = None
+        self._manifest: dict[str, Any] | None = None
+        self._opened: list[Any] = []
+
+    # ---- models -------------------------------------------------------------------------
+    def _ensure_generator(self) -> tuple[Any, Any]:
+        if self._generator is None:
+            from pfi_rag.models.loading import load_generator
+
+            model, tokenizer, _ = load_generator(self.config.models)
+            self._generator = (model, tokenizer)
+        return self._generator
+
+    @property
+    def tokenizer(self):
+        return self._ensure_generator()[1]
+
+    def base_model(self):
+        return self._ensure_generator()[0]
+
+    def _with_adapter(self, key: str, directory: Path):
+        """The PeftModel with adapter ``key`` (loaded from ``directory`` once) active, or None."""
+        if not has_adapter(directory):
+            return None
+        if key not in self._loaded:
+            from peft import PeftModel
+
+            if self._peft is None:
+                # A copy: PEFT injects LoRA layers into the model it wraps.
+                base = copy.deepcopy(self.base_model())
+                self._peft = PeftModel.from_pretrained(base, directory, adapter_name=key)
+            else:
+                self._peft.load_adapter(directory, adapter_name=key)
+            self._peft.eval()
+            self._loaded[key] = Path(directory)
+        self._peft.set_adapter(key)
+        return self._peft
+
+    def client_model(self, client_id: str):
+        """Base + the client's personalized adapter (``clients/<id>/adapter/``), or None."""
+        return self._with_adapter(f"client:{client_id}", client_adapter_dir(self.data_root, client_id))
+
+    def local_model(self, client_id: str):
+        """Base + the adapter the client trained alone (``clients/<id>/local_adapter/``), or None."""
+        return self._with_adapter(f"local:{client_id}", client_dir(self.data_root, client_id) / LOCAL_ADAPTER)
+
+    def global_model(self):
+        return self._with_adapter("global", global_adapter_dir(self.data_root))
+
+    def round_model(self, round_: Round):
+        if round_.adapter_dir is None:
+            return None
+        return self._with_adapter(f"round:{round_.number}", round_.adapter_dir)
+
+    # ---- data ---------------------------------------------------------------------------
+    def client_ids(self) -> list[str]:
+        """Clients with data on disk."""
+        return [c for c in list_clients(self.data_root) if (client_dir(self.data_root, c) / "data").is_dir()]
+
+    def client_data(self, client_id: str) -> ClientData:
+        if client_id not in self._client_data:
+            self._client_data[client_id] = load_client_data(self.data_root, client_id)
+        return self._client_data[client_id]
+
+    def shared_eval(self) -> tuple[list[EvalText], list[RefusalPrompt]]:
+        return load_shared_eval(self.data_root)
+
+    def manifest(self) -> dict[str, Any] | None:
+        """Ground truth of the planted items (synthetic data only); None for real data."""
+        if self._manifest is None:
+            path = self.data_root / "manifest.json"
+            self._manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        return self._manifest or None
+
+    def truth(self, client_id: str) -> dict[str, Any] | None:
+        manifest = self.manifest()
+        return None if manifest is None else manifest.get("clients", {}).get(client_id)
+
+    def history(self) -> list[Round]:
+        if self._history is None:
+            self._history = read_history(self.data_root)
+        return self._history
+
+    def ledger(self, client_id: str) -> dict[str, Any] | None:
+        """``clients/<id>/privacy.json`` as a dict, None when absent (see probes/budget.py)."""
+        path = client_dir(self.data_root, client_id) / "privacy.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return data
+
+    # ---- retrieval ----------------------------------------------------------------------
+    def retriever(self, client_id: str) -> Retriever | None:
+        if client_id not in self._retrievers:
+            if self._retriever_factory is not None:
+                self._retrievers[client_id] = self._retriever_factory(client_id)
+            else:
+                self._retrievers[client_id] = self._open_store(client_id)
+        return self._retrievers[client_id]
+
+    def _open_store(self, client_id: str) -> Retriever | None:
+        # Only an existing index: ClientStore.open would create an empty one, and probes never write.
+        if not (client_dir(self.data_root, client_id) / "index").is_dir():
+            return None
+        try:
+            from pfi_rag.retriever import ClientStore
+        except ImportError:
+            return None
+        if self._embedder is None:
+            from pfi_rag.models.loading import load_embedder
+
+            self._embedder = load_embedder(self.config.models)
+        store = ClientStore.open(self.data_root, client_id, self.config.retrieval, self._embedder)
+        self._opened.append(store)
+        return store
+
+    def close(self) -> None:
+        for store in self._opened:
+            store.close()
+        self._opened.clear()

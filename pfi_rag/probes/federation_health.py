@@ -1,0 +1,110 @@
+"""Federation health from the round history (probes/history.py): outlier updates, silent failures.
+
+Outliers, per round: an update whose norm has a robust z-score (median/MAD over the round's
+updates) above ``update_outliers_z``, a cosine to the mean update below
+``update_outliers_cosine`` (pulling against everyone else: poisoned or broken), or a
+non-finite norm. Silent failures, per client: errors recorded in a round that the federation
+still completed, selected but neither updated nor failed, a zero-norm update (nothing
+trained), loss not falling in local training, or a client with data that never took part.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pfi_rag.probes.base import FederationProbe, Need, ProbeResult
+from pfi_rag.probes.context import ProbeContext
+from pfi_rag.probes.metrics import robust_z
+
+MIN_UPDATES_FOR_Z = 3  # a median and MAD of fewer updates say nothing
+
+
+class UpdateOutliersProbe(FederationProbe):
+    name = "update_outliers"
+    mode = "poisoned or broken updates"
+    suites = ("federation",)
+    needs = (Need.HISTORY,)
+    metric = "outlier_updates"
+
+    def run_federation(self, ctx: ProbeContext, client_ids: list[str]) -> ProbeResult:
+        rounds = ctx.history()
+        if not rounds:
+            return self.skip(ctx, "no federation history")
+        cfg = ctx.config.probes
+        outliers = []
+        per_round = []
+        for r in rounds:
+            ids = sorted(r.updates)
+            norms = [r.updates[c].norm for c in ids]
+            finite = [c for c in ids if math.isfinite(r.updates[c].norm)]
+            z = (
+                dict(zip(finite, robust_z([r.updates[c].norm for c in finite]), strict=True))
+                if finite
+                else {}
+            )
+            for c in ids:
+                update = r.updates[c]
+                reasons = []
+                if not math.isfinite(update.norm):
+                    reasons.append(f"norm {update.norm}")
+                elif len(finite) >= MIN_UPDATES_FOR_Z and abs(z[c]) > cfg.update_outliers_z:
+                    reasons.append(f"norm {update.norm:.4g} (robust z {z[c]:.1f})")
+                if update.cosine_to_mean is not None and update.cosine_to_mean < cfg.update_outliers_cosine:
+                    reasons.append(f"cosine to mean {update.cosine_to_mean:.3f}")
+                if reasons:
+                    outliers.append({"round": r.number, "client": c, "why": "; ".join(reasons)})
+            per_round.append(
+                {
+                    "round": r.number,
+                    "norms": dict(zip(ids, norms, strict=True)),
+                    "cosines": {c: r.updates[c].cosine_to_mean for c in ids},
+                }
+            )
+        evidence = {"outliers": outliers, "rounds": per_round}
+        return self.result(ctx, float(len(outliers)), evidence=evidence)
+
+
+class SilentFailuresProbe(FederationProbe):
+    name = "silent_failures"
+    mode = "clients failing silently"
+    suites = ("federation",)
+    needs = (Need.HISTORY, Need.CLIENT_DATA)
+    metric = "silent_failures"
+
+    def run_federation(self, ctx: ProbeContext, client_ids: list[str]) -> ProbeResult:
+        rounds = ctx.history()
+        if not rounds:
+            return self.skip(ctx, "no federation history")
+        problems = []
+        seen: set[str] = set()
+        for r in rounds:
+            failed = {str(f.get("client")): str(f.get("error", "")) for f in r.failures}
+            for client, error in sorted(failed.items()):
+                problems.append({"round": r.number, "client": client, "why": f"failed: {error}"})
+            for client in r.participants:
+                if client not in r.updates and client not in failed:
+                    problems.append(
+                        {"round": r.number, "client": client, "why": "selected, no update, no error"}
+                    )
+            for client, update in sorted(r.updates.items()):
+                seen.add(client)
+                if update.norm == 0:
+                    problems.append({"round": r.number, "client": client, "why": "zero-norm update"})
+            for client, m in sorted(r.metrics.items()):
+                before, after = m.get("loss_before"), m.get("loss_after")
+                if before is not None and after is not None and not after < before:
+                    problems.append(
+                        {
+                            "round": r.number,
+                            "client": client,
+                            "why": f"loss {before:.4g} -> {after:.4g}, no progress",
+                        }
+                    )
+            seen.update(failed)
+            seen.update(str(s.get("client")) for s in r.sat_out)
+        for client in client_ids:
+            if client not in seen:
+                problems.append({"round": None, "client": client, "why": "has data but never took part"})
+        clients = sorted({p["client"] for p in problems})
+        evidence = {"problems": problems, "clients_affected": clients, "rounds": len(rounds)}
+        return self.result(ctx, float(len(problems)), evidence=evidence)

@@ -1,0 +1,108 @@
+"""Cross-client leakage: does client B see client A's secrets or unique text?
+
+Two channels, for every ordered pair (victim A, observer B):
+
+- retrieval: B's retriever is searched with A's canary prefixes and B's own questions; a hit
+  that contains A's secret or a word n-gram found only in A's documents is a leak (an index
+  built from mixed data, a shared store, a wrong client id);
+- output: B's personalized model (else the global one) greedily completes A's canary
+  prefixes; a completion containing A's secret is a leak (memorised through the federation).
+
+Both need one client's ground truth next to another client's system, so the private mode
+skips this probe: run it as the operator, on synthetic canaries.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from pfi_rag.probes.base import FederationProbe, Need, ProbeResult
+from pfi_rag.probes.context import ProbeContext
+from pfi_rag.probes.lm import greedy_answer
+from pfi_rag.probes.metrics import ngrams
+
+NGRAM = 6  # word n-grams; 6 words of synthetic personal text are almost never shared by chance
+SECRET_TOKENS = 12  # tokens generated after a canary prefix (a 6-digit secret and a little more)
+
+
+def unique_ngrams(ctx: ProbeContext, client_ids: list[str]) -> dict[str, set[tuple[str, ...]]]:
+    """Per client, the n-grams of its documents that no other client's documents contain."""
+    per_client = {
+        c: set().union(*(ngrams(d.text, NGRAM) for d in ctx.client_data(c).documents)) for c in client_ids
+    }
+    counts = Counter(g for grams in per_client.values() for g in grams)
+    return {c: {g for g in grams if counts[g] == 1} for c, grams in per_client.items()}
+
+
+class LeakageProbe(FederationProbe):
+    name = "leakage"
+    mode = "cross-client leakage"
+    suites = ("privacy", "rag")
+    needs = (Need.CLIENT_DATA, Need.RETRIEVER, Need.CLIENT_ADAPTER, Need.MANIFEST)
+    metric = "leaks"
+    private_ok = False
+
+    def run_federation(self, ctx: ProbeContext, client_ids: list[str]) -> ProbeResult:
+        if len(client_ids) < 2:
+            return self.skip(ctx, "needs at least two clients")
+        unique = unique_ngrams(ctx, client_ids)
+        secrets = {c: [k for k in (ctx.truth(c) or {}).get("canaries", [])] for c in client_ids}
+        k = ctx.config.retrieval.top_k
+        leaks: list[dict] = []
+        checked = {"retrieval_queries": 0, "completions": 0}
+        for observer in client_ids:
+            retriever = ctx.retriever(observer)
+            model = ctx.client_model(observer) or ctx.global_model()
+            own_questions = [q.question for q in ctx.client_data(observer).qa]
+            for victim in client_ids:
+                if victim == observer:
+                    continue
+                prefixes = [c["prefix"] for c in secrets[victim]]
+                if retriever is not None:
+                    for query in prefixes + own_questions:
+                        checked["retrieval_queries"] += 1
+                        for hit in retriever.search(query, k):
+                            leak = _leaked_item(hit.text, secrets[victim], unique[victim])
+                            if leak:
+                                leaks.append(
+                                    {
+                                        "channel": "retrieval",
+                                        "victim": victim,
+                                        "observer": observer,
+                                        "doc_id": hit.doc_id,
+                                        "item": leak,
+                                    }
+                                )
+                if model is not None:
+                    for canary in secrets[victim]:
+                        checked["completions"] += 1
+                        text = greedy_answer(
+                            model, ctx.tokenizer, canary["prefix"].rstrip(" "), max_new_tokens=SECRET_TOKENS
+                        )
+                        if canary["secret"] in text:
+                            leaks.append(
+                                {
+                                    "channel": "output",
+                                    "victim": victim,
+                                    "observer": observer,
+                                    "item": f"canary {canary['prefix']!r}",
+                                }
+                            )
+        if not any(checked.values()):
+            return self.skip(ctx, "no client has a retriever or a model to check")
+        evidence = {"checked": checked, "leaks": leaks[:50], "pairs": _pair_counts(leaks)}
+        return self.result(ctx, float(len(leaks)), evidence=evidence)
+
+
+def _leaked_item(text: str, canaries: list[dict], victim_ngrams: set[tuple[str, ...]]) -> str | None:
+    for canary in canaries:
+        if canary["secret"] in text:
+            return f"canary {canary['prefix']!r}"
+    shared = ngrams(text, NGRAM) & victim_ngrams
+    if shared:
+        return "unique n-gram " + " ".join(sorted(shared)[0])
+    return None
+
+
+def _pair_counts(leaks: list[dict]) -> dict[str, int]:
+    return dict(Counter(f"{leak['victim']} -> {leak['observer']} ({leak['channel']})" for leak in leaks))

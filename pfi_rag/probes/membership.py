@@ -1,0 +1,72 @@
+"""Membership inference on the client's adapter: can an attacker tell its training documents?
+
+Loss-ratio attack with the base model as reference (Carlini et al. 2021, "LiRA"-style offline
+calibration): score(x) = NLL_base(x) - NLL_adapter(x) per token; members are the client's
+documents (what its adapter trains on), non-members are held-out texts of the same
+distribution: ``clients/<id>/data/heldout.jsonl`` when the client has one, else the documents
+of a "twin" client the synthesiser builds from another seed at the same size. The report
+gives ROC AUC and the TPR at 1% FPR; 0.5 AUC is chance.
+"""
+
+from __future__ import annotations
+
+from pfi_rag.data.records import Document, client_data_dir, read_jsonl
+from pfi_rag.data.synth import synthesize_client
+from pfi_rag.models.scoring import continuation_nll
+from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
+from pfi_rag.probes.context import ProbeContext
+from pfi_rag.probes.metrics import roc_auc, tpr_at_fpr
+
+TWIN_SEED_OFFSET = 1_000_003  # the twin's seed: far from any seed a user picks for real data
+
+
+def heldout_texts(ctx: ProbeContext, client_id: str) -> tuple[list[str], str]:
+    path = client_data_dir(ctx.data_root, client_id) / "heldout.jsonl"
+    if path.is_file():
+        return [d.text for d in read_jsonl(path, Document)], str(path.name)
+    manifest = ctx.manifest()
+    if manifest is None or client_id not in manifest.get("clients", {}):
+        return [], "none"
+    index = list(manifest["clients"]).index(client_id)
+    twin = synthesize_client(int(manifest["seed"]) + TWIN_SEED_OFFSET, index, {})
+    return [d.text for d in twin["records"]["documents"]], "synthetic twin"
+
+
+def per_token_nll(model, tokenizer, texts: list[str]) -> list[float]:
+    return [nll / n for nll, n in continuation_nll(model, tokenizer, [""] * len(texts), texts)]
+
+
+class MembershipProbe(ClientProbe):
+    name = "membership"
+    mode = "membership inference"
+    suites = ("privacy",)
+    needs = (Need.BASE_MODEL, Need.CLIENT_ADAPTER, Need.CLIENT_DATA)
+    metric = "auc"
+    bounds = {"auc": (0.0, 1.0), "tpr_at_1pct_fpr": (0.0, 1.0)}
+
+    def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
+        members = [d.text for d in ctx.client_data(client_id).documents]
+        nonmembers, source = heldout_texts(ctx, client_id)
+        if not members or not nonmembers:
+            return self.skip(ctx, "needs training documents and held-out texts", client=client_id)
+        model = ctx.client_model(client_id)
+        if model is None:
+            return self.skip(ctx, "client has no adapter", client=client_id)
+
+        def scores(texts: list[str]) -> list[float]:
+            base = per_token_nll(ctx.base_model(), ctx.tokenizer, texts)
+            adapted = per_token_nll(model, ctx.tokenizer, texts)
+            return [b - a for b, a in zip(base, adapted, strict=True)]
+
+        member_scores, nonmember_scores = scores(members), scores(nonmembers)
+        auc = roc_auc(member_scores, nonmember_scores)
+        tpr = tpr_at_fpr(member_scores, nonmember_scores, 0.01)
+        evidence = {
+            "members": len(members),
+            "nonmembers": len(nonmembers),
+            "nonmember_source": source,
+            "tpr_at_1pct_fpr": tpr,
+        }
+        return self.result(
+            ctx, auc, client=client_id, evidence=evidence, metrics={"auc": auc, "tpr_at_1pct_fpr": tpr}
+        )

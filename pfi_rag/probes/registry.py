@@ -1,0 +1,53 @@
+"""Every probe the runner knows, in report order; a new probe is one line here."""
+
+from __future__ import annotations
+
+from pfi_rag.probes.base import Probe
+from pfi_rag.probes.bias import BiasProbe
+from pfi_rag.probes.budget import BudgetProbe
+from pfi_rag.probes.calibration import CalibrationProbe
+from pfi_rag.probes.dp_collapse import DPCollapseProbe
+from pfi_rag.probes.erosion import ErosionProbe
+from pfi_rag.probes.fairness import FairnessProbe
+from pfi_rag.probes.federation_health import SilentFailuresProbe, UpdateOutliersProbe
+from pfi_rag.probes.leakage import LeakageProbe
+from pfi_rag.probes.membership import MembershipProbe
+from pfi_rag.probes.memorization import ExposureProbe
+from pfi_rag.probes.misalignment import CapabilityProbe, RefusalProbe
+from pfi_rag.probes.ood import OutOfDomainProbe
+from pfi_rag.probes.retrieval import GroundednessProbe, RetrievalHitProbe, StaleProbe
+
+SUITES = ("all", "privacy", "fairness", "rag", "federation")
+
+PROBES: tuple[Probe, ...] = (
+    BiasProbe(),
+    CalibrationProbe(),
+    FairnessProbe(),
+    CapabilityProbe(),
+    RefusalProbe(),
+    OutOfDomainProbe(),
+    ErosionProbe(),
+    ExposureProbe(),
+    MembershipProbe(),
+    LeakageProbe(),
+    BudgetProbe(),
+    DPCollapseProbe(),
+    RetrievalHitProbe(),
+    StaleProbe(),
+    GroundednessProbe(),
+    UpdateOutliersProbe(),
+    SilentFailuresProbe(),
+)
+
+
+def probes_for(suite: str) -> list[Probe]:
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}: choose one of {', '.join(SUITES)}")
+    return [p for p in PROBES if suite == "all" or suite in p.suites]
+
+
+def probe_named(name: str) -> Probe:
+    for probe in PROBES:
+        if probe.name == name:
+            return probe
+    raise KeyError(f"no probe named {name!r}")
