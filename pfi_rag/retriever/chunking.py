@@ -37,7 +37,8 @@ def chunk_text(text: str, tokenizer, *, size: int, overlap: int) -> list[Chunk]:
     """Token windows of at most ``size`` tokens, consecutive windows sharing ``overlap`` tokens.
 
     A window that would end inside a word is shortened to the last word boundary (when one
-    exists in its second half), so words are not cut between chunks.
+    exists in its second half), and the next window starts at a word's first token, so words
+    are not cut between chunks.
     """
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     offsets: list[tuple[int, int]] = encoded["offset_mapping"]
@@ -53,7 +54,14 @@ def chunk_text(text: str, tokenizer, *, size: int, overlap: int) -> list[Chunk]:
         chunks.append(Chunk(position=len(chunks), start=start, end=end, text=text[start:end]))
         if last == len(offsets):
             return chunks
-        first = max(last - overlap, first + 1)
+        first = _word_start(offsets, max(last - overlap, first + 1), floor=first + 1)
+
+
+def _word_start(offsets: list[tuple[int, int]], index: int, *, floor: int) -> int:
+    """Move ``index`` back (not below ``floor``) to the first token of the word it is in."""
+    while index > floor and offsets[index][0] == offsets[index - 1][1]:
+        index -= 1
+    return index
 
 
 def _word_boundary(offsets: list[tuple[int, int]], first: int, last: int) -> int:

@@ -11,9 +11,11 @@ Which structure a client uses follows ``retrieval.index``:
 - ``ivf``: flat until there is enough data to train the coarse quantizer (``IVF_MIN_TRAIN``),
   then IVF with ``nlist ~ 4 sqrt(n)``, retrained when the client has grown about 4x.
 
-HNSW cannot remove single vectors, so a removal there rebuilds the graph from the vectors the
-index still holds (O(n log n)); per-client indexes are small enough for that to be rare and
-cheap compared to re-embedding.
+Removal: HNSW cannot remove single vectors, and IVF can but renumbers nothing, so the
+``IndexIDMap2`` id table would no longer line up with it (measured: wrong ids returned). For
+both, a removal re-adds the vectors the index still holds (IVF keeps its trained quantizer,
+HNSW rebuilds its graph, O(n log n)); per-client indexes are small enough for that to be rare
+and cheap next to re-embedding. Flat removes in place.
 """
 
 from __future__ import annotations
@@ -104,15 +106,17 @@ def vectors_of(index: faiss.IndexIDMap2) -> tuple[np.ndarray, np.ndarray]:
 
 
 def remove(index: faiss.IndexIDMap2, cfg: RetrievalConfig, ids: np.ndarray) -> faiss.IndexIDMap2:
-    """Remove ``ids``; returns the index to use afterwards (a rebuilt one for HNSW)."""
+    """Remove ``ids``; returns the index to use afterwards."""
     if len(ids) == 0:
         return index
-    if kind_of(index) != "hnsw":
+    if kind_of(index) == "flat":
         index.remove_ids(np.asarray(ids, dtype=np.int64))
         return index
     held, vectors = vectors_of(index)
     keep = ~np.isin(held, ids)
-    return build(cfg, index.d, "hnsw", vectors[keep], held[keep])
+    index.reset()  # keeps the IVF's trained quantizer; HNSW's graph is rebuilt by the adds
+    index.add_with_ids(vectors[keep], held[keep])
+    return index
 
 
 def fit(index: faiss.IndexIDMap2, cfg: RetrievalConfig) -> faiss.IndexIDMap2:
