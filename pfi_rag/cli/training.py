@@ -2,18 +2,214 @@
 
 from __future__ import annotations
 
-import typer
+import math
+from pathlib import Path
 
-from pfi_rag.cli.common import not_built
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pfi_rag.cli.common import config_from, console, fail, print_json
+
+CLIENT_HELP = "Client id (its data lives under <data_root>/clients/<id>/data/)."
+
+
+def _check_client(client: str) -> None:
+    from pfi_rag.storage import InvalidClientId, validate_client_id
+
+    try:
+        validate_client_id(client)
+    except InvalidClientId as exc:
+        fail(f"--client: {exc}")
+
+
+def _count_records(directory: Path) -> int:
+    """Records in the training files, counted by line: the budget check needs n, not the text."""
+    total = 0
+    for name in ("documents.jsonl", "instructions.jsonl"):
+        path = directory / name
+        if path.is_file():
+            with open(path, "rb") as handle:
+                total += sum(1 for line in handle if line.strip())
+    return total
+
+
+def _show(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.{digits}g}"
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
-    def train() -> None:
+    def train(
+        ctx: typer.Context,
+        client: str = typer.Option(..., "--client", help=CLIENT_HELP),
+        epsilon: float = typer.Option(
+            None, "--epsilon", help="Epsilon this call may spend (default: privacy.epsilon_per_round)."
+        ),
+        noise_multiplier: float = typer.Option(
+            None, "--noise-multiplier", help="Gaussian noise std / clip norm, instead of --epsilon."
+        ),
+        steps: int = typer.Option(None, "--steps", help="DP-SGD steps (default: privacy.local_steps)."),
+        seed: int = typer.Option(None, "--seed", help="Seed of sampling and noise (default: config seed)."),
+        json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    ) -> None:
         """DP-train a client's LoRA adapter on its local data."""
-        not_built("train", 5)
+        from pfi_rag.data.records import client_data_dir
+        from pfi_rag.privacy import PrivacyError, PrivacyLedger
+        from pfi_rag.privacy.accounting import sample_rate
+
+        _check_client(client)
+        if epsilon is not None and noise_multiplier is not None:
+            fail("give --epsilon or --noise-multiplier, not both")
+        if epsilon is not None and not epsilon > 0:
+            fail("--epsilon must be positive")
+        if noise_multiplier is not None and noise_multiplier < 0:
+            fail("--noise-multiplier must be >= 0")
+        if steps is not None and steps < 1:
+            fail("--steps must be at least 1")
+        cfg = config_from(ctx)
+        data_dir = client_data_dir(cfg.data_root, client)
+        records = _count_records(data_dir) if data_dir.is_dir() else 0
+        if records == 0:
+            fail(f"client {client!r} has no training data in {data_dir}: run `pfi-rag data synth` first")
+        try:
+            ledger = PrivacyLedger.open(cfg.data_root, client, cfg.privacy)
+            # Refuse before loading the model or parsing a record when the spend cannot fit.
+            sigma = noise_multiplier if epsilon is None else None
+            sigma = cfg.privacy.noise_multiplier if sigma is None and epsilon is None else sigma
+            if sigma is None:
+                ledger.check_remaining(epsilon or cfg.privacy.epsilon_per_round)
+            else:
+                ledger.check(
+                    noise_multiplier=sigma,
+                    sample_rate=sample_rate(records, cfg.privacy.batch_size),
+                    steps=steps or cfg.privacy.local_steps,
+                    records=records,
+                )
+        except PrivacyError as exc:
+            fail(str(exc))
+
+        result = _train_client(cfg, client, ledger, epsilon, noise_multiplier, steps, seed, json_out)
+        if json_out:
+            print_json(result)
+            return
+        console.print(
+            f"trained {client}: loss {result['loss_before']:.4f} -> {result['loss_after']:.4f}, "
+            f"epsilon +{_show(result['epsilon'])} (total {_show(result['epsilon_total'])} of "
+            f"{cfg.privacy.epsilon_max:g}, delta {result['delta']:.3g}), sigma "
+            f"{result['noise_multiplier']:.4g}, {result['steps']} steps; adapter "
+            f"v{result['adapter_version']} in {result['adapter_dir']}",
+            highlight=False,
+        )
 
     @app.command("privacy")
-    def privacy() -> None:
+    def privacy(
+        ctx: typer.Context,
+        client: str = typer.Option(..., "--client", help=CLIENT_HELP),
+        json_out: bool = typer.Option(False, "--json", help="Print the ledger as JSON."),
+    ) -> None:
         """Show a client's privacy ledger (every spend and the epsilon left)."""
-        not_built("privacy", 5)
+        from pfi_rag.privacy import PrivacyError, PrivacyLedger
+
+        _check_client(client)
+        cfg = config_from(ctx)
+        try:
+            ledger = PrivacyLedger.open(cfg.data_root, client, cfg.privacy)
+        except (PrivacyError, ValueError) as exc:
+            fail(str(exc))
+        if json_out:
+            print_json(ledger.to_json() | {"remaining": ledger.remaining})
+            return
+        table = Table(title=f"privacy ledger of {client}")
+        for column in (
+            "when",
+            "sigma",
+            "sample rate",
+            "steps",
+            "records",
+            "C",
+            "epsilon spent",
+            "epsilon after",
+        ):
+            table.add_column(
+                column, justify="left" if column == "when" else "right", no_wrap=column == "when"
+            )
+        for spend in ledger.spends:
+            table.add_row(
+                spend.at,
+                f"{spend.noise_multiplier:.4g}",
+                f"{spend.sample_rate:.4g}",
+                str(spend.steps),
+                str(spend.records),
+                f"{spend.max_grad_norm:g}",
+                _show(spend.epsilon_spent),
+                _show(spend.epsilon_after),
+            )
+        console.print(table)
+        delta = f"{ledger.delta:.3g}" if ledger.delta is not None else "set at the first spend"
+        console.print(
+            f"spent epsilon {_show(ledger.epsilon_spent)} of {cfg.privacy.epsilon_max:g} "
+            f"(delta {delta}, {ledger.mechanism} accountant); {_show(ledger.remaining)} left",
+            highlight=False,
+        )
+
+
+def _train_client(cfg, client, ledger, epsilon, noise_multiplier, steps, seed, quiet: bool) -> dict:
+    """Load the model (continuing the client's adapter if it has one), train, save; a dict result."""
+    from peft import PeftModel
+
+    from pfi_rag.data.records import load_client_data
+    from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
+    from pfi_rag.models.loading import load_generator
+    from pfi_rag.models.lora import attach_lora
+    from pfi_rag.privacy import PrivacyError, train_adapter
+
+    data = load_client_data(cfg.data_root, client)
+    model, tokenizer, _ = load_generator(cfg.models)
+    adapter_dir = client_adapter_dir(cfg.data_root, client)
+    if read_adapter_info(adapter_dir) is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    else:
+        model = attach_lora(model, cfg.adapter, seed=cfg.seed)
+
+    total = steps or cfg.privacy.local_steps
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  epsilon {task.fields[epsilon]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("train", total=total, loss="-", epsilon="-")
+
+        def on_step(info) -> None:
+            loss = "-" if math.isnan(info.loss) else f"{info.loss:.3f}"
+            bar.update(task, completed=info.step, loss=loss, epsilon=_show(info.epsilon, 3))
+
+        try:
+            result = train_adapter(
+                model,
+                tokenizer,
+                documents=data.documents,
+                instructions=data.instructions,
+                cfg=cfg.privacy,
+                ledger=ledger,
+                seed=cfg.seed if seed is None else seed,
+                epsilon=epsilon,
+                noise_multiplier=noise_multiplier,
+                steps=steps,
+                progress=on_step,
+            )
+        except PrivacyError as exc:
+            fail(str(exc))
+    info = save_adapter(model, adapter_dir, source="local")
+    return result.to_json() | {
+        "client": client,
+        "adapter_dir": str(adapter_dir),
+        "adapter_version": info.version,
+    }

@@ -194,33 +194,36 @@ def _train(
 
     model.train()
     step, empty_steps, tokens = 0, 0, 0
-    try:
-        while step < steps:
-            for batch in loader:
-                if batch_size_of(batch) == 0:
-                    _noise_only_step(optimizer)  # Poisson drew no record: noise still goes out
-                    empty_steps += 1
-                    loss = math.nan
-                else:
-                    batch = {key: value.to(device) for key, value in batch.items()}
-                    loss = _train_step(model, optimizer, criterion, batch)
-                    tokens += int(batch["attention_mask"].sum())
-                step += 1
-                if progress is not None:
-                    spent = (
-                        epsilon_of(engine.accountant.history, delta=delta, mechanism=mechanism)
-                        if engine
-                        else math.inf
-                    )
-                    progress(StepInfo(step=step, steps=steps, loss=loss, epsilon=spent))
-                if step >= steps:
-                    break
-    finally:
-        if hooks is not None:
-            hooks.cleanup()  # removes Opacus's hooks and per-sample attributes from the model
-        for p in params:
-            p.grad = None
-        model.eval()
+    with warnings.catch_warnings():
+        # The frozen base's inputs need no gradient, so torch warns about Opacus's backward hooks.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        try:
+            while step < steps:
+                for batch in loader:
+                    if batch_size_of(batch) == 0:
+                        _noise_only_step(optimizer)  # Poisson drew no record: noise still goes out
+                        empty_steps += 1
+                        loss = math.nan
+                    else:
+                        batch = {key: value.to(device) for key, value in batch.items()}
+                        loss = _train_step(model, optimizer, criterion, batch)
+                        tokens += int(batch["attention_mask"].sum())
+                    step += 1
+                    if progress is not None:
+                        spent = (
+                            epsilon_of(engine.accountant.history, delta=delta, mechanism=mechanism)
+                            if engine
+                            else math.inf
+                        )
+                        progress(StepInfo(step=step, steps=steps, loss=loss, epsilon=spent))
+                    if step >= steps:
+                        break
+        finally:
+            if hooks is not None:
+                hooks.cleanup()  # removes Opacus's hooks and per-sample attributes from the model
+            for p in params:
+                p.grad = None
+            model.eval()
 
     loss_after = mean_loss(model, examples, collate, cfg.batch_size)
     before = ledger.epsilon_spent if ledger is not None else 0.0
