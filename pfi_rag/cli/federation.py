@@ -1,19 +1,150 @@
-"""`pfi-rag federate|deploy`: the Flower training launcher (issue #6)."""
+"""`pfi-rag federate|deploy`: the Flower training launcher (simulation and real processes)."""
 
 from __future__ import annotations
 
 import typer
+from rich.table import Table
 
-from pfi_rag.cli.common import not_built
+from pfi_rag.cli.common import config_from, console, fail, print_json
+
+EXIT_FEDERATION_FAILED = 1
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def print_summary(summary: dict) -> None:
+    clients = Table(title=f"clients ({summary['strategy']}, aggregation {summary['aggregation']})")
+    for column in ("client", "rounds joined", "epsilon spent", "loss before", "loss after", "update norm"):
+        clients.add_column(column)
+    for client, row in sorted(summary["clients"].items()):
+        clients.add_row(
+            client,
+            str(row["rounds"]),
+            _fmt(row["epsilon"]),
+            _fmt(row["loss_before"]),
+            _fmt(row["loss_after"]),
+            _fmt(row["update_norm"]),
+        )
+    console.print(clients)
+    rounds = Table(title="rounds")
+    for column in ("round", "participants", "results", "failures", "sat out", "aggregate norm", "server ε"):
+        rounds.add_column(column)
+    for row in summary["rounds"]:
+        rounds.add_row(
+            str(row["round"]),
+            str(row["participants"]),
+            str(row["results"]),
+            str(row["failures"]),
+            str(row["sat_out"]),
+            _fmt(row["aggregate_norm"]),
+            _fmt(row["server_epsilon"]),
+        )
+    console.print(rounds)
+
+
+def _print_round(record: dict) -> None:
+    failed = ", ".join(f["client"] for f in record["failures"]) or "none"
+    sat = ", ".join(s["client"] for s in record["sat_out"]) or "none"
+    console.print(
+        f"round {record['round']}: {len(record['results'])} results, {len(record['failures'])} failures "
+        f"({failed}), sat out: {sat}, aggregate norm {record['aggregate_norm']:.4g}, "
+        f"{record['seconds']:.1f} s"
+    )
+
+
+def _prepare(cfg, clients: int) -> None:
+    """Use the data root's clients, or synthesise them when it has none."""
+    from pfi_rag.data.synth import synthesize
+    from pfi_rag.storage import list_clients
+
+    existing = list_clients(cfg.data_root)
+    if not existing:
+        console.print(f"no clients in {cfg.data_root}: synthesising {clients}")
+        synthesize(cfg.data_root, clients=clients, seed=cfg.seed)
+    elif len(existing) < clients:
+        fail(f"{cfg.data_root} holds {len(existing)} clients, fewer than --clients {clients}")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("federate")
-    def federate() -> None:
-        """Run federated DP personalization on Flower's simulation engine."""
-        not_built("federate", 6)
+    def federate(
+        ctx: typer.Context,
+        clients: int = typer.Option(None, "--clients", min=1, help="Clients (default: federation.clients)."),
+        rounds: int = typer.Option(None, "--rounds", min=1, help="Rounds (default: federation.rounds)."),
+        strategy: str = typer.Option(None, "--strategy", help="fedavg | fedsa | ditto."),
+        aggregation: str = typer.Option(None, "--aggregation", help="fedavg | median | trimmed_mean."),
+        epsilon: float = typer.Option(
+            None, "--epsilon", help="Total epsilon per client for this run, spread evenly over the rounds."
+        ),
+        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    ) -> None:
+        """Run federated DP personalization on Flower's simulation engine (resumes after a crash)."""
+        from pfi_rag.federation.launcher import run_simulation, summarize
+        from pfi_rag.federation.server import FederationFailed
 
-    @app.command("deploy")
-    def deploy() -> None:
-        """Run the federation as real SuperLink/SuperNode processes."""
-        not_built("deploy", 6)
+        overrides = {
+            "federation.clients": clients,
+            "federation.rounds": rounds,
+            "federation.strategy": strategy,
+            "federation.aggregation": aggregation,
+        }
+        if epsilon is not None:
+            if not epsilon > 0:
+                fail("--epsilon must be positive")
+            planned_rounds = rounds or config_from(ctx).federation.rounds
+            overrides |= {
+                "privacy.epsilon_max": epsilon,
+                "privacy.epsilon_per_round": epsilon / planned_rounds,
+            }
+        cfg = config_from(ctx, **overrides)
+        _prepare(cfg, cfg.federation.clients)
+        console.print(
+            f"federating {cfg.federation.clients} clients for {cfg.federation.rounds} rounds "
+            f"({cfg.federation.strategy}, ε ≤ {cfg.privacy.epsilon_max} per client, "
+            f"{cfg.privacy.epsilon_per_round} per round) in {cfg.data_root}"
+        )
+        try:
+            run_simulation(cfg, on_round=_print_round)
+        except FederationFailed as exc:
+            fail(str(exc), code=EXIT_FEDERATION_FAILED)
+        except ValueError as exc:
+            fail(str(exc))
+        summary = summarize(cfg)
+        if json_out:
+            print_json(summary)
+        else:
+            print_summary(summary)
+            console.print(f"summary: {cfg.data_root / 'federation' / 'summary.json'}")
+
+    deploy_app = typer.Typer(help="Run the federation as real SuperLink/SuperNode processes.")
+    app.add_typer(deploy_app, name="deploy")
+
+    @deploy_app.command("local")
+    def deploy_local(
+        ctx: typer.Context,
+        clients: int = typer.Option(3, "--clients", min=1, help="SuperNodes to start, one per client."),
+        rounds: int = typer.Option(None, "--rounds", min=1, help="Rounds (default: federation.rounds)."),
+    ) -> None:
+        """Start a SuperLink and one SuperNode per client on loopback, run the federation, stop them."""
+        from pfi_rag.federation.deploy import DeploymentFailed, run_deployment
+        from pfi_rag.federation.launcher import summarize
+
+        cfg = config_from(ctx, **{"federation.rounds": rounds})
+        _prepare(cfg, clients)
+        console.print(f"starting a SuperLink and {clients} SuperNodes on 127.0.0.1")
+        try:
+            status = run_deployment(cfg, clients)
+        except DeploymentFailed as exc:
+            fail(str(exc), code=EXIT_FEDERATION_FAILED)
+        except ValueError as exc:
+            fail(str(exc))
+        console.print(
+            f"run {status['run-id']} {status['status']} in {status['elapsed']:.1f} s; logs: {status['logs']}"
+        )
+        print_summary(summarize(cfg))

@@ -1,0 +1,98 @@
+"""`pfi-rag federate`: run the Flower apps on the simulation engine over the data root's clients."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from pfi_rag.config import Config
+from pfi_rag.federation.checkpoint import federation_dir, read_round_records
+from pfi_rag.storage import atomic_write_json, list_clients
+
+logger = logging.getLogger(__name__)
+
+
+def run_simulation(cfg: Config, on_round: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run (or resume) ``cfg.federation.rounds`` rounds with one virtual SuperNode per client.
+
+    Raises :class:`~pfi_rag.federation.server.FederationFailed` when a round has too few
+    results: the simulation engine itself would log the error and carry on.
+    """
+    # The simulation engine warns that run_simulation is deprecated in favour of `flwr run`;
+    # `flwr run .` works too (pyproject's [tool.flwr.app]), but the launcher needs the config
+    # object and the round records in-process.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    from pfi_rag.federation.client_app import make_client_app
+    from pfi_rag.federation.server_app import make_server_app
+
+    clients = list_clients(cfg.data_root)
+    if len(clients) < cfg.federation.clients:
+        raise ValueError(
+            f"{cfg.data_root} holds {len(clients)} clients but federation.clients is "
+            f"{cfg.federation.clients}: run `pfi-rag data synth --clients {cfg.federation.clients}`"
+        )
+    records: list[dict] = []
+    errors: list[BaseException] = []
+
+    def collect(done: list[dict]) -> None:
+        records.extend(done)
+
+    server_app = make_server_app(cfg, on_done=collect, on_round=on_round, on_error=errors.append)
+    client_app = make_client_app(cfg)
+    try:
+        flower_run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federation.clients,
+            backend_config={
+                # One CPU per client: on 2 cores, two clients train at a time.
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"logging_level": logging.WARNING, "log_to_driver": True},
+            },
+        )
+    except Exception:
+        if not errors:
+            raise
+    if errors:
+        raise errors[0]
+    return records
+
+
+def summarize(cfg: Config, records: list[dict] | None = None) -> dict:
+    """Per-client and per-round summary of every round on disk, saved as JSON."""
+    from pfi_rag.privacy import PrivacyLedger
+
+    all_records = read_round_records(cfg.data_root) if records is None else records
+    rounds = [
+        {
+            "round": r["round"],
+            "participants": len(r["participants"]),
+            "results": len(r.get("results", [])),
+            "failures": len(r["failures"]),
+            "sat_out": len(r["sat_out"]),
+            "aggregate_norm": r.get("aggregate_norm"),
+            "server_epsilon": (r.get("server_dp") or {}).get("epsilon"),
+            "status": r.get("status"),
+        }
+        for r in all_records
+    ]
+    per_client: dict[str, dict] = {}
+    for r in all_records:
+        for client, metrics in (r.get("metrics") or {}).items():
+            entry = per_client.setdefault(client, {"rounds": 0, "loss_before": metrics.get("loss-before")})
+            entry["rounds"] += 1
+            entry["loss_after"] = metrics.get("loss-after")
+            entry["update_norm"] = r["updates"][client]["norm"]
+    for client in per_client:
+        per_client[client]["epsilon"] = PrivacyLedger.open(cfg.data_root, client, cfg.privacy).epsilon_spent
+    summary = {
+        "strategy": cfg.federation.strategy,
+        "aggregation": cfg.federation.aggregation,
+        "rounds": rounds,
+        "clients": per_client,
+    }
+    atomic_write_json(federation_dir(cfg.data_root) / "summary.json", summary)
+    return summary

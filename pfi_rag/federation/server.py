@@ -1,0 +1,285 @@
+"""The server's round loop: sample, send the shared adapter, aggregate noisy updates, checkpoint.
+
+We drive the rounds ourselves over Flower's ``Grid`` rather than ``Strategy.start`` because a
+round must (a) resume from the last checkpoint after a restart, (b) fail loudly when too few
+clients answer (Flower's loop carries on, and exits 0, when every client failed), and (c)
+tell failed, sat-out and successful clients apart by name in the round record.
+
+Flower's ``DifferentialPrivacyServerSideFixedClipping`` wrapper does not fit: it expects full
+weights, and it skips aggregation whenever any client errored, so one failing client would
+silently stall training. DP-FedAvg here is the same mechanism written over deltas.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from pfi_rag.config import Config
+from pfi_rag.federation import aggregation
+from pfi_rag.federation.checkpoint import (
+    load_checkpoint,
+    round_adapter_dir,
+    save_checkpoint,
+    write_round_record,
+)
+from pfi_rag.federation.strategies import shared_part
+from pfi_rag.models.adapters import global_adapter_dir
+
+logger = logging.getLogger(__name__)
+
+# Keys of the records inside messages, both directions.
+ARRAYS, CONFIG = "arrays", "config"
+UPDATE, METRICS, PRIVACY = "update", "metrics", "privacy"
+IDENTITY_QUERY = "identity"
+
+
+class FederationFailed(RuntimeError):
+    """A round ended with fewer successful clients than ``federation.min_results``."""
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    participants: list[str]
+    results: dict[str, dict] = field(default_factory=dict)  # client -> {update, metrics, privacy}
+    failures: list[dict] = field(default_factory=list)
+    sat_out: list[dict] = field(default_factory=list)
+
+
+def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: record[name].numpy() for name in record.keys()}
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= expected or time.monotonic() > deadline:
+            return node_ids
+        time.sleep(0.5)
+
+
+def identify_nodes(grid: Grid, node_ids: list[int], timeout_s: float) -> dict[int, str]:
+    """Ask each node which client it is (its id is all it tells)."""
+    messages = [
+        Message(
+            content=RecordDict({CONFIG: ConfigRecord({"ask": IDENTITY_QUERY})}),
+            message_type=MessageType.QUERY,
+            dst_node_id=node_id,
+        )
+        for node_id in node_ids
+    ]
+    names = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            # e.g. a simulation with more virtual nodes than clients: such a node takes no part.
+            logger.warning("node %s did not identify itself: %s", node, reply.error.reason)
+        else:
+            names[node] = str(reply.content[CONFIG]["client-id"])
+    return names
+
+
+def sample_nodes(node_ids: list[int], count: int, rng: np.random.Generator) -> list[int]:
+    if count >= len(node_ids):
+        return list(node_ids)
+    return sorted(int(n) for n in rng.choice(node_ids, size=count, replace=False))
+
+
+def collect_round(
+    grid: Grid, round_number: int, sampled: list[int], names: dict[int, str], global_arrays, cfg: Config
+) -> RoundOutcome:
+    messages = [
+        Message(
+            content=RecordDict(
+                {
+                    ARRAYS: to_array_record(global_arrays),
+                    CONFIG: ConfigRecord({"server-round": round_number, "strategy": cfg.federation.strategy}),
+                }
+            ),
+            message_type=MessageType.TRAIN,
+            dst_node_id=node_id,
+        )
+        for node_id in sampled
+    ]
+    outcome = RoundOutcome(round=round_number, participants=[names[n] for n in sampled])
+    replied = set()
+    for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
+        node = reply.metadata.src_node_id
+        replied.add(node)
+        client = names.get(node, f"node-{node}")
+        if reply.has_error():
+            outcome.failures.append({"client": client, "error": reply.error.reason})
+            continue
+        info = dict(reply.content[PRIVACY]) if PRIVACY in reply.content else {}
+        if info.get("sat-out"):
+            outcome.sat_out.append({"client": client, "reason": str(info.get("reason", ""))})
+            continue
+        outcome.results[client] = {
+            "update": from_array_record(reply.content[UPDATE]),
+            "metrics": dict(reply.content[METRICS]),
+            "privacy": info,
+        }
+    for node in sampled:
+        if node not in replied:
+            outcome.failures.append({"client": names[node], "error": "no reply before the round timeout"})
+    return outcome
+
+
+def aggregate(outcome: RoundOutcome, cfg: Config, rng: np.random.Generator) -> tuple[dict, dict]:
+    """The aggregate delta of the shared part, and per-client update statistics."""
+    fed = cfg.federation
+    clients = sorted(outcome.results)
+    updates = [outcome.results[c]["update"] for c in clients]
+    aggregation.check_consistent(updates)
+    norms = [aggregation.global_norm(u) for u in updates]
+    if fed.update_clip_norm is not None:
+        updates = [aggregation.clip_to_norm(u, fed.update_clip_norm) for u in updates]
+    elif fed.aggregation != "fedavg":
+        # Robust aggregation bounds every update's norm by the median norm, so one scaled-up
+        # (poisoned) update cannot dominate the coordinates it survives in.
+        bound = float(np.median(norms))
+        updates = [aggregation.clip_to_norm(u, bound) for u in updates]
+    if fed.aggregation == "median":
+        combined = aggregation.coordinate_median(updates)
+    elif fed.aggregation == "trimmed_mean":
+        combined = aggregation.trimmed_mean(updates, fed.trim_fraction)
+    elif fed.update_noise_multiplier > 0:
+        # DP-FedAvg weighs clients equally: a size-weighted mean has no fixed sensitivity.
+        combined = aggregation.weighted_mean(updates, [1.0] * len(updates))
+    else:
+        weights = [float(outcome.results[c]["metrics"].get("num-examples", 1)) for c in clients]
+        combined = aggregation.weighted_mean(updates, weights)
+    if fed.update_noise_multiplier > 0:
+        std = fed.update_noise_multiplier * fed.update_clip_norm / len(updates)
+        combined = aggregation.add_gaussian_noise(combined, std, rng)
+    mean = aggregation.weighted_mean(updates, [1.0] * len(updates))
+    stats = {
+        client: {
+            "norm": norm,
+            "cosine_to_mean": aggregation.cosine(update, mean),
+            "num_examples": int(outcome.results[client]["metrics"].get("num-examples", 0)),
+            "epsilon": float(outcome.results[client]["privacy"].get("epsilon", float("nan"))),
+        }
+        for client, update, norm in zip(clients, updates, norms, strict=True)
+    }
+    return combined, stats
+
+
+def last_line(error: str) -> str:
+    """The gist of a remote traceback: its last non-empty line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def run_rounds(grid: Grid, cfg: Config, model_factory, on_round=None) -> list[dict]:
+    """Run (or resume) the federation; return the round records written in this run.
+
+    ``model_factory()`` returns a PEFT model with a fresh adapter (seeded), used to build the
+    initial shared arrays and to write the global adapter in PEFT format each round.
+    """
+    from pfi_rag.models.adapters import save_adapter
+    from pfi_rag.models.lora import load_lora_arrays, lora_arrays
+
+    fed = cfg.federation
+    root = cfg.data_root
+    peft_model = model_factory()
+    checkpoint = load_checkpoint(root)
+    if checkpoint is not None:
+        global_arrays, first_round = checkpoint.arrays, checkpoint.round + 1
+        logger.info("resuming after round %d", checkpoint.round)
+    else:
+        global_arrays, first_round = shared_part(lora_arrays(peft_model), fed.strategy), 1
+    if first_round > fed.rounds:
+        logger.info("all %d rounds already done", fed.rounds)
+        return []
+
+    node_ids = wait_for_nodes(grid, fed.clients, fed.connect_timeout_s)
+    if len(node_ids) < fed.min_results:
+        raise FederationFailed(
+            f"only {len(node_ids)} of {fed.clients} clients connected within "
+            f"{fed.connect_timeout_s:.0f} s; federation.min_results is {fed.min_results}"
+        )
+    names = identify_nodes(grid, node_ids, fed.round_timeout_s)
+    node_ids = sorted(names)
+    per_round = min(fed.clients_per_round or len(node_ids), len(node_ids))
+    records = []
+    for round_number in range(first_round, fed.rounds + 1):
+        started = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, round_number])
+        sampled = sample_nodes(node_ids, per_round, rng)
+        outcome = collect_round(grid, round_number, sampled, names, global_arrays, cfg)
+        record = {
+            "round": round_number,
+            "strategy": fed.strategy,
+            "aggregation": fed.aggregation,
+            "participants": outcome.participants,
+            "results": sorted(outcome.results),
+            "failures": outcome.failures,
+            "sat_out": outcome.sat_out,
+        }
+        if len(outcome.results) < fed.min_results:
+            record["status"] = "failed"
+            write_round_record(root, record)
+            details = "; ".join(f"{f['client']}: {last_line(f['error'])}" for f in outcome.failures) or "none"
+            sat = ", ".join(s["client"] for s in outcome.sat_out) or "none"
+            raise FederationFailed(
+                f"round {round_number}: {len(outcome.results)} results, {len(outcome.failures)} failures "
+                f"(federation.min_results = {fed.min_results}). Failed: {details}. Sat out: {sat}"
+            )
+        delta, stats = aggregate(outcome, cfg, rng)
+        global_arrays = {
+            name: (global_arrays[name] + delta[name]).astype(np.float32) for name in global_arrays
+        }
+        record.update(
+            status="ok",
+            updates=stats,
+            aggregate_norm=aggregation.global_norm(delta),
+            metrics={c: {k: v for k, v in r["metrics"].items()} for c, r in outcome.results.items()},
+            server_dp=server_dp_record(cfg, len(sampled), len(node_ids), round_number),
+            seconds=time.perf_counter() - started,
+        )
+        load_lora_arrays(peft_model, global_arrays)
+        save_adapter(
+            peft_model, round_adapter_dir(root, round_number), round=round_number, source="federated"
+        )
+        save_adapter(peft_model, global_adapter_dir(root), round=round_number, source="federated")
+        write_round_record(root, record)
+        save_checkpoint(root, round_number, global_arrays, {"strategy": fed.strategy})
+        records.append(record)
+        if on_round is not None:
+            on_round(record)
+        logger.info(
+            "round %d: %d results, %d failures, %d sat out",
+            round_number,
+            len(outcome.results),
+            len(outcome.failures),
+            len(outcome.sat_out),
+        )
+    return records
+
+
+def server_dp_record(cfg: Config, sampled: int, population: int, rounds_done: int) -> dict:
+    fed = cfg.federation
+    if fed.update_noise_multiplier <= 0:
+        return {"noise_multiplier": 0.0, "clip_norm": fed.update_clip_norm, "epsilon": None}
+    delta = 1.0 / max(population, 2) ** 1.1
+    epsilon = aggregation.client_level_epsilon(
+        fed.update_noise_multiplier, sampled / population, rounds_done, delta
+    )
+    return {
+        "noise_multiplier": fed.update_noise_multiplier,
+        "clip_norm": fed.update_clip_norm,
+        "epsilon": epsilon,
+        "delta": delta,
+    }
