@@ -180,6 +180,7 @@ def _train(
     mechanism = ledger.mechanism if ledger is not None else cfg.accountant
     delta = None
     hooks = criterion = engine = None
+    model.train()  # Opacus refuses a module in eval mode
     if plan is None:  # non-private baseline: plain shuffled batches of the same expected size
         loader = DataLoader(
             examples, batch_size=cfg.batch_size, collate_fn=collate, shuffle=True, generator=sampler_rng
@@ -192,7 +193,6 @@ def _train(
         if not math.isclose(1 / len(loader), rate):
             raise PrivacyError(f"Opacus sampled at {1 / len(loader)} but the spend was planned at {rate}")
 
-    model.train()
     step, empty_steps, tokens = 0, 0, 0
     with warnings.catch_warnings():
         # The frozen base's inputs need no gradient, so torch warns about Opacus's backward hooks.
@@ -224,16 +224,18 @@ def _train(
             for p in params:
                 p.grad = None
             model.eval()
+            before = ledger.epsilon_spent if ledger is not None else 0.0
+            if ledger is not None and step > 0:
+                # Recorded even if training failed midway: the weights already moved.
+                committed = ledger.commit(
+                    engine.accountant.state_dict(), records=len(examples), max_grad_norm=cfg.max_grad_norm
+                )
 
     loss_after = mean_loss(model, examples, collate, cfg.batch_size)
-    before = ledger.epsilon_spent if ledger is not None else 0.0
     if engine is None:
         total = spent = math.inf
     elif ledger is not None:
-        total = ledger.commit(
-            engine.accountant.state_dict(), records=len(examples), max_grad_norm=cfg.max_grad_norm
-        ).epsilon_after
-        spent = total - before
+        total, spent = committed.epsilon_after, committed.epsilon_after - before
     else:
         total = spent = epsilon_of(engine.accountant.history, delta=delta, mechanism=mechanism)
     return TrainResult(

@@ -1,0 +1,184 @@
+"""DP-SGD on the tiny Llama's LoRA adapter with real Opacus: clipping, noise, learning, cleanup."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from pfi_rag.config import AdapterConfig, PrivacyConfig
+from pfi_rag.data.records import Document, Instruction
+from pfi_rag.models.lora import attach_lora, is_lora_b, load_lora_arrays, lora_arrays
+from pfi_rag.privacy import TrainResult, train_adapter
+from pfi_rag.privacy.dataset import IGNORE_INDEX, build_examples
+
+DOCUMENTS = [
+    Document(id="d0", text="Note (2025-03-02): my dog Biscuit sees the vet on Fridays."),
+    Document(id="d1", text="Message to Sam: I moved to Lisbon."),
+    Document(
+        id="d2", text="Subject: Allergies\n\nHi Sam,\n\nI am allergic to peanuts, remember that.\n\nBest"
+    ),
+    Document(id="d3", text="Note: bike code 4471."),
+]
+INSTRUCTIONS = [
+    Instruction(prompt="Where do I live?", response="You live in Lisbon."),
+    Instruction(prompt="What is my dog called?", response="Your dog is called Biscuit."),
+]
+RECORDS = len(DOCUMENTS) + len(INSTRUCTIONS)
+
+
+def fresh_peft(tiny_generator, *, dtype=torch.float32, seed=0):
+    """A new LoRA adapter on a copy of the tiny model; B is made non-zero so A gets gradients too."""
+    model, tokenizer, _ = tiny_generator
+    peft = attach_lora(copy.deepcopy(model), AdapterConfig(r=4), seed=seed).to(dtype)
+    rng = np.random.default_rng(seed)
+    load_lora_arrays(
+        peft, {n: rng.normal(0, 0.1, a.shape) for n, a in lora_arrays(peft).items() if is_lora_b(n)}
+    )
+    return peft, tokenizer
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def hand_clipped_mean(model, tokenizer, cfg: PrivacyConfig) -> dict[str, torch.Tensor]:
+    """Per record: loss = mean NLL of its target tokens, gradient, clip to C; sum; / batch size."""
+    examples = build_examples(tokenizer, DOCUMENTS, INSTRUCTIONS, max_len=cfg.max_seq_len)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    norms = []
+    for example in examples:
+        ids = torch.tensor([example.input_ids])
+        labels = torch.tensor(example.labels[1:])
+        logits = model(input_ids=ids).logits[0, :-1]
+        keep = labels != IGNORE_INDEX
+        loss = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+        grads = torch.autograd.grad(loss, list(params.values()))
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        norms.append(float(norm))
+        factor = min(1.0, cfg.max_grad_norm / (float(norm) + 1e-6))  # Opacus's flat clipping
+        for name, g in zip(params, grads, strict=True):
+            total[name] += factor * g
+    assert min(norms) < cfg.max_grad_norm < max(norms), f"clipping should bind for some records: {norms}"
+    return {name: t / len(examples) for name, t in total.items()}
+
+
+def clip_config(mode: str = "hooks") -> PrivacyConfig:
+    # One step of plain SGD with lr 1 on every record (q = 1): the weight change is the gradient.
+    return PrivacyConfig(
+        grad_sample_mode=mode, optimizer="sgd", learning_rate=1.0, batch_size=RECORDS, max_grad_norm=0.5
+    )
+
+
+@pytest.fixture(scope="module")
+def expected_clipped(tiny_generator):
+    model, tokenizer = fresh_peft(tiny_generator, dtype=torch.float64)
+    return hand_clipped_mean(model, tokenizer, clip_config())
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_clipped_gradient_opacus_applies_equals_hand_written_clip(tiny_generator, expected_clipped, mode):
+    """Guards Opacus issue #820: with LoRA on a Llama, the clipped sum must be the real one."""
+    # Prepare: float64 so the weight difference recovers the applied gradient exactly.
+    model, tokenizer = fresh_peft(tiny_generator, dtype=torch.float64)
+    cfg, expected = clip_config(mode), expected_clipped
+    before = trainable(model)
+
+    # Execute
+    result = train_adapter(
+        model,
+        tokenizer,
+        documents=DOCUMENTS,
+        instructions=INSTRUCTIONS,
+        cfg=cfg,
+        ledger=None,
+        seed=0,
+        noise_multiplier=0.0,
+        steps=1,
+    )
+
+    # Assert
+    assert result.sample_rate == 1.0 and result.steps == 1
+    applied = {name: before[name] - value for name, value in trainable(model).items()}
+    diff = torch.sqrt(sum(((applied[n] - expected[n]) ** 2).sum() for n in expected))
+    size = torch.sqrt(sum((expected[n] ** 2).sum() for n in expected))
+    assert float(size) > 0
+    assert float(diff / size) < 1e-5
+
+
+def test_dp_training_moves_the_adapter_and_leaves_a_plain_model(tiny_generator):
+    # Prepare
+    model, tokenizer = fresh_peft(tiny_generator)
+    hooks_before = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+    before = lora_arrays(model)
+    cfg = PrivacyConfig(batch_size=3, max_seq_len=24, learning_rate=1e-2)
+
+    # Execute: two calls on the same model (no Opacus state may carry over)
+    first = train_adapter(
+        model, tokenizer, documents=DOCUMENTS, instructions=INSTRUCTIONS, cfg=cfg, ledger=None, seed=1,
+        noise_multiplier=1.0, steps=2,
+    )  # fmt: skip
+    second = train_adapter(
+        model, tokenizer, documents=DOCUMENTS, instructions=INSTRUCTIONS, cfg=cfg, ledger=None, seed=2,
+        noise_multiplier=1.0, steps=1,
+    )  # fmt: skip
+
+    # Assert
+    after = lora_arrays(model)
+    assert all(not np.allclose(before[name], after[name]) for name in before)
+    assert isinstance(first, TrainResult) and first.private and 0 < first.epsilon < np.inf
+    assert second.steps == 1 and second.tokens > 0
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    assert sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules()) == hooks_before
+    assert not any(hasattr(p, "grad_sample") or p.grad is not None for p in model.parameters())
+    assert not model.training
+    with torch.no_grad():  # a normal forward pass still works, with a batch size Opacus never saw
+        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)
+
+
+def test_non_private_training_lowers_the_training_loss(tiny_generator):
+    model, tokenizer = fresh_peft(tiny_generator)
+    cfg = PrivacyConfig(batch_size=3, max_seq_len=24, learning_rate=3e-2)
+
+    result = train_adapter(
+        model, tokenizer, documents=DOCUMENTS, instructions=INSTRUCTIONS, cfg=cfg, ledger=None, seed=0,
+        steps=8, private=False,
+    )  # fmt: skip
+
+    assert result.noise_multiplier is None and result.epsilon == np.inf
+    assert result.loss_after < result.loss_before - 0.05
+
+
+def _one_step(tiny_generator, *, seed: int, sigma: float) -> dict[str, np.ndarray]:
+    model, tokenizer = fresh_peft(tiny_generator)
+    cfg = PrivacyConfig(
+        optimizer="sgd", learning_rate=1.0, batch_size=RECORDS, max_grad_norm=0.5, max_seq_len=16
+    )
+    train_adapter(
+        model, tokenizer, documents=DOCUMENTS, instructions=INSTRUCTIONS, cfg=cfg, ledger=None, seed=seed,
+        noise_multiplier=sigma, steps=1,
+    )  # fmt: skip
+    return lora_arrays(model)
+
+
+def test_noise_is_applied_at_the_configured_scale(tiny_generator):
+    # Prepare: one SGD step (lr 1) on every record (q = 1): two seeds see the same batch, so their
+    # weights differ only by noise: per coordinate (z1 - z2) * sigma * C / B, std sqrt(2) sigma C / B.
+    sigma, clip = 2.0, 0.5
+    expected_std = np.sqrt(2) * sigma * clip / RECORDS
+
+    # Execute
+    a, b = _one_step(tiny_generator, seed=0, sigma=sigma), _one_step(tiny_generator, seed=1, sigma=sigma)
+    quiet_a, quiet_b = (
+        _one_step(tiny_generator, seed=0, sigma=0.0),
+        _one_step(tiny_generator, seed=1, sigma=0.0),
+    )
+
+    # Assert
+    difference = np.concatenate([(a[n] - b[n]).ravel() for n in a])
+    assert difference.size > 1000
+    assert np.std(difference) == pytest.approx(expected_std, rel=0.1)
+    assert abs(np.mean(difference)) < 4 * expected_std / np.sqrt(difference.size)
+    for name in quiet_a:
+        np.testing.assert_array_equal(quiet_a[name], quiet_b[name])
