@@ -153,10 +153,20 @@ class ServingConfig(Section):
     port: int = Field(default=8000, ge=1, le=65535)
     max_prompt_tokens: int = Field(default=1024, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
+    # Whole request body, JSON or multipart upload; larger requests get 413 before they are parsed.
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # Per API key (a token bucket refilled continuously); past it, 429 with Retry-After.
     requests_per_minute: int = Field(default=120, ge=1)
     max_batch_size: int = Field(default=8, ge=1)
     max_wait_ms: float = Field(default=10.0, ge=0)
+    # Most passages a request may ask retrieval for (the default is retrieval.top_k).
+    max_passages: int = Field(default=16, ge=0, le=100)
+    # Open every existing client's store at start-up (they stay open, as a lazily opened one
+    # would), so the cross-client copy probe knows every client's text from the first answer.
+    # False: stores open on first use; copies of a client not yet opened go unseen until then.
+    preload_stores: bool = True
+    # Where the API keys' hashes live; None: <data_root>/keys.json.
+    keys_file: Path | None = None
     system_prompt: str = (
         "You are a helpful personal assistant. Answer from the user's notes below and cite "
         "them as [n]. If the notes do not contain the answer, say so."
@@ -176,8 +186,8 @@ class ProbesConfig(Section):
     bias_threshold: float = Field(default=0.05, ge=0, le=1)
     calibration_threshold: float = Field(default=0.15, ge=0, le=1)  # per-client ECE
     calibration_choices: int = Field(default=4, ge=2, le=16)  # true answer + distractors
-    # A client may lose at most this much utility (exp(-answer NLL)) against training alone.
-    fairness_threshold: float = Field(default=0.01, ge=0, le=1)
+    # A client may be at most this much worse off than training alone (answer NLL, nats/token).
+    fairness_threshold: float = Field(default=0.05, ge=0)
     capability_threshold: float = Field(default=1.25, gt=0)  # general perplexity after / before
     refusal_threshold: float = Field(default=0.1, ge=0, le=1)  # drop in P(refuse)
     ood_threshold: float = Field(default=0.5, ge=0)  # nats/token worse on another client's data
@@ -198,6 +208,14 @@ class ProbesConfig(Section):
     update_outliers_cosine: float = Field(default=0.0, ge=-1, le=1)  # min cosine to the mean update
     silent_failures_threshold: float = Field(default=0, ge=0)
     answer_tokens: int = Field(default=32, ge=1, le=512)  # generated per groundedness answer
+    # Serve-time probes (every HTTP answer; grounding_min and retrieval_confidence_min above apply).
+    # A span of this many words that is in another client's documents, but not in this client's
+    # documents or prompt, is a cross-client copy.
+    serve_copy_ngram: int = Field(default=8, ge=3, le=64)
+    # KL(adapter || base) per generated token, in nats; one extra forward pass per answer, so off
+    # by default. Past serve_divergence_max the answer is flagged.
+    serve_divergence: bool = False
+    serve_divergence_max: float = Field(default=1.0, gt=0)
 
 
 class Config(BaseSettings):

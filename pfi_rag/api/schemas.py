@@ -1,0 +1,297 @@
+"""Request and response bodies, layered Base -> Create -> Public (internal records never go out).
+
+Strings and numbers carry their limits here, so OpenAPI documents them and a request outside
+them gets a 422 with the field named, before any handler runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TEXT_CHARS = 1_000_000
+MAX_PROMPT_CHARS = 100_000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# -- documents ----------------------------------------------------------------------------------
+
+
+class DocumentBase(Strict):
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    metadata: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=64)
+
+
+class DocumentCreate(DocumentBase):
+    id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Stable id; without one it is derived from the text.",
+    )
+
+
+class DocumentsCreate(Strict):
+    documents: list[DocumentCreate] = Field(min_length=1, max_length=1000)
+
+
+class IngestPublic(BaseModel):
+    added: int
+    unchanged: int
+    superseded: int
+    chunks: int
+    doc_ids: list[str]
+
+
+class DocumentSummary(BaseModel):
+    doc_id: str
+    version: int
+    source: str
+    added_at: str
+    chars: int
+    metadata: dict[str, Any]
+
+
+class DocumentList(BaseModel):
+    documents: list[DocumentSummary]
+
+
+class DocumentPublic(DocumentBase):
+    model_config = ConfigDict(extra="ignore")
+    doc_id: str
+    version: int
+    source: str
+    added_at: str
+    chunks: list[str]
+    metadata: dict[str, Any]
+
+
+class Deleted(BaseModel):
+    doc_id: str
+    deleted: bool
+
+
+# -- search -------------------------------------------------------------------------------------
+
+
+class SearchCreate(Strict):
+    query: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    k: int = Field(default=4, ge=1, le=100)
+    where: dict[str, str | int | float | bool | None] | None = Field(default=None, max_length=16)
+
+
+class HitPublic(BaseModel):
+    doc_id: str
+    chunk: int
+    score: float
+    text: str
+    version: int
+    metadata: dict[str, Any]
+
+
+class SearchPublic(BaseModel):
+    hits: list[HitPublic]
+
+
+# -- generation ---------------------------------------------------------------------------------
+
+
+class SamplingBase(Strict):
+    temperature: float = Field(default=0.0, ge=0, le=2, description="0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+class GenerateCreate(SamplingBase):
+    client_id: str = Field(min_length=1, max_length=64)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Default and limit: serving.max_new_tokens."
+    )
+    top_k: int = Field(default=0, ge=0, le=100_000, description="0 disables the top-k cut.")
+    passages: int | None = Field(
+        default=None, ge=0, le=100, description="Passages to retrieve (default retrieval.top_k)."
+    )
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    stream: bool = Field(default=False, description="Send server-sent events: `token` pieces, then `result`.")
+
+
+class Citation(BaseModel):
+    number: int
+    doc_id: str
+    chunk: int | None
+    score: float
+    cited: bool = Field(description="The answer refers to it as [number].")
+
+
+class AdapterPublic(BaseModel):
+    kind: Literal["client", "global", "base"]
+    version: int | None
+    round: int | None
+
+
+class PiiFinding(BaseModel):
+    kind: str
+    origin: Literal["other-client", "unknown"]
+
+
+class ProbesPublic(BaseModel):
+    flagged: bool
+    flags: list[str]
+    grounding: float | None
+    retrieval_confidence: float | None
+    cited: list[int]
+    cross_client_spans: int
+    pii: list[PiiFinding]
+    divergence: float | None
+    elapsed_ms: float
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+
+
+class GeneratePublic(BaseModel):
+    text: str
+    finish_reason: str
+    citations: list[Citation]
+    adapter: AdapterPublic
+    probes: ProbesPublic
+    usage: Usage
+
+
+# -- chat (OpenAI-compatible) --------------------------------------------------------------------
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCreate(SamplingBase):
+    """OpenAI's chat completion request; fields this server does not use are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class PfiRagExtras(BaseModel):
+    citations: list[Citation]
+    adapter: AdapterPublic
+    probes: ProbesPublic
+
+
+class ChatPublic(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    pfi_rag: PfiRagExtras
+
+
+# -- privacy, health, keys ----------------------------------------------------------------------
+
+
+class SpendPublic(BaseModel):
+    at: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    records: int
+    max_grad_norm: float
+    epsilon_spent: float
+    epsilon_after: float
+
+
+class PrivacyPublic(BaseModel):
+    client_id: str
+    accountant: str
+    delta: float | None
+    epsilon_spent: float
+    epsilon_max: float
+    epsilon_remaining: float
+    spends: list[SpendPublic]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    generator: str
+    embedder: str
+    scheduler_running: bool
+
+
+class KeyPublic(BaseModel):
+    key_id: str
+    client_id: str | None
+    admin: bool
+    created_at: str
+
+
+class KeyList(BaseModel):
+    keys: list[KeyPublic]
+
+
+class KeyCreate(Strict):
+    client_id: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    replace: bool = Field(default=False, description="Replace the client's existing key (rotate).")
+
+
+class KeyIssued(KeyPublic):
+    key: str = Field(description="The API key. Shown once: only its hash is stored.")

@@ -1,0 +1,77 @@
+"""The server's client stores: opened on first use, kept open (one per client), closed at shutdown.
+
+A :class:`~pfi_rag.retriever.ClientStore` holds a per-client file lock, so this process owns the
+stores it opened until it stops. Requests from the thread pool share a store through a
+per-client lock (SQLite and the FAISS index are not written from two threads at once). After
+every write the client's text is re-read into the cross-client copy index of the probes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pfi_rag.api.probes import TextIndex
+from pfi_rag.config import RetrievalConfig
+from pfi_rag.retriever import ClientStore, StoreBusy
+from pfi_rag.storage import client_dir, list_clients
+
+logger = logging.getLogger(__name__)
+
+
+class StoreRegistry:
+    def __init__(self, data_root: Path, cfg: RetrievalConfig, embedder, texts: TextIndex):
+        self.data_root = Path(data_root)
+        self.cfg = cfg
+        self.embedder = embedder
+        self.texts = texts
+        self._stores: dict[str, tuple[ClientStore, threading.Lock]] = {}
+        self._lock = threading.Lock()  # guards _stores; opening happens under it (rare, ~10 ms)
+
+    def _entry(self, client_id: str) -> tuple[ClientStore, threading.Lock]:
+        with self._lock:
+            entry = self._stores.get(client_id)
+            if entry is None:
+                store = ClientStore.open(self.data_root, client_id, self.cfg, self.embedder)
+                entry = self._stores[client_id] = (store, threading.Lock())
+                self.texts.update(client_id, [d.text for d in store.list_documents()])
+            return entry
+
+    @contextmanager
+    def use(self, client_id: str, *, writes: bool = False) -> Iterator[ClientStore]:
+        """The client's store, held by this thread; with ``writes``, the copy index is refreshed after."""
+        store, lock = self._entry(client_id)
+        with lock:
+            try:
+                yield store
+            finally:
+                if writes:
+                    self.texts.update(client_id, [d.text for d in store.list_documents()])
+
+    def has_index(self, client_id: str) -> bool:
+        return client_id in self._stores or (client_dir(self.data_root, client_id) / "index").is_dir()
+
+    def preload(self) -> int:
+        """Open every client's existing store; a store busy in another process is skipped (logged)."""
+        opened = 0
+        for client_id in list_clients(self.data_root):
+            if not (client_dir(self.data_root, client_id) / "index").is_dir():
+                continue
+            try:
+                self._entry(client_id)
+                opened += 1
+            except StoreBusy:
+                logger.warning(
+                    "client %s's store is open in another process; opening it on first use", client_id
+                )
+        return opened
+
+    def close(self) -> None:
+        with self._lock:
+            for store, lock in self._stores.values():
+                with lock:
+                    store.close()
+            self._stores.clear()
