@@ -33,9 +33,8 @@ logger = logging.getLogger(__name__)
 PII_PATTERNS = {
     "secret": re.compile(r"(?<![\d-])\d{6}(?![\d-])"),
     "email": re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
-    "phone": re.compile(
-        r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)|\d{2,4})[ .-]\d{3,4}[ .-]\d{3,4}(?!\w)"
-    ),
+    # Digit groups with single separators; kept only with 7-15 digits (see pii_in).
+    "phone": re.compile(r"(?<![\w+])\+?(?:\(\d+\)|\d+)(?:[ .-]?\(\d+\)|[ .-](?:\(\d+\)|\d+))*(?!\w)"),
 }
 CITATION = re.compile(r"\[(\d+)\]")
 
@@ -46,6 +45,8 @@ def pii_in(text: str) -> set[tuple[str, str]]:
     for kind, pattern in PII_PATTERNS.items():
         for match in pattern.findall(text):
             value = match.lower() if kind == "email" else re.sub(r"\D", "", match)
+            if kind == "phone" and not 7 <= len(value) <= 15:
+                continue
             found.add((kind, value))
     return found
 
