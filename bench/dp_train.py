@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -162,6 +163,8 @@ def main() -> None:
             runs[name].append(
                 timed_run(base, tokenizer, data, cfg, mode=mode, steps=args.timing_steps, seed=round_)
             )
+            if not args.json:  # progress on stderr: a full run takes minutes on 2 cores
+                print(f"timed {name} round {round_}: {runs[name][-1]['step_times']}", file=sys.stderr)
     timing = {}
     for name, results in runs.items():
         timing[name] = {
@@ -179,6 +182,7 @@ def main() -> None:
     quality = [{"epsilon": "base", **evaluate(base, tokenizer, data)}]
     for epsilon in [1.0, 4.0, 8.0, None]:
         quality.append(utility(base, tokenizer, data, cfg, epsilon=epsilon, steps=args.utility_steps, seed=0))
+        print(f"utility {quality[-1]}", file=sys.stderr)
 
     report = {
         "device": str(runtime.device),
