@@ -184,6 +184,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="Also write the results here.")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads for (a) and (b) (default: models.threads, i.e. torch's)"
+    )
     parser.add_argument("--single", nargs=2, metavar=("ATTN", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
@@ -194,7 +197,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="pfi-bench-"))
     synthesize(root, clients=CLIENTS, seed=0)
     clients = [f"client-{i:02d}" for i in range(CLIENTS)]
-    cfg = ModelsConfig()
+    cfg = ModelsConfig(threads=args.threads)
     model, tokenizer, runtime = load_generator(cfg)
     baseline, _, _ = load_generator(cfg)
     make_adapters(model, root, clients)

@@ -41,13 +41,18 @@ PASSAGES = [
 
 
 def save_random_adapter(base, directory: Path, *, seed: int, round: int | None = None) -> None:
-    """A LoRA adapter whose B matrices are random, so its answers differ from the base model's."""
+    """A LoRA adapter with random A and B, so its answers differ from the base model's.
+
+    Every weight comes from a local generator: the global RNG (which attach_lora seeds) is also
+    drawn by adapter loads in other threads, so it would not make the weights a function of seed.
+    """
     model = attach_lora(copy.deepcopy(base), AdapterConfig(), seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+            if "lora_A" in name or "lora_B" in name:
+                scale = 0.5 if "lora_B" in name else 0.1
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
     save_adapter(model, directory, round=round, source="federated" if round is not None else "local")
 
 
