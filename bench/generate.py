@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads for (a) and (b) (default: models.threads, i.e. torch's)"
     )
+    parser.add_argument("--parts", default="abc", help="Which measurements to run (default: abc).")
     parser.add_argument("--single", nargs=2, metavar=("ATTN", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
@@ -207,6 +208,22 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; {args.tokens} new tokens, median of {args.repeats}"
     )
 
+    a = b = None
+    c = []
+    if "a" in args.parts:
+        a = _part_a(cfg, engine, baseline, root, args)
+    del baseline
+    if "b" in args.parts:
+        b = _part_b(engine, root, clients, args)
+    del engine, model
+    if "c" in args.parts:
+        c = _part_c(args)
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"end_to_end": a, "concurrent": b, "single": c}, indent=2) + "\n")
+
+
+def _part_a(cfg: ModelsConfig, engine: Engine, baseline, root: Path, args) -> dict:
     from pfi_rag.retriever import ClientStore
 
     data = load_client_data(root, "client-00")
@@ -219,8 +236,10 @@ def main() -> None:
         f"generate {a['plain_generate_s']:.2f} s = {a['ratio']:.2f}x (target <= 1.15x; retrieval "
         f"{a['retrieval_s'] * 1000:.0f} ms of it)"
     )
+    return a
 
-    del baseline
+
+def _part_b(engine: Engine, root: Path, clients: list[str], args) -> dict:
     requests = []
     for client in clients:
         client_data = load_client_data(root, client)
@@ -238,8 +257,10 @@ def main() -> None:
         f"tok/s vs one at a time {b['one_at_a_time_tok_s']:.1f} tok/s = {b['speedup']:.2f}x (target >= 3x); "
         f"greedy tokens identical: {b['batched_equals_alone']}"
     )
+    return b
 
-    del engine, model
+
+def _part_c(args) -> list[dict]:
     c = []
     for attn in ("eager", "sdpa"):
         for threads in (1, 2):
@@ -256,9 +277,7 @@ def main() -> None:
             f"RSS {row['rss_after_load_mib']:.0f} MiB loaded, {row['decode_peak_rss_mib']:.0f} MiB peak "
             f"while decoding ({row['max_rss_mib']:.0f} MiB max incl. loading)"
         )
-    print(f"total {time.perf_counter() - started:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps({"end_to_end": a, "concurrent": b, "single": c}, indent=2) + "\n")
+    return c
 
 
 def _passages(data) -> list:

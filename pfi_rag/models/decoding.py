@@ -87,8 +87,19 @@ class DecodeBatch:
     from another thread between steps.
     """
 
-    def __init__(self, model, tokenizer, *, eos_ids: Sequence[int], lock: threading.Lock | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        eos_ids: Sequence[int],
+        lock: threading.Lock | None = None,
+        identity_adapter: str | None = None,
+    ):
         self.model = model
+        # An adapter that leaves the model unchanged (LoRA B = 0), so base-only batches can take
+        # the single-adapter path too.
+        self.identity_adapter = identity_adapter
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.lock = lock or threading.Lock()
@@ -115,13 +126,21 @@ class DecodeBatch:
         return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
 
     def _forward(self, input_ids, mask, positions, cache, adapter_names) -> torch.Tensor:
-        if self._is_peft:
-            extra = {"adapter_names": adapter_names}
-        elif set(adapter_names) == {BASE_ADAPTER}:
-            extra = {}
-        else:
-            raise ValueError(f"adapters {sorted(set(adapter_names))} requested from a model without peft")
+        unique = set(adapter_names)
+        if not self._is_peft and unique != {BASE_ADAPTER}:
+            raise ValueError(f"adapters {sorted(unique)} requested from a model without peft")
+        single = None
+        if self._is_peft and len(unique) == 1:
+            single = self.identity_adapter if unique == {BASE_ADAPTER} else next(iter(unique))
         with self.lock, torch.inference_mode():
+            extra = {}
+            if single is not None:
+                # One adapter for every row: activate it rather than pass adapter_names, whose
+                # hooks walk every module twice per call (a single request's common case).
+                if self.model.active_adapter != single:
+                    self.model.set_adapter(single, inference_mode=True)
+            elif self._is_peft:
+                extra = {"adapter_names": adapter_names}
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,

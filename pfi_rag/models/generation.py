@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from pfi_rag.config import AdapterConfig, Config, ServingConfig
-from pfi_rag.models.adapter_cache import AdapterCache, AdapterLease, ServedAdapter, serving_model
+from pfi_rag.models.adapter_cache import (
+    PLACEHOLDER_ADAPTER,
+    AdapterCache,
+    AdapterLease,
+    ServedAdapter,
+    serving_model,
+)
 from pfi_rag.models.decoding import DecodeBatch, Row, SamplingParams
 from pfi_rag.models.prompting import PassageLike, Prompt, UsedPassage, build_prompt
 from pfi_rag.storage import validate_client_id
@@ -174,7 +180,13 @@ class Engine:
         )
 
     def new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.model, self.tokenizer, eos_ids=self.eos_ids, lock=self.lock)
+        return DecodeBatch(
+            self.model,
+            self.tokenizer,
+            eos_ids=self.eos_ids,
+            lock=self.lock,
+            identity_adapter=PLACEHOLDER_ADAPTER,
+        )
 
     def prepare(
         self, request: GenerationRequest, on_text: Callable[[str], None] | None = None
