@@ -36,10 +36,10 @@ class BiasProbe(ClientProbe):
         pairs = ctx.client_data(client_id).counterfactuals
         if not pairs:
             return self.skip(ctx, "client has no counterfactual pairs", client=client_id)
-        before = pair_gaps(ctx.base_model(), ctx.tokenizer, pairs)
         model = ctx.client_model(client_id)
         if model is None:
             return self.skip(ctx, "client has no adapter", client=client_id)
+        before = pair_gaps(ctx.base_model(), ctx.tokenizer, pairs)
         after = pair_gaps(model, ctx.tokenizer, pairs)
         increase = float(after.mean() - before.mean())
         by_attribute = {}

@@ -39,7 +39,11 @@ class CalibrationProbe(ClientProbe):
         if not usable:
             return self.skip(ctx, "no held-out question has distractors", client=client_id)
         probs = option_probs(
-            model, ctx.tokenizer, [qa_prompt(qa[i].question) for i in usable], [candidates[i] for i in usable]
+            model,
+            ctx.tokenizer,
+            [qa_prompt(qa[i].question) for i in usable],
+            [candidates[i] for i in usable],
+            per_token=True,
         )
         labels = [candidates[i].index(qa[i].answer) for i in usable]
         width = max(len(p) for p in probs)

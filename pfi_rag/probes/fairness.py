@@ -1,21 +1,24 @@
 """Fairness collapse: does the federated, personalized model leave some clients worse off?
 
-Per client, utility is the geometric-mean probability of the true answers to its held-out
-questions (``exp(-NLL)``, in (0, 1]), under the personalized adapter, the global adapter and
-the adapter the client trained alone (``clients/<id>/local_adapter/``; the base model stands
-in when there is none, and the evidence says so). A client fails when personalization leaves
-it more than ``fairness_threshold`` below training alone: federated averages hide exactly
-these clients. The federation summary adds the worst client, spread, Gini of personalized
+Per client, the answer NLL (nats/token) of its held-out questions is measured under the
+personalized adapter, the global adapter and the adapter the client trained alone
+(``clients/<id>/local_adapter/``; the base model stands in when there is none, and the
+evidence says so). The gain over alone is NLL_alone - NLL_personalized; a client fails when
+it is more than ``fairness_threshold`` nats/token worse off than training alone: federated
+averages hide exactly these clients. Utility, for the spread and Gini, is exp(-NLL), the
+geometric-mean probability of the true answer tokens, in (0, 1]. The federation summary adds
+the worst client, spread, Gini of personalized
 utility and the share of clients worse off than alone.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.lm import utility
+from pfi_rag.probes.lm import answer_nll
 from pfi_rag.probes.metrics import gini
 
 
@@ -26,7 +29,7 @@ class FairnessProbe(ClientProbe):
     needs = (Need.BASE_MODEL, Need.CLIENT_ADAPTER, Need.GLOBAL_ADAPTER, Need.LOCAL_ADAPTER, Need.CLIENT_DATA)
     metric = "gain_over_alone"
     fails_above = False
-    bounds = {"gain_over_alone": (-1.0, 1.0), "utility_personalized": (0.0, 1.0)}
+    bounds = {"gain_over_alone": (-3.0, 3.0), "utility_personalized": (0.0, 1.0)}
 
     def threshold(self, ctx: ProbeContext) -> float:
         return -ctx.config.probes.fairness_threshold
@@ -37,15 +40,16 @@ class FairnessProbe(ClientProbe):
         if personalized is None or not qa:
             return self.skip(ctx, "client has no adapter or no held-out questions", client=client_id)
         tok = ctx.tokenizer
-        utilities: dict[str, float | None] = {"personalized": utility(personalized, tok, qa)}
+        nll: dict[str, float | None] = {"personalized": answer_nll(personalized, tok, qa)}
         glob = ctx.global_model()
-        utilities["global"] = None if glob is None else utility(glob, tok, qa)
+        nll["global"] = None if glob is None else answer_nll(glob, tok, qa)
         local = ctx.local_model(client_id)
-        utilities["local"] = None if local is None else utility(local, tok, qa)
-        utilities["base"] = utility(ctx.base_model(), tok, qa)
-        baseline = "local" if utilities["local"] is not None else "base"
-        gain = utilities["personalized"] - utilities[baseline]
-        evidence = {"utility": utilities, "baseline": baseline, "questions": len(qa)}
+        nll["local"] = None if local is None else answer_nll(local, tok, qa)
+        nll["base"] = answer_nll(ctx.base_model(), tok, qa)
+        baseline = "local" if nll["local"] is not None else "base"
+        gain = nll[baseline] - nll["personalized"]
+        utilities = {k: None if v is None else math.exp(-v) for k, v in nll.items()}
+        evidence = {"answer_nll": nll, "utility": utilities, "baseline": baseline, "questions": len(qa)}
         metrics = {"gain_over_alone": gain, "utility_personalized": utilities["personalized"]}
         return self.result(ctx, gain, client=client_id, evidence=evidence, metrics=metrics)
 

@@ -1,0 +1,209 @@
+"""History-based probes, the budget audit, the private release and the CLI gate.
+
+Round files and ledgers are written by hand in the documented formats (probes/history.py,
+probes/budget.py), as the federation and privacy modules will write them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_probe_support import fresh_lora, make_context, make_data, save
+from typer.testing import CliRunner
+
+from pfi_rag.cli import app
+from pfi_rag.config import Config
+from pfi_rag.models.adapters import client_adapter_dir
+from pfi_rag.probes import ProbeContext, Verdict, run_suite
+from pfi_rag.probes.budget import BudgetProbe
+from pfi_rag.probes.federation_health import SilentFailuresProbe, UpdateOutliersProbe
+from pfi_rag.probes.history import HistoryError, read_history
+from pfi_rag.probes.registry import probe_named
+from pfi_rag.probes.release import TOLERANCE_Z, distribution
+from pfi_rag.storage import client_dir
+
+CLIENTS = ["client-00", "client-01", "client-02", "client-03"]
+
+
+def write_round(root, number, *, norms, cosines=None, failures=(), participants=None, metrics=None):
+    cosines = cosines or {c: 0.9 for c in norms}
+    record = {
+        "round": number,
+        "strategy": "fedavg",
+        "participants": list(participants if participants is not None else norms),
+        "failures": [{"client": c, "error": "CUDA OOM"} for c in failures],
+        "sat_out": [],
+        "updates": {
+            c: {"norm": n, "cosine_to_mean": cosines[c], "num_examples": 10, "epsilon": 1.0 * number}
+            for c, n in norms.items()
+        },
+        "aggregate_norm": 1.0,
+        "metrics": metrics or {c: {"loss_before": 2.0, "loss_after": 1.5} for c in norms},
+    }
+    path = root / "federation" / "rounds" / f"round-{number:04d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def healthy_rounds(root, count=3):
+    for number in range(1, count + 1):
+        write_round(root, number, norms={c: 1.0 + 0.05 * i for i, c in enumerate(CLIENTS)})
+
+
+@pytest.fixture()
+def root(tmp_path):
+    make_data(tmp_path, clients=4)
+    return tmp_path
+
+
+def test_history_reader_reads_rounds_in_order_and_names_bad_files(root):
+    write_round(root, 2, norms={"client-00": 1.0})
+    write_round(root, 1, norms={"client-00": 2.0})
+    assert [r.number for r in read_history(root)] == [1, 2]
+    assert read_history(root)[0].updates["client-00"].norm == 2.0
+    (root / "federation" / "rounds" / "round-0003.json").write_text("{not json")
+    with pytest.raises(HistoryError, match="round-0003.json"):
+        read_history(root)
+
+
+def test_update_outliers_flags_a_poisoned_update(root):
+    healthy_rounds(root)
+    ctx = ProbeContext(Config(data_root=root))
+    clean = UpdateOutliersProbe().run_federation(ctx, CLIENTS)
+
+    norms = {c: 1.0 + 0.05 * i for i, c in enumerate(CLIENTS)} | {"client-02": 25.0}
+    cosines = {c: 0.9 for c in CLIENTS} | {"client-01": -0.8}
+    write_round(root, 4, norms=norms, cosines=cosines)
+    planted = UpdateOutliersProbe().run_federation(ProbeContext(Config(data_root=root)), CLIENTS)
+
+    assert clean.verdict == Verdict.PASS and clean.value == 0
+    assert planted.verdict == Verdict.FAIL
+    assert {(o["round"], o["client"]) for o in planted.evidence["outliers"]} == {
+        (4, "client-02"),
+        (4, "client-01"),
+    }
+
+
+def test_silent_failures_flags_errors_no_ops_and_absent_clients(root):
+    healthy_rounds(root)
+    clean = SilentFailuresProbe().run_federation(ProbeContext(Config(data_root=root)), CLIENTS)
+
+    norms = {"client-00": 1.0, "client-01": 0.0}
+    write_round(
+        root,
+        4,
+        norms=norms,
+        failures=["client-02"],
+        participants=["client-00", "client-01", "client-02", "client-03"],
+        metrics={"client-00": {"loss_before": 2.0, "loss_after": 2.1}},
+    )
+    planted = SilentFailuresProbe().run_federation(ProbeContext(Config(data_root=root)), CLIENTS)
+    whys = {(p["client"], p["why"].split(":")[0].split(" ")[0]) for p in planted.evidence["problems"]}
+
+    assert clean.verdict == Verdict.PASS
+    assert planted.verdict == Verdict.FAIL
+    assert whys == {
+        ("client-02", "failed"),
+        ("client-03", "selected,"),
+        ("client-01", "zero-norm"),
+        ("client-00", "loss"),
+    }
+
+
+def write_ledger(root, client, spends, **top):
+    path = client_dir(root, client) / "privacy.json"
+    path.write_text(json.dumps({"epsilon_max": 8.0, "delta": 1e-5, "spends": spends, **top}))
+
+
+def spend(epsilon_after, sigma=1.0):
+    return {
+        "when": "2026-01-01",
+        "noise_multiplier": sigma,
+        "sample_rate": 0.01,
+        "steps": 1000,
+        "epsilon_after": epsilon_after,
+    }
+
+
+def test_budget_audit_flags_theatre_and_resets(root):
+    # Opacus RDP: sigma 1, q 0.01, 1000 steps, delta 1e-5 -> epsilon 2.10 (DESIGN); two such
+    # spends compose to about 3.
+    write_ledger(root, "client-00", [spend(2.1014), spend(3.1)])
+    write_ledger(root, "client-01", [spend(2.1014), spend(2.1014)])  # each round counted alone
+    write_ledger(root, "client-02", [spend(2.1014), spend(9.0, sigma=0.0)])  # no noise, over budget
+    ctx = ProbeContext(Config(data_root=root))
+    clean, reset, theatre = (BudgetProbe().run_client(ctx, c) for c in CLIENTS[:3])
+
+    assert clean.verdict == Verdict.PASS, clean.evidence["violations"]
+    assert clean.evidence["epsilon_recomputed"] == pytest.approx(3.0, abs=0.3)
+    assert reset.verdict == Verdict.FAIL and "not carried" in " ".join(reset.evidence["violations"])
+    assert theatre.verdict == Verdict.FAIL
+    text = " ".join(theatre.evidence["violations"])
+    assert "no noise applied" in text and "exceeds the budget" in text
+
+
+def test_budget_audit_flags_an_adapter_without_ledger_and_unaccounted_rounds(root, tiny_generator):
+    save(fresh_lora(tiny_generator), client_adapter_dir(root, "client-03"))
+    write_ledger(root, "client-00", [spend(2.1014)])
+    healthy_rounds(root, count=2)  # client-00 took part twice but the ledger holds one spend
+    ctx = ProbeContext(Config(data_root=root))
+    assert BudgetProbe().run_client(ctx, "client-03").verdict == Verdict.FAIL
+    result = BudgetProbe().run_client(ctx, "client-00")
+    assert result.verdict == Verdict.FAIL and "2 federation rounds" in " ".join(result.evidence["violations"])
+
+
+def test_private_report_matches_plain_within_stated_noise(root, tiny_models_config, tiny_generator):
+    for client in CLIENTS:
+        save(fresh_lora(tiny_generator), client_adapter_dir(root, client))
+        write_ledger(root, client, [spend(2.1014)])
+    healthy_rounds(root, count=1)
+    ctx = make_context(root, tiny_models_config, tiny_generator, config={"probes": {"exposure_samples": 32}})
+
+    plain = run_suite(ctx, suite="privacy", private=False)
+    private = run_suite(ctx, suite="privacy", private=True, rng=np.random.default_rng(0))
+
+    assert private.per_client == [] and len(private.releases) == len(CLIENTS)
+    assert private.privacy["epsilon_per_client"] == 1.0
+    compared = 0
+    for plain_summary, private_summary in zip(plain.summaries, private.summaries, strict=True):
+        if private_summary.sigma is None:
+            continue
+        probe = probe_named(plain_summary.probe)
+        lo, hi = probe.bounds[probe.metric]
+        clipped = [
+            min(max(r.value, lo), hi)
+            for r in plain.per_client
+            if r.probe == probe.name and r.value is not None
+        ]
+        truth = distribution(clipped, fails_above=probe.fails_above)
+        for stat in ("worst", "p10", "p50", "p90", "mean"):
+            assert abs(private_summary.distribution[stat] - truth[stat]) <= private_summary.tolerance
+        assert private_summary.tolerance == pytest.approx(TOLERANCE_Z * private_summary.sigma)
+        compared += 1
+    assert compared >= 3  # exposure, membership, budget, dp_collapse released
+    # Each client's release is on its own ledger, and its exact results stayed local.
+    ledger = json.loads((client_dir(root, "client-00") / "probes" / "releases.json").read_text())
+    assert ledger["epsilon_spent"] == 1.0
+    assert (client_dir(root, "client-00") / "probes" / "latest.json").is_file()
+
+
+def test_cli_gates_on_failures_and_bad_input(root, isolated_env):
+    runner = CliRunner()
+    base = ["--data-root", str(root), "probe", "--suite", "federation", "--out", str(root / "report")]
+    healthy_rounds(root)
+    ok = runner.invoke(app, base)
+    write_round(root, 4, norms={c: 1.0 for c in CLIENTS} | {"client-02": 40.0})
+    flagged = runner.invoke(app, base)
+    bad_suite = runner.invoke(app, ["--data-root", str(root), "probe", "--suite", "nope"])
+    bad_client = runner.invoke(app, ["--data-root", str(root), "probe", "--clients", "ghost"])
+
+    assert ok.exit_code == 0, ok.output
+    assert flagged.exit_code == 1, flagged.output
+    assert bad_suite.exit_code == 2 and bad_client.exit_code == 2
+    report = json.loads((root / "report" / "report.json").read_text())
+    assert report["verdict"] == "fail"
+    outliers = next(p for p in report["probes"] if p["probe"] == "update_outliers")
+    assert outliers["verdict"] == "fail"
+    assert (root / "report" / "report.html").read_text().startswith("<!doctype html>")
