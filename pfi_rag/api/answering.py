@@ -22,6 +22,19 @@ from pfi_rag.models import GenerationRequest, GenerationResult, TokenStream
 
 logger = logging.getLogger(__name__)
 
+# Below these, sampling keeps only the most likely token, i.e. it is greedy; and a temperature
+# near zero (logits / T overflow) or a top_p that float32 rounds to 0 (every token dropped) make
+# the sampler fail with NaN probabilities, which fails its whole decoding batch. Decode greedily.
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
+
+
+def sampling(temperature: float, top_p: float) -> dict[str, float]:
+    """The engine's temperature and top_p for a request's (0 or near-0 values decode greedily)."""
+    if temperature < MIN_TEMPERATURE or top_p < MIN_TOP_P:
+        return {"temperature": 0.0, "top_p": 1.0}
+    return {"temperature": temperature, "top_p": top_p}
+
 
 @dataclass
 class Answer:

@@ -111,8 +111,8 @@ class SearchPublic(BaseModel):
 
 
 class SamplingBase(Strict):
-    temperature: float = Field(default=0.0, ge=0, le=2, description="0 is greedy.")
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    temperature: float = Field(default=0.0, ge=0, le=2, description="0 (or below 1e-4) is greedy.")
+    top_p: float = Field(default=1.0, ge=0, le=1, description="Nucleus mass; 0 (or below 1e-6) is greedy.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
 

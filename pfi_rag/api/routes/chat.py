@@ -45,8 +45,7 @@ def to_request(client_id: str, body: ChatCreate) -> GenerationRequest:
         client_id=client_id,
         messages=messages,
         max_new_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
+        **answering.sampling(body.temperature, body.top_p),
         seed=body.seed,
         stop=tuple(stop),
     )
