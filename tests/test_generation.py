@@ -259,6 +259,9 @@ def test_sampling_is_reproducible_with_a_seed_and_stop_strings_cut(engine_factor
 
     greedy = engine.generate(GenerationRequest("bob", QUESTION, passages=PASSAGES))
     assert greedy.finish_reason == "length" and greedy.completion_tokens == 16
+    for temperature, top_p in [(1e-30, 1.0), (1.0, 1e-9)]:  # limits of sampling are greedy, not NaN
+        near = GenerationRequest("bob", QUESTION, passages=PASSAGES, temperature=temperature, top_p=top_p)
+        assert engine.generate(near).token_ids == greedy.token_ids
     stop = greedy.text[4:7]
     cut = engine.generate(GenerationRequest("bob", QUESTION, passages=PASSAGES, stop=[stop]))
     assert cut.text == greedy.text[: greedy.text.index(stop)]

@@ -221,7 +221,9 @@ class DecodeBatch:
             p = row.params
             if p.greedy:
                 continue
-            scores = logits[i] / p.temperature  # (V,)
+            # Shift so the best score is 0 before dividing: a tiny temperature then sends the
+            # others to -inf instead of overflowing every score to inf (NaN after softmax).
+            scores = (logits[i] - logits[i].max()) / p.temperature  # (V,)
             if p.top_k > 0:
                 kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
                 scores = scores.masked_fill(scores < kth, float("-inf"))
