@@ -47,8 +47,7 @@ def retrieve(services: Services, client_id: str, query: str, k: int) -> list:
     """The client's top-k passages; none for k=0 or a client that never stored a document."""
     if k == 0 or not services.stores.has_index(client_id):
         return []
-    with services.stores.use(client_id) as store:
-        return store.search(query, k)
+    return services.stores.search(client_id, query, k)
 
 
 def passages_wanted(services: Services, requested: int | None) -> int:

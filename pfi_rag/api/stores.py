@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pfi_rag.api.probes import TextIndex
 from pfi_rag.config import RetrievalConfig
-from pfi_rag.retriever import ClientStore, StoreBusy
+from pfi_rag.retriever import ClientStore, Hit, RetrieverError, StoreBusy
+from pfi_rag.retriever.embedding import embed
 from pfi_rag.storage import client_dir, list_clients
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,18 @@ class StoreRegistry:
             finally:
                 if writes:
                     self.texts.update(client_id, [d.text for d in store.list_documents()])
+
+    def search(self, client_id: str, query: str, k: int, where: dict | None = None) -> list[Hit]:
+        """``ClientStore.search``, with the query embedded before taking the client's lock.
+
+        Embedding is most of a search's time; done outside the lock, concurrent requests of one
+        client embed in parallel and hold the lock only for the index scan.
+        """
+        if not query.strip():
+            raise RetrieverError("empty search query; give some text to search for")
+        vectors = embed(self.embedder, [query], self.cfg.embed_batch_size)
+        with self.use(client_id) as store:
+            return store.search_vectors(vectors, k, where)[0]
 
     def has_index(self, client_id: str) -> bool:
         return client_id in self._stores or (client_dir(self.data_root, client_id) / "index").is_dir()

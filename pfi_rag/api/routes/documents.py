@@ -158,8 +158,7 @@ def search(client_id: OwnedClient, body: SearchCreate, services: ServicesDep) ->
     """The client's passages closest to the query (cosine), best first."""
     if not services.stores.has_index(client_id):
         return SearchPublic(hits=[])
-    with services.stores.use(client_id) as store:
-        hits = store.search(body.query, body.k, body.where)
+    hits = services.stores.search(client_id, body.query, body.k, body.where)
     return SearchPublic(
         hits=[
             HitPublic(
