@@ -44,9 +44,13 @@ def config_from_context(context: Context) -> Config:
     return load_config(config_file, overrides)
 
 
-def make_client_app(cfg: Config | None = None) -> ClientApp:
-    """A ClientApp bound to ``cfg`` (the launcher), or reading it from each run's context."""
-    app = ClientApp()
+def make_client_app(cfg: Config | None = None, mods: list | None = None) -> ClientApp:
+    """A ClientApp bound to ``cfg`` (the launcher), or reading it from each run's context.
+
+    ``mods`` are Flower client mods (they see every message in and reply out), e.g. Flower's
+    DP mods or an audit that records what leaves the client.
+    """
+    app = ClientApp(mods=mods or [])
 
     def resolve(context: Context) -> Config:
         return cfg if cfg is not None else config_from_context(context)

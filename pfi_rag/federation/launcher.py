@@ -13,7 +13,9 @@ from pfi_rag.storage import atomic_write_json, list_clients
 logger = logging.getLogger(__name__)
 
 
-def run_simulation(cfg: Config, on_round: Callable[[dict], None] | None = None) -> list[dict]:
+def run_simulation(
+    cfg: Config, on_round: Callable[[dict], None] | None = None, client_mods: list | None = None
+) -> list[dict]:
     """Run (or resume) ``cfg.federation.rounds`` rounds with one virtual SuperNode per client.
 
     Raises :class:`~pfi_rag.federation.server.FederationFailed` when a round has too few
@@ -41,7 +43,7 @@ def run_simulation(cfg: Config, on_round: Callable[[dict], None] | None = None) 
         records.extend(done)
 
     server_app = make_server_app(cfg, on_done=collect, on_round=on_round, on_error=errors.append)
-    client_app = make_client_app(cfg)
+    client_app = make_client_app(cfg, mods=client_mods)
     try:
         flower_run_simulation(
             server_app=server_app,

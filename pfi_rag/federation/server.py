@@ -93,7 +93,9 @@ def identify_nodes(grid: Grid, node_ids: list[int], timeout_s: float) -> dict[in
 def sample_nodes(node_ids: list[int], count: int, rng: np.random.Generator) -> list[int]:
     if count >= len(node_ids):
         return list(node_ids)
-    return sorted(int(n) for n in rng.choice(node_ids, size=count, replace=False))
+    # Sample positions, not ids: node ids span 64 bits and numpy would turn them into floats.
+    picked = rng.choice(len(node_ids), size=count, replace=False)
+    return sorted(node_ids[i] for i in picked)
 
 
 def collect_round(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,36 +67,101 @@ def read_adapter_arrays(directory: Path) -> dict[str, np.ndarray] | None:
     return load_file(str(Path(directory) / ADAPTER_WEIGHTS))
 
 
+def round_seed(cfg: Config, client_id: str, server_round: int) -> int:
+    """A seed stable across processes (``hash()`` of a str is salted per process)."""
+    return zlib.crc32(f"{cfg.seed}/{client_id}/{server_round}".encode())
+
+
+def proximal_pull(model, anchor: dict[str, np.ndarray], *, learning_rate: float, strength: float):
+    """Ditto's proximal term as a step after each DP step: w <- w - lr * lambda * (w - anchor).
+
+    It reads only the weights and the global anchor, never the data, so it keeps the DP
+    guarantee of the noised gradient step it follows (post-processing).
+    """
+    import torch
+
+    targets = [
+        (parameter, torch.as_tensor(anchor[name], dtype=parameter.dtype, device=parameter.device))
+        for name, parameter in lora_parameters(model).items()
+        if name in anchor
+    ]
+
+    def pull() -> None:
+        with torch.no_grad():
+            for parameter, target in targets:
+                parameter.sub_(learning_rate * strength * (parameter - target))
+
+    return pull
+
+
+def lora_parameters(model) -> dict:
+    """The adapter's trainable parameters under the names lora_arrays() uses."""
+    names = set(lora_arrays(model))
+    found = {}
+    for name, parameter in model.named_parameters():
+        key = name.replace(".default.weight", ".weight")
+        if key in names:
+            found[key] = parameter
+    return found
+
+
 def train_round(
     cfg: Config, client_id: str, global_shared: dict[str, np.ndarray], server_round: int
 ) -> RoundResult | SatOut:
+    """DP-train on the client's data beside the global shared part; return the outgoing update.
+
+    ``fedavg``/``fedsa``: one DP training from (personal part + global shared part); the result
+    is both the update's source and the saved personal adapter. ``ditto``: a DP training of the
+    global adapter gives the update, and a second one of the personal adapter, pulled towards
+    the global, is saved; each takes half of the round's epsilon.
+    """
     from pfi_rag.privacy import BudgetExceeded, PrivacyLedger, build_outgoing_update, train_adapter
 
     strategy = cfg.federation.strategy
     root = cfg.data_root
     data = load_client_data(root, client_id)
     ledger = PrivacyLedger.open(root, client_id, cfg.privacy)
-    model, tokenizer, _ = fresh_adapter(cfg)
-    personal = read_adapter_arrays(client_adapter_dir(root, client_id))
-    if personal is not None:
-        load_lora_arrays(model, personal)
-    load_lora_arrays(model, global_shared)  # the shared part comes from the server
-    before = lora_arrays(model)
-    model.train()  # the cached model may have been left in eval mode by a previous round
-    seed = hash((cfg.seed, client_id, server_round)) % 2**31
-    try:
-        result = train_adapter(
+    seed = round_seed(cfg, client_id, server_round)
+    epsilon = cfg.privacy.epsilon_per_round / 2 if strategy == "ditto" else None
+
+    def dp_train(model, after_step=None, seed_offset=0):
+        return train_adapter(
             model,
             tokenizer,
             documents=data.documents,
             instructions=data.instructions,
             cfg=cfg.privacy,
             ledger=ledger,
-            seed=seed,
+            seed=seed + seed_offset,  # fresh sampling and noise for each training
+            epsilon=epsilon,
+            after_step=after_step,
         )
+
+    started = time.perf_counter()
+    model, tokenizer, _ = fresh_adapter(cfg)
+    personal = read_adapter_arrays(client_adapter_dir(root, client_id))
+    if personal is not None and strategy != "ditto":
+        load_lora_arrays(model, personal)
+    load_lora_arrays(model, global_shared)  # the shared part comes from the server
+    before = lora_arrays(model)
+    try:
+        result = dp_train(model)
     except BudgetExceeded as exc:
         return SatOut(reason=str(exc))
     after = lora_arrays(model)
+    save_personal = True
+    if strategy == "ditto":
+        load_lora_arrays(model, personal if personal is not None else global_shared)
+        pull = proximal_pull(
+            model,
+            global_shared,
+            learning_rate=cfg.privacy.learning_rate,
+            strength=cfg.federation.ditto_lambda,
+        )
+        try:
+            dp_train(model, after_step=pull, seed_offset=1)
+        except BudgetExceeded:
+            save_personal = False  # the global update is paid for; the personal adapter stays as it was
     outgoing = build_outgoing_update(
         before,
         after,
@@ -102,13 +169,21 @@ def train_round(
         clip_norm=cfg.federation.client_clip_norm,
         noise_multiplier=cfg.federation.client_noise_multiplier,
         rng=np.random.default_rng(seed),
-        privacy_meta=result.privacy_meta(),
+        privacy_meta=ledger_meta(result, ledger),
     )
-    save_adapter(model, client_adapter_dir(root, client_id), round=server_round, source="federated")
+    if save_personal:
+        save_adapter(model, client_adapter_dir(root, client_id), round=server_round, source="federated")
     metrics = {
         "num-examples": float(result.records),
         "loss-before": float(result.loss_before),
         "loss-after": float(result.loss_after),
+        "train-seconds": time.perf_counter() - started,
     }
     privacy = {key: value for key, value in outgoing.metadata.items() if value is not None}
     return RoundResult(update=outgoing.arrays, metrics=metrics, privacy=privacy)
+
+
+def ledger_meta(result, ledger) -> dict:
+    """The update's privacy metadata, with the client's epsilon as the ledger holds it now
+    (for Ditto, after both of the round's trainings)."""
+    return result.privacy_meta() | {"epsilon": ledger.epsilon_spent}

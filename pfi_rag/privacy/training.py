@@ -107,12 +107,15 @@ def train_adapter(
     steps: int | None = None,
     progress: Callable[[StepInfo], None] | None = None,
     private: bool = True,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train ``model``'s active LoRA adapter in place with DP-SGD and charge ``ledger``.
 
     The spend is ``epsilon`` (what this call may take from the budget; the noise is solved for
     it) or ``noise_multiplier``; neither: ``cfg.noise_multiplier``, else ``cfg.epsilon_per_round``.
     ``private=False`` trains without clipping or noise (a baseline; refused with a ledger).
+    ``after_step()`` runs after every optimizer step; it may change the weights only in ways that
+    do not read the data (e.g. Ditto's proximal pull), which keeps the result private.
     Raises :class:`BudgetExceeded` before reading any record if the spend would pass the budget.
     On return the model is a plain PeftModel again (Opacus hooks removed) in eval mode.
     """
@@ -126,7 +129,20 @@ def train_adapter(
     if not private:
         if ledger is not None:
             raise PrivacyError("a non-private run cannot be charged to a ledger: pass ledger=None")
-        return _train(model, tokenizer, documents, instructions, cfg, None, None, rate, steps, seed, progress)
+        return _train(
+            model,
+            tokenizer,
+            documents,
+            instructions,
+            cfg,
+            None,
+            None,
+            rate,
+            steps,
+            seed,
+            progress,
+            after_step,
+        )
 
     history = ledger.history if ledger is not None else []
     delta = ledger.delta_for(records) if ledger is not None else resolve_delta(None, cfg.delta, records)
@@ -141,12 +157,36 @@ def train_adapter(
         )
     plan = {"noise_multiplier": noise_multiplier, "sample_rate": rate, "steps": steps, "records": records}
     if ledger is None:
-        return _train(model, tokenizer, documents, instructions, cfg, None, plan, rate, steps, seed, progress)
+        return _train(
+            model,
+            tokenizer,
+            documents,
+            instructions,
+            cfg,
+            None,
+            plan,
+            rate,
+            steps,
+            seed,
+            progress,
+            after_step,
+        )
     ledger.check(**plan)
     with ledger.locked():  # re-reads the ledger: another process may have spent meanwhile
         ledger.check(**plan)
         return _train(
-            model, tokenizer, documents, instructions, cfg, ledger, plan, rate, steps, seed, progress
+            model,
+            tokenizer,
+            documents,
+            instructions,
+            cfg,
+            ledger,
+            plan,
+            rate,
+            steps,
+            seed,
+            progress,
+            after_step,
         )
 
 
@@ -162,6 +202,7 @@ def _train(
     steps: int,
     seed: int,
     progress: Callable[[StepInfo], None] | None,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """The training loop: data, DP wrapping, steps, cleanup, ledger commit, in that order."""
     started = time.perf_counter()
@@ -209,6 +250,8 @@ def _train(
                         loss = _train_step(model, optimizer, criterion, batch)
                         tokens += int(batch["attention_mask"].sum())
                     step += 1
+                    if after_step is not None:
+                        after_step()
                     if progress is not None:
                         spent = (
                             epsilon_of(engine.accountant.history, delta=delta, mechanism=mechanism)

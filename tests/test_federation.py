@@ -1,0 +1,244 @@
+"""Federation through real Flower: the simulation engine (Ray) and the Deployment Engine.
+
+Each test runs a real federation on the tiny model, so they are few and share one main run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from opacus.accountants import RDPAccountant
+
+from pfi_rag.config import Config, load_config
+from pfi_rag.data.synth import synthesize
+from pfi_rag.federation.checkpoint import load_checkpoint, read_round_records
+from pfi_rag.federation.launcher import run_simulation
+from pfi_rag.federation.server import FederationFailed
+from pfi_rag.federation.task import fresh_adapter, read_adapter_arrays
+from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir
+from pfi_rag.privacy import PrivacyLedger
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_federation_config(root: Path, model_cache: Path, **overrides) -> Config:
+    return load_config(
+        overrides={
+            "data_root": str(root),
+            "models.generator": "tiny-random",
+            "models.device": "cpu",
+            "models.cache_dir": str(model_cache),
+            "privacy.local_steps": 2,
+            "privacy.batch_size": 4,
+            "privacy.max_seq_len": 48,
+            "privacy.epsilon_per_round": 4.0,
+            "privacy.epsilon_max": 100.0,
+            **overrides,
+        }
+    )
+
+
+class CaptureOutgoing:
+    """A Flower client mod that pickles every reply a client sends (runs inside Ray workers)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def __call__(self, msg, context, call_next):
+        reply = call_next(msg, context)
+        if reply.has_content():
+            captured = {
+                key: (
+                    {name: reply.content[key][name].numpy() for name in reply.content[key].keys()}
+                    if key == "update"
+                    else dict(reply.content[key])
+                )
+                for key in reply.content.keys()
+            }
+            name = f"{msg.metadata.message_type}-{msg.metadata.message_id}.pkl"
+            (self.directory / name).write_bytes(pickle.dumps(captured))
+        return reply
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory, model_cache):
+    """4 clients (client-03's data is corrupt, so it fails whenever sampled), 3 per round, 2 rounds,
+    FedSA (only LoRA A is shared), each outgoing delta clipped to 1 and noised with sigma 0.5."""
+    root = tmp_path_factory.mktemp("federation")
+    captured = tmp_path_factory.mktemp("captured")
+    synthesize(root, clients=4, seed=0)
+    (root / "clients" / "client-03" / "data" / "documents.jsonl").write_text("{not json\n")
+    cfg = tiny_federation_config(
+        root,
+        model_cache,
+        **{
+            "federation.clients": 4,
+            "federation.clients_per_round": 3,
+            "federation.rounds": 2,
+            "federation.strategy": "fedsa",
+            "federation.client_clip_norm": 1.0,
+            "federation.client_noise_multiplier": 0.5,
+        },
+    )
+    records = run_simulation(cfg, client_mods=[CaptureOutgoing(captured)])
+    return cfg, records, captured
+
+
+def test_rounds_tolerate_a_failing_client_and_count_it(main_run):
+    cfg, records, _ = main_run
+    assert [r["round"] for r in records] == [1, 2]
+    assert records == read_round_records(cfg.data_root)
+    for record in records:
+        assert len(record["participants"]) == 3
+        assert "client-03" not in record["results"]
+        failed = [f["client"] for f in record["failures"]]
+        assert failed == (["client-03"] if "client-03" in record["participants"] else [])
+        assert len(record["results"]) + len(failed) == 3
+
+
+def test_shared_part_changed_and_personal_part_stays_on_the_client(main_run):
+    cfg, records, _ = main_run
+    _, _, initial = fresh_adapter(cfg)
+    checkpoint = load_checkpoint(cfg.data_root)
+    assert checkpoint.round == 2
+    assert all(".lora_A." in name for name in checkpoint.arrays)  # FedSA shares A only
+    moved = [not np.allclose(checkpoint.arrays[n], initial[n]) for n in checkpoint.arrays]
+    assert all(moved)
+    trained = sorted({c for r in records for c in r["results"]})
+    personal_b = {}
+    for client in trained:
+        arrays = read_adapter_arrays(client_adapter_dir(cfg.data_root, client))
+        personal_b[client] = {n: a for n, a in arrays.items() if ".lora_B." in n}
+        assert all(np.abs(b).sum() > 0 for b in personal_b[client].values())  # B left its zero init
+    first, second = trained[0], trained[1]
+    assert any(not np.allclose(personal_b[first][n], personal_b[second][n]) for n in personal_b[first])
+    # The global adapter served to clients without one carries the shared A and an untrained B.
+    global_arrays = read_adapter_arrays(global_adapter_dir(cfg.data_root))
+    assert all(np.all(a == 0) for n, a in global_arrays.items() if ".lora_B." in n)
+    assert not (Path(cfg.data_root) / "clients" / "client-03" / "adapter").exists()
+
+
+def test_epsilon_per_client_composes_the_rounds_it_joined(main_run):
+    cfg, records, _ = main_run
+    for client in ("client-00", "client-01", "client-02"):
+        joined = sum(client in r["results"] for r in records)
+        ledger = PrivacyLedger.open(cfg.data_root, client, cfg.privacy)
+        assert len(ledger.spends) == joined
+        independent = RDPAccountant()
+        independent.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in ledger.spends]
+        expected = independent.get_epsilon(delta=ledger.delta) if joined else 0.0
+        assert ledger.epsilon_spent == pytest.approx(expected, rel=1e-9)
+        reported = [r["updates"][client]["epsilon"] for r in records if client in r["results"]]
+        if reported:
+            assert reported[-1] == pytest.approx(ledger.epsilon_spent, rel=1e-9)
+
+
+def test_clients_send_only_noised_shared_arrays_and_metrics(main_run):
+    cfg, records, captured = main_run
+    replies = [pickle.loads(p.read_bytes()) for p in sorted(captured.glob("train-*.pkl"))]
+    assert len(replies) == sum(len(r["results"]) for r in records)
+    documents = [
+        doc["text"]
+        for client in ("client-00", "client-01", "client-02")
+        for doc in map(json.loads, (cfg.data_root / "clients" / client / "data" / "documents.jsonl").open())
+    ]
+    for path, reply in zip(sorted(captured.glob("train-*.pkl")), replies, strict=True):
+        assert set(reply) == {"update", "metrics", "privacy"}
+        assert reply["update"] and all(".lora_A." in name for name in reply["update"])
+        assert set(reply["metrics"]) == {"num-examples", "loss-before", "loss-after", "train-seconds"}
+        assert reply["privacy"]["noise_multiplier"] > 0 and reply["privacy"]["update_noise_multiplier"] == 0.5
+        raw = path.read_bytes()
+        for text in documents:
+            assert text[:40].encode() not in raw
+        # The delta was clipped to norm 1 then noised with std 0.5: entries look like N(0, 0.5^2).
+        values = np.concatenate([a.ravel() for a in reply["update"].values()])
+        assert values.size > 1000
+        assert 0.45 < values.std() < 0.55
+
+
+def test_every_client_failing_ends_the_run_loudly(tmp_path, model_cache):
+    synthesize(tmp_path, clients=2, seed=0)
+    for client in ("client-00", "client-01"):
+        (tmp_path / "clients" / client / "data" / "documents.jsonl").write_text("{broken\n")
+    cfg = tiny_federation_config(tmp_path, model_cache, **{"federation.clients": 2, "federation.rounds": 2})
+    with pytest.raises(FederationFailed, match=r"round 1: 0 results, 2 failures.*client-00.*client-01"):
+        run_simulation(cfg)
+    assert load_checkpoint(tmp_path) is None
+    assert read_round_records(tmp_path)[0]["status"] == "failed"
+
+
+def _federate_command(root: Path, model_cache: Path, rounds: int) -> list[str]:
+    sets = [
+        "models.generator=tiny-random",
+        f"models.cache_dir={model_cache}",
+        "privacy.local_steps=2",
+        "privacy.batch_size=4",
+        "privacy.max_seq_len=48",
+        "privacy.epsilon_per_round=4",
+        "privacy.epsilon_max=100",
+    ]
+    flags = [arg for item in sets for arg in ("--set", item)]
+    return [
+        sys.executable,
+        "-m",
+        "pfi_rag",
+        "--data-root",
+        str(root),
+        *flags,
+        "federate",
+        "--clients",
+        "2",
+        "--rounds",
+        str(rounds),
+    ]
+
+
+def test_a_killed_server_resumes_at_the_next_round(tmp_path, model_cache):
+    synthesize(tmp_path, clients=2, seed=0)
+    command = _federate_command(tmp_path, model_cache, rounds=2)
+    first = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    round_one = tmp_path / "federation" / "rounds" / "round-0001.json"
+    while not round_one.exists() and first.poll() is None:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the whole launcher: server, Ray and its workers
+    first.wait()
+    assert load_checkpoint(tmp_path).round in (1, 2)
+    resumed_from = load_checkpoint(tmp_path).round
+
+    second = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert second.returncode == 0, second.stderr[-2000:]
+    if resumed_from == 1:
+        assert "round 2:" in second.stdout and "round 1:" not in second.stdout
+    assert [r["round"] for r in read_round_records(tmp_path)] == [1, 2]
+    ledger = PrivacyLedger.open(tmp_path, "client-00", load_config().privacy)
+    # One spend per finished round; a round cut short by the kill may have spent too (its noise
+    # was drawn from the client's data), and that spend stays counted.
+    assert len(ledger.spends) in (2, 3)
+
+
+def test_deployment_runs_superlink_and_supernodes_as_processes(tmp_path, model_cache):
+    from pfi_rag.federation.deploy import run_deployment
+
+    synthesize(tmp_path, clients=2, seed=0)
+    cfg = tiny_federation_config(tmp_path, model_cache, **{"federation.rounds": 1})
+    status = run_deployment(cfg, clients=2, timeout_s=600)
+    assert status["status"] == "finished:completed"
+    (record,) = read_round_records(tmp_path)
+    assert sorted(record["results"]) == ["client-00", "client-01"]
+    logs = Path(status["logs"])
+    assert (logs / "superlink.log").is_file()
+    assert {p.name for p in logs.glob("supernode-*.log")} == {
+        "supernode-client-00.log",
+        "supernode-client-01.log",
+    }

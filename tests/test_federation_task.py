@@ -1,0 +1,48 @@
+"""A client's round without Flower: what each strategy trains, saves and spends."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pfi_rag.data.synth import synthesize
+from pfi_rag.federation.strategies import shared_part
+from pfi_rag.federation.task import SatOut, fresh_adapter, read_adapter_arrays, train_round
+from pfi_rag.models.adapters import client_adapter_dir
+from pfi_rag.privacy import PrivacyLedger
+from tests.test_federation import tiny_federation_config
+
+
+def test_ditto_spends_twice_per_round_and_keeps_a_personal_adapter_near_the_global(tmp_path, model_cache):
+    synthesize(tmp_path, clients=1, seed=0)
+    cfg = tiny_federation_config(
+        tmp_path, model_cache, **{"federation.strategy": "ditto", "federation.ditto_lambda": 50.0,
+                                  "privacy.learning_rate": 0.01}
+    )
+    global_arrays = shared_part(fresh_adapter(cfg)[2], "ditto")
+    outcome = train_round(cfg, "client-00", global_arrays, server_round=1)
+    assert not isinstance(outcome, SatOut)
+    ledger = PrivacyLedger.open(tmp_path, "client-00", cfg.privacy)
+    assert len(ledger.spends) == 2  # the global copy and the personal adapter
+    assert outcome.privacy["epsilon"] == ledger.epsilon_spent
+    assert set(outcome.update) == set(global_arrays)  # ditto shares the whole global copy
+
+    personal = read_adapter_arrays(client_adapter_dir(tmp_path, "client-00"))
+    sent_global = {n: global_arrays[n] + outcome.update[n] for n in global_arrays}
+    # lr * lambda = 0.5 per step: the personal adapter is pulled hard towards the global anchor,
+    # so it ends closer to the anchor than the global copy that trained freely.
+    distance_personal = sum(np.linalg.norm(personal[n] - global_arrays[n]) for n in global_arrays)
+    distance_global_copy = sum(np.linalg.norm(sent_global[n] - global_arrays[n]) for n in global_arrays)
+    assert 0 < distance_personal < distance_global_copy
+
+
+def test_a_client_past_its_budget_sits_out(tmp_path, model_cache):
+    synthesize(tmp_path, clients=1, seed=0)
+    cfg = tiny_federation_config(
+        tmp_path, model_cache, **{"privacy.epsilon_max": 5.0, "privacy.epsilon_per_round": 4.0}
+    )
+    global_arrays = shared_part(fresh_adapter(cfg)[2], "fedavg")
+    assert not isinstance(train_round(cfg, "client-00", global_arrays, server_round=1), SatOut)
+    second = train_round(cfg, "client-00", global_arrays, server_round=2)
+    assert isinstance(second, SatOut)
+    assert "budget" in second.reason.lower() or "epsilon" in second.reason.lower()
+    assert len(PrivacyLedger.open(tmp_path, "client-00", cfg.privacy).spends) == 1
