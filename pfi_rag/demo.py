@@ -1,0 +1,436 @@
+"""`pfi-rag demo`: the whole product on the built-in defaults, one function per step.
+
+1. synthesise 4 clients' personal data; 2. index each client's documents in its own store;
+3. federate a few rounds of DP training through the Flower simulation launcher; 4. serve over
+HTTP on loopback and ask two clients the same question; 5. run the probe suite and write its
+report; 6. stop everything and list the artefacts.
+
+Each step prints what it is doing and why for the person watching; :func:`run_demo` runs them
+in order on a config whose data root is the demo's own directory (replaced whole on each run:
+see :func:`prepare_root`). The settings that keep it to minutes on a 2-core CPU are
+:data:`FULL` and :data:`QUICK`; ``--set`` overrides any of them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pfi_rag.config import Config
+
+DEMO_MARKER = ".pfi-rag-demo"
+DEMO_DIR = "demo"  # under the configured data root
+CLIENTS = 4
+ASKED = ("client-00", "client-01")  # the two clients who ask the same question over HTTP
+
+
+class DemoError(Exception):
+    """The demo cannot start as asked (its root is someone else's, or another demo is running)."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo changes from the defaults so it finishes in minutes on a 2-core CPU."""
+
+    rounds: int
+    local_steps: int  # DP-SGD steps per client per round
+    max_seq_len: int  # training tokens per record
+    max_new_tokens: int  # per HTTP answer
+    answer_tokens: int  # per groundedness answer in the probe suite
+    exposure_samples: int  # candidates per canary in the exposure probe
+    probe_suite: str
+
+    def overrides(self) -> dict[str, Any]:
+        """Dotted config keys, as `--set` gives them (an explicit `--set` wins over these)."""
+        return {
+            "federation.clients": CLIENTS,
+            "federation.rounds": self.rounds,
+            "privacy.local_steps": self.local_steps,
+            "privacy.batch_size": 4,
+            "privacy.max_seq_len": self.max_seq_len,
+            "privacy.epsilon_per_round": 2.0,
+            "serving.max_new_tokens": self.max_new_tokens,
+            "probes.answer_tokens": self.answer_tokens,
+            "probes.exposure_samples": self.exposure_samples,
+            # One torch thread per process: the Flower clients train two at a time on 2 cores, and
+            # on a shared machine 2 threads decoded several times slower than 1 (README).
+            "models.threads": 1,
+        }
+
+
+FULL = DemoSettings(
+    rounds=2,
+    local_steps=4,
+    max_seq_len=96,
+    max_new_tokens=48,
+    answer_tokens=16,
+    exposure_samples=64,
+    probe_suite="all",
+)
+QUICK = DemoSettings(
+    rounds=1,
+    local_steps=2,
+    max_seq_len=48,
+    max_new_tokens=16,
+    answer_tokens=4,
+    exposure_samples=16,
+    probe_suite="all",
+)
+
+
+@dataclass
+class Answer:
+    """One client's answer over HTTP: the response body and the ground truth it should state."""
+
+    client_id: str
+    question: str
+    expected: str
+    body: dict[str, Any]
+
+
+@dataclass
+class DemoResult:
+    root: Path
+    summary: dict[str, Any]  # the federation summary (launcher.summarize)
+    answers: list[Answer]
+    refused_status: int  # a client asking with another client's id
+    report: Any  # pfi_rag.probes.Report
+    artefacts: dict[str, Path]
+
+
+# -- the data root ------------------------------------------------------------------------------
+
+
+@contextmanager
+def demo_lock(parent: Path) -> Iterator[None]:
+    """One demo per data root at a time: a second one would replace the first's files mid-run."""
+    parent.mkdir(parents=True, exist_ok=True)
+    with open(parent / ".pfi-rag-demo.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DemoError(f"another `pfi-rag demo` is running in {parent}; wait for it") from None
+        yield
+
+
+def prepare_root(root: Path) -> Path:
+    """Replace a previous demo's root whole, so two runs never mix; refuse a directory it did not make."""
+    if root.exists():
+        if not (root / DEMO_MARKER).exists():
+            raise DemoError(
+                f"{root} exists and was not made by `pfi-rag demo`; pass --data-root to another directory"
+            )
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (root / DEMO_MARKER).write_text("made by pfi-rag demo; replaced on the next run\n")
+    return root
+
+
+# -- the steps ----------------------------------------------------------------------------------
+
+
+def step(out: Console, number: int, title: str, why: str) -> float:
+    out.rule(f"[bold]step {number}/6: {title}")
+    out.print(why, style="dim", highlight=False)
+    return time.perf_counter()
+
+
+def done(out: Console, started: float) -> None:
+    out.print(f"[green]done[/] in {time.perf_counter() - started:.1f} s")
+
+
+def synthesize_clients(cfg: Config, out: Console) -> dict[str, Any]:
+    """Step 1: four clients' personal data with planted ground truth."""
+    from pfi_rag.data.records import load_client_data
+    from pfi_rag.data.synth import synthesize
+
+    started = step(
+        out,
+        1,
+        "synthesise personal data for 4 clients",
+        "Each client gets notes, messages and emails stating its persona's facts (some with planted "
+        "secrets, 'canaries'), held-out questions, instruction pairs for training, and a dated update "
+        "that supersedes one fact. Sizes are skewed on purpose: one client is tiny.",
+    )
+    manifest = synthesize(cfg.data_root, clients=CLIENTS, seed=cfg.seed)
+    table = Table("client", "documents", "questions", "instructions", box=None)
+    for client in sorted(manifest["clients"]):
+        data = load_client_data(cfg.data_root, client)
+        table.add_row(client, str(len(data.documents)), str(len(data.qa)), str(len(data.instructions)))
+    out.print(table)
+    done(out, started)
+    return manifest
+
+
+def ingest_documents(cfg: Config, embedder, out: Console) -> dict[str, dict[str, Any]]:
+    """Step 2: each client's documents, then its dated update, into its own FAISS index."""
+    from pfi_rag.data.records import load_client_data
+    from pfi_rag.retriever import ClientStore
+    from pfi_rag.storage import list_clients
+
+    started = step(
+        out,
+        2,
+        "index each client's documents in its own store",
+        "Documents are chunked, embedded with all-MiniLM-L6-v2 and kept in a FAISS index + SQLite "
+        "docstore under clients/<id>/index/: they never leave the client. The dated update then "
+        "supersedes an older fact (the old version stays in the docstore for the staleness probe).",
+    )
+    stats = {}
+    for client in list_clients(cfg.data_root):
+        data = load_client_data(cfg.data_root, client)
+        # The store holds a per-client lock; `with` releases it before the server opens the store.
+        with ClientStore.open(cfg.data_root, client, cfg.retrieval, embedder) as store:
+            added = store.add_documents(data.documents, source="documents.jsonl")
+            updated = store.add_documents(data.updates, source="updates.jsonl")
+            stats[client] = store.stats()
+        out.print(
+            f"{client}: {added.added} documents in {added.chunks} chunks, "
+            f"{updated.superseded} superseded by an update"
+        )
+    done(out, started)
+    return stats
+
+
+def federate(cfg: Config, out: Console) -> dict[str, Any]:
+    """Step 3: DP-SGD rounds on Flower's simulation engine; the summary holds each client's epsilon."""
+    from pfi_rag.federation.launcher import run_simulation, summarize
+
+    started = step(
+        out,
+        3,
+        f"federate {cfg.federation.rounds} round(s) of DP training with Flower",
+        f"Each round, every client trains its LoRA adapter on its own records with DP-SGD (Opacus: "
+        f"{cfg.privacy.local_steps} steps, each record's gradient clipped to "
+        f"{cfg.privacy.max_grad_norm:g}, Gaussian noise solved to spend epsilon "
+        f"{cfg.privacy.epsilon_per_round:g} per round) and sends only the noisy update of the shared "
+        f"part; the server averages them ({cfg.federation.strategy}). Each client's privacy ledger "
+        f"composes its spends across rounds (budget {cfg.privacy.epsilon_max:g}). Ray starts first "
+        "(~10 s); two clients train at a time on 2 cores.",
+    )
+
+    def on_round(record: dict) -> None:
+        out.print(
+            f"round {record['round']}: {len(record['results'])} results, {len(record['failures'])} "
+            f"failures, aggregate update norm {record['aggregate_norm']:.3g}, {record['seconds']:.0f} s"
+        )
+
+    with out.status(f"federating {CLIENTS} clients, {cfg.federation.rounds} round(s)"):
+        records = run_simulation(cfg, on_round=on_round)
+    summary = summarize(cfg, records)
+    table = Table("client", "rounds", "epsilon spent", "delta", "loss before", "loss after", box=None)
+    for client, row in sorted(summary["clients"].items()):
+        table.add_row(
+            client,
+            str(row["rounds"]),
+            f"{row['epsilon']:.2f}",
+            f"{_delta(cfg, client):.1e}",
+            _fmt(row["loss_before"]),
+            _fmt(row["loss_after"]),
+        )
+    out.print(table)
+    done(out, started)
+    return summary
+
+
+def ask_over_http(cfg: Config, embedder, out: Console) -> tuple[list[Answer], int]:
+    """Step 4: serve on a free loopback port, issue two keys, ask the same question as two clients."""
+    import httpx
+
+    from pfi_rag.api import create_app
+    from pfi_rag.api.auth import KeyStore, keys_path
+    from pfi_rag.api.server import ServerThread
+
+    started = step(
+        out,
+        4,
+        "serve personalized answers over HTTP",
+        "The FastAPI service loads the base model once; each request runs with the asking client's "
+        "adapter and the passages retrieved from that client's own index, and comes back with "
+        "citations and serve-time probes (grounding, retrieval confidence, cross-client copies, PII). "
+        "API keys are per client; only their hashes are stored.",
+    )
+    keys = KeyStore(keys_path(cfg.data_root, cfg.serving.keys_file))
+    issued = {client: keys.create(client)[0] for client in ASKED}
+    for client, key in issued.items():
+        out.print(f"`pfi-rag clients create {client}` -> key {key[:14]}... (only its hash is stored)")
+    question, expected = _shared_question(cfg)
+    answers = []
+    with out.status("loading the model into the server"):
+        server = ServerThread(create_app(cfg, embedder=embedder), host="127.0.0.1", port=0).start()
+    try:
+        out.print(f"serving on {server.url} (OpenAPI at {server.url}/docs)")
+        # Generation is minutes on a loaded CPU at worst: no read timeout, a short connect one.
+        with httpx.Client(base_url=server.url, timeout=httpx.Timeout(None, connect=10.0)) as http:
+            for client, key in issued.items():
+                with out.status(f"{client} asks: {question}"):
+                    response = http.post(
+                        "/v1/generate",
+                        json={"client_id": client, "prompt": question},
+                        headers={"Authorization": f"Bearer {key}"},
+                    )
+                response.raise_for_status()
+                answers.append(Answer(client, question, expected[client], response.json()))
+                print_answer(out, answers[-1])
+            other = http.post(
+                "/v1/generate",
+                json={"client_id": ASKED[1], "prompt": question},
+                headers={"Authorization": f"Bearer {issued[ASKED[0]]}"},
+            )
+        out.print(
+            f"{ASKED[0]}'s key asking as {ASKED[1]}: HTTP {other.status_code} "
+            "(another client's data looks the same as missing data)"
+        )
+    finally:
+        server.stop()
+    out.print("server stopped")
+    done(out, started)
+    return answers, other.status_code
+
+
+def print_answer(out: Console, answer: Answer) -> None:
+    body = answer.body
+    adapter = body["adapter"]
+    probes = body["probes"]
+    out.print(f"\n[bold]{answer.client_id}[/] asks: {answer.question}  (its notes say: {answer.expected})")
+    out.print(f"[bold]answer:[/] {body['text'].strip()}", highlight=False)
+    out.print(f"adapter: {adapter['kind']} v{adapter['version']} (round {adapter['round']})")
+    for c in body["citations"]:
+        mark = " cited" if c["cited"] else ""
+        out.print(f"  [{c['number']}] {c['doc_id']} (score {c['score']:.2f}){mark}", highlight=False)
+    flags = ", ".join(probes["flags"]) or "none"
+    out.print(
+        f"probes: flagged={probes['flagged']} ({flags}), grounding {_fmt(probes['grounding'])}, "
+        f"retrieval confidence {_fmt(probes['retrieval_confidence'])}, "
+        f"cross-client spans {probes['cross_client_spans']}"
+    )
+
+
+def run_probes(cfg: Config, suite: str, out: Console):
+    """Step 5: the silent-failure probe suite over every client and the federation, and its report."""
+    from pfi_rag.probes import ProbeContext, run_suite
+    from pfi_rag.probes.report import write_report
+
+    started = step(
+        out,
+        5,
+        f"audit for silent failures (probe suite '{suite}')",
+        "Probes compare each client's adapter with the base model and the round history: bias, "
+        "calibration, fairness across clients, general capability and refusals, canary exposure, "
+        "membership inference, cross-client leakage, the privacy ledger, retrieval hits, staleness, "
+        "groundedness, outlier updates and silent clients. Federated metrics alone do not show these.",
+    )
+    context = ProbeContext(cfg)
+    try:
+        with out.status("running probes") as status:
+            report = run_suite(context, suite=suite, on_step=lambda label: status.update(f"probe {label}"))
+    finally:
+        context.close()
+    _, html_path = write_report(report, cfg.data_root / "report")
+    table = Table("probe", "mode", "worst / value", "fails when", "verdict", box=None)
+    for s in report.summaries:
+        value = "-" if s.value is None else f"{s.value:.3g}"
+        verdict = str(s.verdict)
+        if verdict == "skip":
+            verdict += f" ({next(iter(s.skipped.values()), '')})"
+        table.add_row(s.probe, s.mode, value, f"{'>' if s.fails_above else '<'} {s.threshold:g}", verdict)
+    out.print(table)
+    failed = [s.probe for s in report.summaries if str(s.verdict) in ("fail", "error")]
+    verdict = f"flagged: {', '.join(failed)}" if failed else "every probe passed"
+    out.print(f"report: {html_path}  ({verdict}; `pfi-rag probe` exits 1 on a failure: a deployment gate)")
+    done(out, started)
+    return report
+
+
+def list_artefacts(cfg: Config, out: Console) -> dict[str, Path]:
+    """Step 6: nothing is left running; where everything the demo made lives."""
+    import ray
+
+    started = step(
+        out,
+        6,
+        "shut down and list the artefacts",
+        "The HTTP server stopped after its answers and Ray after the last round; the probes closed "
+        "the client stores. Everything the demo made is under its data root, replaced on the next run.",
+    )
+    if ray.is_initialized():
+        ray.shutdown()
+    root = Path(cfg.data_root)
+    artefacts = {
+        "data root": root,
+        "client data": root / "clients" / "<id>" / "data",
+        "client indexes": root / "clients" / "<id>" / "index",
+        "client adapters": root / "clients" / "<id>" / "adapter",
+        "privacy ledgers": root / "clients" / "<id>" / "privacy.json",
+        "global adapter": root / "federation" / "global_adapter",
+        "round history": root / "federation" / "rounds",
+        "federation summary": root / "federation" / "summary.json",
+        "API key hashes": root / "keys.json",
+        "probe report": root / "report" / "report.html",
+        "probe report (JSON)": root / "report" / "report.json",
+        "ground truth": root / "manifest.json",
+    }
+    table = Table("artefact", "path", box=None)
+    for name, path in artefacts.items():
+        table.add_row(name, str(path))
+    out.print(table)
+    done(out, started)
+    return artefacts
+
+
+def run_demo(cfg: Config, settings: DemoSettings, out: Console) -> DemoResult:
+    """Every step, in order, in a freshly replaced ``<data_root>/demo``."""
+    from pfi_rag.models.loading import load_embedder
+
+    root = Path(cfg.data_root) / DEMO_DIR
+    with demo_lock(Path(cfg.data_root)):
+        prepare_root(root)
+        cfg = cfg.model_copy(deep=True)
+        cfg.data_root = root
+        out.print(
+            f"pfi-rag demo in {root} (generator {cfg.models.generator}, embedder {cfg.models.embedder}, "
+            f"{os.cpu_count()} CPUs)"
+        )
+        synthesize_clients(cfg, out)
+        embedder = load_embedder(cfg.models)
+        ingest_documents(cfg, embedder, out)
+        summary = federate(cfg, out)
+        answers, refused = ask_over_http(cfg, embedder, out)
+        report = run_probes(cfg, settings.probe_suite, out)
+        artefacts = list_artefacts(cfg, out)
+    return DemoResult(root, summary, answers, refused, report, artefacts)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _shared_question(cfg: Config) -> tuple[str, dict[str, str]]:
+    """A held-out question both asking clients hold, and each one's true answer."""
+    from pfi_rag.data.records import load_client_data
+
+    qa = {
+        client: {p.question: p.answer for p in load_client_data(cfg.data_root, client).qa} for client in ASKED
+    }
+    first, second = (qa[client] for client in ASKED)
+    question = next(q for q in first if q in second)
+    return question, {client: qa[client][question] for client in ASKED}
+
+
+def _delta(cfg: Config, client: str) -> float:
+    from pfi_rag.privacy import PrivacyLedger
+
+    return PrivacyLedger.open(cfg.data_root, client, cfg.privacy).delta or 0.0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
