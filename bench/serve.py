@@ -277,6 +277,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="Interleaved pairs for the overhead ratio.")
     parser.add_argument("--load-seconds", type=float, default=120.0)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="Torch threads, server and in-process alike (on the shared 2-core box, 2 threads contending "
+        "with other jobs decoded 3-4x slower than 1).",
+    )
+    parser.add_argument(
         "--cache-dir", type=Path, default=REPO / ".model-cache", help="Converted model cache."
     )
     parser.add_argument("--json", type=Path, help="Also write the results here.")
