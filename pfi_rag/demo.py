@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,26 @@ from rich.console import Console
 from rich.table import Table
 
 from pfi_rag.config import Config
+from pfi_rag.storage import atomic_write_json
 
 DEMO_MARKER = ".pfi-rag-demo"
 DEMO_DIR = "demo"  # under the configured data root
+ANSWERS_FILE = "answers.json"  # the HTTP answers of step 4, as the service returned them
 CLIENTS = 4
 ASKED = ("client-00", "client-01")  # the two clients who ask the same question over HTTP
+PASSAGES = 2  # retrieved per HTTP answer: a 135M model answers better from fewer, better passages
+# The probes the demo runs: every layer of the product, the cheap ones on a CPU (the whole suite
+# took over 8 minutes on the default model here); `pfi-rag probe --suite all` runs the rest.
+DEMO_PROBES = (
+    "fairness",
+    "exposure",
+    "budget",
+    "dp_collapse",
+    "retrieval_hit",
+    "stale",
+    "update_outliers",
+    "silent_failures",
+)
 
 
 class DemoError(Exception):
@@ -48,7 +63,7 @@ class DemoSettings:
     max_new_tokens: int  # per HTTP answer
     answer_tokens: int  # per groundedness answer in the probe suite
     exposure_samples: int  # candidates per canary in the exposure probe
-    probe_suite: str
+    probes: tuple[str, ...] | None  # None: the whole suite
 
     def overrides(self) -> dict[str, Any]:
         """Dotted config keys, as `--set` gives them (an explicit `--set` wins over these)."""
@@ -70,21 +85,21 @@ class DemoSettings:
 
 FULL = DemoSettings(
     rounds=2,
-    local_steps=4,
-    max_seq_len=96,
+    local_steps=3,
+    max_seq_len=64,
     max_new_tokens=48,
     answer_tokens=16,
     exposure_samples=64,
-    probe_suite="all",
+    probes=DEMO_PROBES,
 )
 QUICK = DemoSettings(
     rounds=1,
     local_steps=2,
     max_seq_len=48,
-    max_new_tokens=16,
+    max_new_tokens=24,
     answer_tokens=4,
     exposure_samples=16,
-    probe_suite="all",
+    probes=DEMO_PROBES,
 )
 
 
@@ -225,6 +240,7 @@ def federate(cfg: Config, out: Console) -> dict[str, Any]:
             f"failures, aggregate update norm {record['aggregate_norm']:.3g}, {record['seconds']:.0f} s"
         )
 
+    out.print(f"starting Ray and {CLIENTS} virtual clients; a line per round as it ends ...")
     with out.status(f"federating {CLIENTS} clients, {cfg.federation.rounds} round(s)"):
         records = run_simulation(cfg, on_round=on_round)
     summary = summarize(cfg, records)
@@ -276,7 +292,7 @@ def ask_over_http(cfg: Config, embedder, out: Console) -> tuple[list[Answer], in
                 with out.status(f"{client} asks: {question}"):
                     response = http.post(
                         "/v1/generate",
-                        json={"client_id": client, "prompt": question},
+                        json={"client_id": client, "prompt": question, "passages": PASSAGES},
                         headers={"Authorization": f"Bearer {key}"},
                     )
                 response.raise_for_status()
@@ -294,6 +310,7 @@ def ask_over_http(cfg: Config, embedder, out: Console) -> tuple[list[Answer], in
     finally:
         server.stop()
     out.print("server stopped")
+    atomic_write_json(cfg.data_root / ANSWERS_FILE, [asdict(answer) for answer in answers])
     done(out, started)
     return answers, other.status_code
 
@@ -316,24 +333,35 @@ def print_answer(out: Console, answer: Answer) -> None:
     )
 
 
-def run_probes(cfg: Config, suite: str, out: Console):
-    """Step 5: the silent-failure probe suite over every client and the federation, and its report."""
+def run_probes(cfg: Config, probes: tuple[str, ...] | None, out: Console):
+    """Step 5: silent-failure probes over every client and the federation, and their report."""
     from pfi_rag.probes import ProbeContext, run_suite
     from pfi_rag.probes.report import write_report
 
+    chosen = "every probe" if probes is None else f"{len(probes)} probes"
     started = step(
         out,
         5,
-        f"audit for silent failures (probe suite '{suite}')",
-        "Probes compare each client's adapter with the base model and the round history: bias, "
-        "calibration, fairness across clients, general capability and refusals, canary exposure, "
-        "membership inference, cross-client leakage, the privacy ledger, retrieval hits, staleness, "
-        "groundedness, outlier updates and silent clients. Federated metrics alone do not show these.",
+        f"audit for silent failures ({chosen})",
+        "Federated metrics (average loss, round results) do not show how personalization fails. The "
+        "probes read each client's adapter, index and ledger and the round history: fairness across "
+        "clients, canary exposure (memorised secrets), privacy theatre in the ledgers, DP noise that "
+        "wipes out personalization, retrieval misses and stale facts, broken updates and silent "
+        f"clients. The rest of the suite (bias, calibration, capability, refusals, membership, "
+        f"leakage, out-of-domain, erosion, groundedness) runs with `pfi-rag --data-root "
+        f"{cfg.data_root} probe --suite all`.",
     )
     context = ProbeContext(cfg)
+    current = {"probe": ""}
+
+    def progress(label: str) -> None:
+        name = label.split()[0]
+        if name != current["probe"]:  # one line per probe, not per client
+            current["probe"] = name
+            out.print(f"probe {name} ...", highlight=False)
+
     try:
-        with out.status("running probes") as status:
-            report = run_suite(context, suite=suite, on_step=lambda label: status.update(f"probe {label}"))
+        report = run_suite(context, suite="all", only=list(probes) if probes else None, on_step=progress)
     finally:
         context.close()
     _, html_path = write_report(report, cfg.data_root / "report")
@@ -376,6 +404,7 @@ def list_artefacts(cfg: Config, out: Console) -> dict[str, Path]:
         "round history": root / "federation" / "rounds",
         "federation summary": root / "federation" / "summary.json",
         "API key hashes": root / "keys.json",
+        "HTTP answers": root / ANSWERS_FILE,
         "probe report": root / "report" / "report.html",
         "probe report (JSON)": root / "report" / "report.json",
         "ground truth": root / "manifest.json",
@@ -406,7 +435,7 @@ def run_demo(cfg: Config, settings: DemoSettings, out: Console) -> DemoResult:
         ingest_documents(cfg, embedder, out)
         summary = federate(cfg, out)
         answers, refused = ask_over_http(cfg, embedder, out)
-        report = run_probes(cfg, settings.probe_suite, out)
+        report = run_probes(cfg, settings.probes, out)
         artefacts = list_artefacts(cfg, out)
     return DemoResult(root, summary, answers, refused, report, artefacts)
 

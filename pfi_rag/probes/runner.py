@@ -209,8 +209,11 @@ def run_suite(
     private: bool | None = None,
     rng: np.random.Generator | None = None,
     on_step: Callable[[str], None] | None = None,
+    only: list[str] | None = None,
 ) -> Report:
     """Run ``suite`` over ``clients`` (default: every client with data) and return the report.
+
+    ``only`` keeps just the named probes of the suite (a cheaper audit, e.g. the demo's).
 
     ``private`` defaults to ``probes.private_release``. ``rng`` draws the release noise; leave it
     None in production (fresh OS entropy: seeded noise could be subtracted by whoever knows
@@ -218,6 +221,11 @@ def run_suite(
     """
     started = time.perf_counter()
     probes = probes_for(suite)
+    if only is not None:
+        unknown = sorted(set(only) - {p.name for p in probes})
+        if unknown:
+            raise ValueError(f"no probe {', '.join(unknown)} in suite {suite!r}")
+        probes = [p for p in probes if p.name in only]
     private = ctx.config.probes.private_release if private is None else private
     available = ctx.client_ids()
     clients = list(available if clients is None else clients)
