@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from test_probe_support import fresh_lora, make_context, make_data, save
+from tests.test_probe_support import fresh_lora, make_context, make_data, save
 from typer.testing import CliRunner
 
 from pfi_rag.cli import app

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from test_probe_support import fresh_lora, make_context, make_data, save, train_lora
+from tests.test_probe_support import fresh_lora, make_context, make_data, save, train_lora
 
 from pfi_rag.data.records import load_client_data, load_shared_eval, write_jsonl
 from pfi_rag.models.adapters import client_adapter_dir

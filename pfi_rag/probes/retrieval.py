@@ -2,8 +2,9 @@
 
 - hit rate: for each held-out question, is the document that states its answer among the
   top-k hits (``retrieval.top_k``)?
-- stale rate: for each versioned fact (manifest), do the top-k hits state the superseded
-  value without the current one? That context makes a stale answer.
+- stale rate: for each versioned fact (manifest), does any top-k hit state the superseded
+  value without the current one? Such a passage makes a stale answer, whether the update was
+  never ingested or was ingested next to the old version instead of superseding it.
 - groundedness: the share of an answer's content words found in the retrieved context,
   averaged over the held-out questions; answers come from ``ctx.answerer`` or, by default,
   from the client's model generating greedily from the context.
@@ -60,9 +61,19 @@ class StaleProbe(ClientProbe):
             return self.skip(ctx, "client has no retriever or no versioned facts", client=client_id)
         stale = []
         for fact in versioned:
-            context = " ".join(h.text for h in retriever.search(fact["question"], ctx.config.retrieval.top_k))
-            if fact["old"] in context and fact["new"] not in context:
-                stale.append({"question": fact["question"], "served": fact["old"], "current": fact["new"]})
+            hits = retriever.search(fact["question"], ctx.config.retrieval.top_k)
+            # Per passage, not per context: an old version served next to the new one still
+            # states the superseded value as current (an update that never superseded it).
+            served = [h.doc_id for h in hits if fact["old"] in h.text and fact["new"] not in h.text]
+            if served:
+                stale.append(
+                    {
+                        "question": fact["question"],
+                        "served": fact["old"],
+                        "current": fact["new"],
+                        "doc_ids": served,
+                    }
+                )
         rate = len(stale) / len(versioned)
         return self.result(ctx, rate, client=client_id, evidence={"facts": len(versioned), "stale": stale})
 
