@@ -1,0 +1,85 @@
+"""`pfi-rag demo --quick` end to end on the tiny model: real FAISS, Flower, Opacus, HTTP server, probes.
+
+One full run (minutes on a loaded 2-core machine: Ray's start and the probe suite dominate), read
+back from what it leaves on disk; the data-root safety rules are checked on their own, cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pfi_rag.cli import app
+from pfi_rag.demo import ASKED, DEMO_MARKER, DemoError, demo_lock, prepare_root
+
+
+@pytest.mark.slow
+def test_quick_demo_answers_two_clients_from_their_own_adapters_and_documents(isolated_env, model_cache):
+    # Prepare: the quick settings (1 round, 2 DP steps) on the tiny model, 4 new tokens per answer.
+    data_root = isolated_env / "pfi-data"
+    args = ["--data-root", str(data_root), "--set", "models.generator=tiny-random"]
+    args += ["--set", f"models.cache_dir={model_cache}", "--set", "serving.max_new_tokens=4"]
+
+    # Execute
+    result = CliRunner().invoke(app, [*args, "demo", "--quick"])
+
+    # Assert: it finished, said where the report is, and left every artefact it lists.
+    assert result.exit_code == 0, result.output
+    root = data_root / "demo"
+    assert "report.html" in result.output and "epsilon spent" in result.output
+    assert (root / DEMO_MARKER).is_file()
+    for client in ("client-00", "client-01", "client-02", "client-03"):
+        assert (root / "clients" / client / "index" / "faiss.index").is_file()
+        assert (root / "clients" / client / "adapter" / "adapter_config.json").is_file()
+        ledger = json.loads((root / "clients" / client / "privacy.json").read_text())
+        assert len(ledger["spends"]) == 1  # one round, one DP spend
+    summary = json.loads((root / "federation" / "summary.json").read_text())
+    assert [r["results"] for r in summary["rounds"]] == [4]
+    assert all(0 < row["epsilon"] <= 2.0 + 1e-6 for row in summary["clients"].values())
+    assert (root / "federation" / "global_adapter" / "adapter_config.json").is_file()
+    assert json.loads((root / "keys.json").read_text())["keys"]  # hashes only, one per asking client
+    report = json.loads((root / "report" / "report.json").read_text())
+    assert report["clients"] == ["client-00", "client-01", "client-02", "client-03"]
+    assert (root / "report" / "report.html").stat().st_size > 0
+
+    # The same question, answered as two clients: each with its own adapter and its own documents.
+    answers = json.loads((root / "answers.json").read_text())
+    assert [a["client_id"] for a in answers] == list(ASKED)
+    assert answers[0]["question"] == answers[1]["question"]
+    for answer in answers:
+        body = answer["body"]
+        assert body["adapter"]["kind"] == "client" and body["adapter"]["round"] == 1
+        cited_docs = [c["doc_id"] for c in body["citations"]]
+        assert cited_docs and all(doc.startswith(answer["client_id"] + "-") for doc in cited_docs)
+        assert "flagged" in body["probes"]
+    assert answers[0]["expected"] != answers[1]["expected"]  # their documents state different facts
+
+
+def test_demo_root_is_replaced_whole_and_never_someone_elses(tmp_path: Path):
+    # Prepare: a previous demo's root with a file of its run, and a directory the demo did not make.
+    previous = prepare_root(tmp_path / "demo")
+    (previous / "left-from-last-run.txt").write_text("old")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+
+    # Execute
+    replaced = prepare_root(tmp_path / "demo")
+    with pytest.raises(DemoError, match="not made by `pfi-rag demo`"):
+        prepare_root(foreign)
+
+    # Assert
+    assert sorted(p.name for p in replaced.iterdir()) == [DEMO_MARKER]
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_a_second_demo_on_the_same_data_root_is_refused_while_one_runs(tmp_path: Path):
+    with demo_lock(tmp_path):
+        with pytest.raises(DemoError, match="another `pfi-rag demo` is running"):
+            with demo_lock(tmp_path):
+                pass
+    with demo_lock(tmp_path):  # released when the first run ends
+        pass
