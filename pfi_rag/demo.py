@@ -421,7 +421,7 @@ def run_demo(cfg: Config, settings: DemoSettings, out: Console) -> DemoResult:
     """Every step, in order, in a freshly replaced ``<data_root>/demo``."""
     from pfi_rag.models.loading import load_embedder
 
-    root = Path(cfg.data_root) / DEMO_DIR
+    root = (Path(cfg.data_root) / DEMO_DIR).absolute()  # printed paths work from any directory
     with demo_lock(Path(cfg.data_root)):
         prepare_root(root)
         cfg = cfg.model_copy(deep=True)
