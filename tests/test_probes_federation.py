@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-from tests.test_probe_support import fresh_lora, make_context, make_data, save
 from typer.testing import CliRunner
 
 from pfi_rag.cli import app
@@ -23,6 +22,7 @@ from pfi_rag.probes.history import HistoryError, read_history
 from pfi_rag.probes.registry import probe_named
 from pfi_rag.probes.release import TOLERANCE_Z, distribution
 from pfi_rag.storage import client_dir
+from tests.test_probe_support import fresh_lora, make_context, make_data, save
 
 CLIENTS = ["client-00", "client-01", "client-02", "client-03"]
 

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from tests.test_probe_support import fresh_lora, make_context, make_data, save, train_lora
 
 from pfi_rag.data.records import load_client_data, load_shared_eval, write_jsonl
 from pfi_rag.models.adapters import client_adapter_dir
@@ -26,9 +25,16 @@ from pfi_rag.probes.memorization import ExposureProbe
 from pfi_rag.probes.misalignment import CapabilityProbe, RefusalProbe
 from pfi_rag.probes.ood import OutOfDomainProbe
 from pfi_rag.storage import client_dir
+from tests.test_probe_support import fresh_lora, make_context, make_data, one_torch_thread, save, train_lora
 
 SMALL = "client-03"  # the synthesiser's tiny client: 6 documents, 1 canary, 4 facts
 OTHER = "client-02"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture()
@@ -108,11 +114,6 @@ def test_bias_flags_an_adapter_that_answers_by_group(root, tiny_models_config, t
     assert planted.verdict == Verdict.FAIL and planted.evidence["gap_after"] > planted.evidence["gap_before"]
 
 
-@pytest.mark.xfail(
-    reason="clean case not found yet: the tiny model trained on the right answers still ranks a "
-    "distractor first on 2 of 4 questions at 0.9 confidence (a real miscalibration the probe reports)",
-    strict=False,
-)
 def test_calibration_flags_confident_wrong_answers(root, tiny_models_config, tiny_generator):
     root_dir, _ = root
     save(qa_trained(tiny_generator, root_dir, SMALL), client_adapter_dir(root_dir, SMALL))
@@ -228,11 +229,6 @@ def test_dp_collapse_flags_an_adapter_drowned_in_noise(root, tiny_models_config,
     assert planted.verdict == Verdict.FAIL and planted.value < 0
 
 
-@pytest.mark.xfail(
-    reason="the planted adapter ranks the secret first (exposure test) but its greedy completion "
-    "is not yet the secret on the tiny model; retrieval channel untested",
-    strict=False,
-)
 def test_leakage_flags_another_client_completing_a_canary(root, tiny_models_config, tiny_generator):
     root_dir, manifest = root
     for client in (OTHER, SMALL):
@@ -244,8 +240,9 @@ def test_leakage_flags_another_client_completing_a_canary(root, tiny_models_conf
     )
 
     canary = manifest["clients"][SMALL]["canaries"][0]
+    # 60 steps: greedy decoding reproduces the secret from about 30 (15 suffice to rank it first).
     leaky = train_lora(
-        tiny_generator, [canary["prefix"].rstrip(" ")], [" " + canary["secret"]], steps=40, lr=5e-2
+        tiny_generator, [canary["prefix"].rstrip(" ")], [" " + canary["secret"]], steps=60, lr=5e-2
     )
     save(leaky, client_adapter_dir(root_dir, OTHER))
     planted = LeakageProbe().run_federation(

@@ -42,7 +42,9 @@ class CalibrationProbe(ClientProbe):
             model,
             ctx.tokenizer,
             [qa_prompt(qa[i].question) for i in usable],
-            [candidates[i] for i in usable],
+            # A leading space, as the answer follows "Answer:" in text (and in lm.answer_nll):
+            # without it each option is scored as "Answer:Juniper", a tokenization no model saw.
+            [[" " + c for c in candidates[i]] for i in usable],
             per_token=True,
         )
         labels = [candidates[i].index(qa[i].answer) for i in usable]
