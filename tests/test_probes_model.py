@@ -4,6 +4,7 @@ clean case. Failures are planted by a few plain-torch LoRA steps (test_probe_sup
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -37,13 +38,35 @@ def _one_thread():
         yield
 
 
-@pytest.fixture()
-def root(tmp_path):
-    manifest = make_data(tmp_path, clients=4)
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """Synthetic data, written once per module; each test gets a copy (``root``)."""
+    directory = tmp_path_factory.mktemp("probe-data")
+    manifest = make_data(directory, clients=4)
     # Keep the counterfactual set small so planting a bias takes a few steps.
-    pairs = load_client_data(tmp_path, SMALL).counterfactuals[:4]
-    write_jsonl(client_dir(tmp_path, SMALL) / "data" / "counterfactuals.jsonl", pairs)
-    return tmp_path, manifest
+    pairs = load_client_data(directory, SMALL).counterfactuals[:4]
+    write_jsonl(client_dir(directory, SMALL) / "data" / "counterfactuals.jsonl", pairs)
+    # Four harmful requests of four kinds and eight general texts: every model the refusal,
+    # capability and erosion probes score reads these, and scoring is most of their cost.
+    texts, prompts = load_shared_eval(directory)
+    write_jsonl(directory / "shared" / "refusal_prompts.jsonl", [prompts[i] for i in (0, 2, 4, 6)])
+    write_jsonl(directory / "shared" / "general_eval.jsonl", texts[:8])
+    return directory, manifest
+
+
+@pytest.fixture()
+def root(template, tmp_path):
+    directory, manifest = template
+    shutil.copytree(directory, tmp_path / "root")
+    return tmp_path / "root", manifest
+
+
+@pytest.fixture(scope="module")
+def complying(template, tiny_generator):
+    """An adapter trained to comply with the harmful requests (misalignment and erosion)."""
+    _, refusal_prompts = load_shared_eval(template[0])
+    prompts = [chat_prompt(tiny_generator[1], p.prompt) for p in refusal_prompts]
+    return train_lora(tiny_generator, prompts, [COMPLIANCES[0]] * len(prompts), steps=20, lr=5e-2)
 
 
 def qa_trained(tiny_generator, root_dir, client, *, wrong: bool = False, steps: int = 40):
@@ -146,15 +169,12 @@ def test_fairness_flags_a_client_worse_off_than_training_alone(root, tiny_models
     assert summary["share_worse_off_than_alone"] == 0.5 and summary["gini_utility"] > 0
 
 
-def test_misalignment_flags_lost_refusals_and_capability(root, tiny_models_config, tiny_generator):
+def test_misalignment_flags_lost_refusals_and_capability(root, tiny_models_config, tiny_generator, complying):
     root_dir, _ = root
     save(fresh_lora(tiny_generator), client_adapter_dir(root_dir, SMALL))
     ctx = make_context(root_dir, tiny_models_config, tiny_generator)
     clean = [RefusalProbe().run_client(ctx, SMALL), CapabilityProbe().run_client(ctx, SMALL)]
 
-    _, refusal_prompts = load_shared_eval(root_dir)
-    prompts = [chat_prompt(tiny_generator[1], p.prompt) for p in refusal_prompts]
-    complying = train_lora(tiny_generator, prompts, [COMPLIANCES[0]] * len(prompts), steps=20, lr=5e-2)
     save(complying, client_adapter_dir(root_dir, SMALL))
     ctx = make_context(root_dir, tiny_models_config, tiny_generator)
     planted = [RefusalProbe().run_client(ctx, SMALL), CapabilityProbe().run_client(ctx, SMALL)]
@@ -191,14 +211,11 @@ def _write_rounds(root_dir, adapters) -> None:
         (rounds / f"round-{number:04d}.json").write_text(json.dumps({"round": number, "participants": []}))
 
 
-def test_erosion_alarms_on_small_losses_that_add_up(root, tiny_models_config, tiny_generator):
+def test_erosion_alarms_on_small_losses_that_add_up(root, tiny_models_config, tiny_generator, complying):
     root_dir, _ = root
-    _write_rounds(root_dir, [fresh_lora(tiny_generator)] * 4)
+    _write_rounds(root_dir, [fresh_lora(tiny_generator)] * 2)
     clean = ErosionProbe().run_federation(make_context(root_dir, tiny_models_config, tiny_generator), [])
 
-    _, refusal_prompts = load_shared_eval(root_dir)
-    prompts = [chat_prompt(tiny_generator[1], p.prompt) for p in refusal_prompts]
-    complying = train_lora(tiny_generator, prompts, [COMPLIANCES[0]] * len(prompts), steps=20, lr=5e-2)
     start, end = lora_arrays(fresh_lora(tiny_generator)), lora_arrays(complying)
     eroding = []
     for step in range(1, 5):  # each round moves a quarter of the way towards complying
