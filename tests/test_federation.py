@@ -208,8 +208,8 @@ def test_a_killed_server_resumes_at_the_next_round(tmp_path, model_cache):
     first = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    round_one = tmp_path / "federation" / "rounds" / "round-0001.json"
-    while not round_one.exists() and first.poll() is None:
+    checkpoint = tmp_path / "federation" / "checkpoint" / "state.json"
+    while not checkpoint.exists() and first.poll() is None:
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)  # the whole launcher: server, Ray and its workers
     first.wait()

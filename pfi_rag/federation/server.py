@@ -135,6 +135,7 @@ def collect_round(
     for node in sampled:
         if node not in replied:
             outcome.failures.append({"client": names[node], "error": "no reply before the round timeout"})
+    outcome.failures.sort(key=lambda failure: failure["client"])  # replies arrive in any order
     return outcome
 
 
