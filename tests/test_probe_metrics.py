@@ -72,3 +72,13 @@ def test_analytic_gaussian_is_tight_and_beats_the_classic_bound():
     assert gaussian_delta(sigma, 0.5, 1.0) == pytest.approx(1e-5, rel=1e-3)
     classic = math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5
     assert sigma < classic
+
+
+def test_robust_z_floor_keeps_near_equal_values_unremarkable():
+    from pfi_rag.probes.metrics import robust_z
+
+    norms = [2.653, 2.6531, 2.6529, 2.653, 2.6505]
+    assert abs(robust_z(norms)).max() > 3  # without a floor, 0.1% reads as an outlier
+    assert abs(robust_z(norms, relative_floor=0.05)).max() < 0.1
+    # A 10x scaled (poisoned) update still stands far out.
+    assert robust_z([*norms, 26.5], relative_floor=0.05)[-1] > 100

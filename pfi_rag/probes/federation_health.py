@@ -19,6 +19,11 @@ from pfi_rag.probes.metrics import robust_z
 MIN_UPDATES_FOR_Z = 3  # a median and MAD of fewer updates say nothing
 
 
+# A norm must stray by more than (z threshold x 5%) of the median norm to be an outlier: scaled
+# or sign-flipped (poisoned) updates differ by multiples, DP noise makes honest ones near-equal.
+NORM_SCALE_FLOOR = 0.05
+
+
 class UpdateOutliersProbe(FederationProbe):
     name = "update_outliers"
     mode = "poisoned or broken updates"
@@ -38,7 +43,9 @@ class UpdateOutliersProbe(FederationProbe):
             norms = [r.updates[c].norm for c in ids]
             finite = [c for c in ids if math.isfinite(r.updates[c].norm)]
             z = (
-                dict(zip(finite, robust_z([r.updates[c].norm for c in finite]), strict=True))
+                dict(
+                    zip(finite, robust_z([r.updates[c].norm for c in finite], NORM_SCALE_FLOOR), strict=True)
+                )
                 if finite
                 else {}
             )

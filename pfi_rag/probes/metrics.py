@@ -125,11 +125,16 @@ def cusum_lower(series: Sequence[float], *, reference: float, slack: float) -> l
     return out
 
 
-def robust_z(values: Sequence[float]) -> np.ndarray:
-    """(x - median) / (1.4826 x MAD); 0 where the spread is 0 and the value is the median."""
+def robust_z(values: Sequence[float], relative_floor: float = 0.0) -> np.ndarray:
+    """(x - median) / (1.4826 x MAD); 0 where the spread is 0 and the value is the median.
+
+    ``relative_floor`` keeps the scale at least that fraction of |median|: when every value is
+    nearly the same (DP noise dominating equal-sized updates), a 0.1% difference would
+    otherwise read as many standard deviations.
+    """
     x = np.asarray(values, dtype=float)
     median = np.median(x)
-    mad = 1.4826 * np.median(np.abs(x - median))
+    mad = max(1.4826 * np.median(np.abs(x - median)), relative_floor * abs(median))
     if mad == 0:  # more than half the values are equal: any other value is infinitely far out
         z = np.zeros_like(x)
         z[x > median], z[x < median] = np.inf, -np.inf
