@@ -144,7 +144,9 @@ def test_calibration_flags_confident_wrong_answers(root, tiny_models_config, tin
     save(qa_trained(tiny_generator, root_dir, SMALL, wrong=True), client_adapter_dir(root_dir, SMALL))
     planted = CalibrationProbe().run_client(make_context(root_dir, tiny_models_config, tiny_generator), SMALL)
 
+    # Right and confident is calibrated; wrong and confident is not.
     assert clean.verdict == Verdict.PASS and clean.evidence["accuracy"] == 1.0
+    assert clean.evidence["mean_confidence"] > 0.9
     assert planted.verdict == Verdict.FAIL
     assert planted.evidence["accuracy"] == 0.0 and planted.evidence["mean_confidence"] > 0.5
 
