@@ -3,14 +3,22 @@
 A history is Opacus's accountant history, a list of ``(noise_multiplier, sample_rate, steps)``.
 Epsilon is always computed by an Opacus accountant (``rdp`` by default) over the *whole*
 history, so spends compose as the mechanism does, not as a sum of per-call epsilons.
+
+For ``rdp`` the per-step RDP curve of each (noise multiplier, sample rate) is cached: Opacus
+recomputes it for every history entry on every call (~0.3 s each, in pure Python), and a
+history repeats the same few entries. The sum and the conversion are Opacus's own, in Opacus's
+order, so the epsilon is bit-for-bit what ``RDPAccountant.get_epsilon`` returns.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
-from opacus.accountants import create_accountant
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 History = list[tuple[float, float, int]]
 # Noise multipliers searched when a spend is given as epsilon; beyond this, refuse.
@@ -37,9 +45,26 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], *, delta: float, mec
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in history):
         return math.inf
+    if mechanism == "rdp":
+        # Opacus: sum(compute_rdp(q, sigma, steps, orders) for each entry), where compute_rdp
+        # returns the per-step curve times steps.
+        curve = sum([_rdp_per_step(float(sigma), float(rate)) * steps for sigma, rate, steps in history])
+        epsilon, _ = rdp_analysis.get_privacy_spent(
+            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta
+        )
+        return float(epsilon)
     accountant = create_accountant(mechanism=mechanism)
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    curve = rdp_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+    curve.setflags(write=False)  # shared by every caller through the cache
+    return curve
 
 
 def noise_for_spend(
@@ -65,16 +90,44 @@ def noise_for_spend(
     def total(sigma: float) -> float:
         return epsilon_of([*history, (sigma, sample_rate, steps)], delta=delta, mechanism=mechanism)
 
-    low, high = 0.0, 1.0
-    while total(high) > target:
-        low, high = high, 2 * high
-        if high > MAX_NOISE_MULTIPLIER:
-            raise ValueError(f"an epsilon spend of {epsilon:g} over {steps} steps needs too much noise")
-    # Invariant: total(high) <= target < total(low) (total(0) is inf).
-    while total(high) < target - tolerance and high - low > 1e-4:
-        middle = (low + high) / 2
-        if total(middle) > target:
-            low = middle
+    # Bracket sigma by doubling or halving from 1, so that total(low) > target >= total(high).
+    low, high = 1.0, 1.0
+    if total(high) > target:
+        while total(high) > target:
+            low, high = high, 2 * high
+            if high > MAX_NOISE_MULTIPLIER:
+                raise ValueError(f"an epsilon spend of {epsilon:g} over {steps} steps needs too much noise")
+    else:
+        while total(low) <= target:
+            low, high = low / 2, low  # epsilon grows without bound as sigma -> 0: this ends
+    return _refine(total, target, low, high, tolerance)
+
+
+def _refine(total, target: float, low: float, high: float, tolerance: float) -> float:
+    """Shrink the bracket to the smallest sigma whose total is within ``tolerance`` below
+    ``target``. Regula falsi on log epsilon against log sigma (near a power law, so it converges
+    in a few evaluations), with the Illinois fix against one end sticking; each evaluation is an
+    RDP curve for a new sigma, the expensive part."""
+    x_low, x_high = math.log(low), math.log(high)
+    eps_high = total(high)
+    f_low, f_high = math.log(total(low) / target), math.log(eps_high / target)
+    kept = 0  # which end the last step kept: -1 low moved, +1 high moved
+    while eps_high < target - tolerance and x_high - x_low > 1e-6:
+        if math.isfinite(f_low) and math.isfinite(f_high) and f_low != f_high:
+            x = x_high - f_high * (x_high - x_low) / (f_high - f_low)
+            x = min(max(x, x_low + 1e-3 * (x_high - x_low)), x_high - 1e-3 * (x_high - x_low))
         else:
-            high = middle
-    return high
+            x = (x_low + x_high) / 2
+        eps = total(math.exp(x))
+        f = math.log(eps / target)
+        if eps > target:
+            x_low, f_low = x, f
+            if kept == -1:
+                f_high /= 2
+            kept = -1
+        else:
+            x_high, f_high, eps_high = x, f, eps
+            if kept == 1:
+                f_low /= 2
+            kept = 1
+    return math.exp(x_high)
