@@ -9,6 +9,7 @@ Unknown keys are refused so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from pydantic_settings import (
 )
 
 DEFAULT_CONFIG_FILE = "pfi-rag.toml"
+CLIENT_SETTINGS_FILE = "settings.toml"  # clients/<id>/settings.toml: that client's own [privacy]
 
 
 class Section(BaseModel):
@@ -90,6 +92,7 @@ class PrivacyConfig(Section):
     """DP-SGD on each client's adapter (Opacus) and the per-client budget it is held to."""
 
     # Total budget per client across every round and call; training beyond it is refused.
+    # inf: no budget, only for deliberate non-private baselines (with noise_multiplier = 0).
     epsilon_max: float = Field(default=8.0, gt=0)
     # None: 1 / (10 * number of records), below 1/n as DP-SGD's guarantee needs. Fixed in the
     # client's ledger at its first spend (epsilons at different deltas do not compose).
@@ -275,6 +278,29 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         raise ConfigError(_describe(exc)) from None
     except ValueError as exc:  # a malformed TOML file or environment value
         raise ConfigError(f"cannot read config: {exc}") from None
+
+
+def with_client_settings(cfg: Config, settings_file: Path) -> Config:
+    """``cfg`` with one client's own ``[privacy]`` settings from ``settings_file``, if it exists.
+
+    In a deployment every client runs its own config; in a simulation the virtual clients share
+    the launcher's, and this file is where one client trains differently (its learning rate,
+    steps, spend per round, budget). Only ``[privacy]`` is per client: the rest is the federation's.
+    """
+    if not settings_file.is_file():
+        return cfg
+    try:
+        settings = tomllib.loads(settings_file.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot read {settings_file}: {exc}") from None
+    other = sorted(set(settings) - {"privacy"})
+    if other:
+        raise ConfigError(f"{settings_file}: only [privacy] may be set per client, not {', '.join(other)}")
+    try:
+        privacy = PrivacyConfig.model_validate(cfg.privacy.model_dump() | settings.get("privacy", {}))
+    except ValidationError as exc:
+        raise ConfigError(f"{settings_file} [privacy]: {_describe(exc)}") from None
+    return cfg.model_copy(update={"privacy": privacy})
 
 
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:

@@ -1,14 +1,76 @@
-"""`pfi-rag bench`: the silent-failure benchmark (issue #9)."""
+"""`pfi-rag bench silent-failures`: the silent-failure benchmark (pfi_rag/benchmark)."""
 
 from __future__ import annotations
 
+import shutil
+import time
+from pathlib import Path
+
 import typer
 
-from pfi_rag.cli.common import not_built
+from pfi_rag.cli.common import config_from, console, fail
+
+WORK_DIR = "bench-silent-failures"  # under the data root; replaced on each run
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("bench")
-    def bench() -> None:
-        """Plant failures, score the probes, measure privacy/utility."""
-        not_built("bench", 9)
+    bench_app = typer.Typer(help="Benchmarks of the whole pipeline.", no_args_is_help=True)
+    app.add_typer(bench_app, name="bench")
+
+    @bench_app.command("silent-failures")
+    def silent_failures(
+        ctx: typer.Context,
+        preset: str = typer.Option(
+            "quick", "--preset", help="quick: tiny random model, ~30 min on 2 cores; full: SmolLM2-135M."
+        ),
+        seeds: int = typer.Option(None, "--seeds", min=1, help="Seeds per scenario (default: the preset's)."),
+        scenarios: str = typer.Option(
+            None, "--scenarios", help="Comma-separated scenario names (default: all; clean always runs)."
+        ),
+        tradeoff: bool = typer.Option(True, "--tradeoff/--no-tradeoff", help="Run the privacy/utility part."),
+        out: Path = typer.Option(Path("bench/results"), "--out", help="Where the table, JSON and plots go."),
+    ) -> None:
+        """Plant each silent failure in a federated run, score the probes against the ground truth,
+        and measure privacy against utility."""
+        from dataclasses import replace
+
+        from pfi_rag.benchmark.scenarios import SCENARIOS, scenario_named
+        from pfi_rag.benchmark.silent_failures import PRESETS, run_benchmark, with_preset
+        from pfi_rag.federation.server import FederationFailed
+
+        if preset not in PRESETS:
+            fail(f"unknown preset {preset!r}: choose {' or '.join(PRESETS)}")
+        chosen = PRESETS[preset] if seeds is None else replace(PRESETS[preset], seeds=seeds)
+        picked = SCENARIOS
+        if scenarios:
+            try:
+                named = [scenario_named(name.strip()) for name in scenarios.split(",") if name.strip()]
+            except KeyError as exc:
+                fail(str(exc.args[0]))
+            picked = (scenario_named("clean"), *[s for s in named if s.name != "clean"])
+        explicit = (ctx.find_root().obj or {}).get("overrides", {})
+        cfg = with_preset(config_from(ctx), chosen, explicit)
+        work = Path(cfg.data_root) / WORK_DIR
+        if work.exists():
+            shutil.rmtree(work)
+        console.print(
+            f"silent-failure benchmark, preset {chosen.name}: {len(picked)} scenarios x {chosen.seeds} seeds "
+            f"on {cfg.models.generator}; work in {work}, results in {out}"
+        )
+        started = time.perf_counter()
+        try:
+            result = run_benchmark(
+                cfg,
+                preset=chosen,
+                out=out,
+                work=work,
+                scenarios=picked,
+                tradeoff=tradeoff,
+                on_event=lambda line: console.print(line, highlight=False),
+            )
+        except FederationFailed as exc:
+            fail(f"a federated run failed: {exc}", code=1)
+        console.print((out / "silent-failures.md").read_text(), highlight=False, soft_wrap=True)
+        for name, path in result["outputs"].items():
+            console.print(f"{name}: {path}")
+        console.rule(f"[bold green]benchmark finished in {(time.perf_counter() - started) / 60:.1f} min")

@@ -14,19 +14,14 @@ from pfi_rag.config import Config, ConfigError, load_config, parse_override
 console = Console()
 err_console = Console(stderr=True)
 
-# Exit codes: 0 ok, 1 a check found a failure (probes), 2 bad input, 3 not built yet.
+# Exit codes: 0 ok, 1 a check found a failure (probes), 2 bad input.
 EXIT_BAD_INPUT = 2
-EXIT_NOT_BUILT = 3
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """Print one line saying what is wrong (and how to fix it), then exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def not_built(command: str, issue: int) -> NoReturn:
-    fail(f"`pfi-rag {command}` is not built yet (issue #{issue})", code=EXIT_NOT_BUILT)
 
 
 def config_from(ctx: typer.Context, **overrides: Any) -> Config:

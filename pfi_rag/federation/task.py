@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pfi_rag.config import Config
+from pfi_rag.config import CLIENT_SETTINGS_FILE, Config, with_client_settings
 from pfi_rag.data.records import load_client_data
 from pfi_rag.federation.strategies import shared_predicate
 from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
 from pfi_rag.models.lora import attach_lora, load_lora_arrays, lora_arrays
+from pfi_rag.storage import client_dir
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def train_round(
     """
     from pfi_rag.privacy import BudgetExceeded, PrivacyLedger, build_outgoing_update, train_adapter
 
+    cfg = with_client_settings(cfg, client_dir(cfg.data_root, client_id) / CLIENT_SETTINGS_FILE)
     strategy = cfg.federation.strategy
     root = cfg.data_root
     data = load_client_data(root, client_id)

@@ -1,0 +1,148 @@
+"""The benchmark's outputs: a JSON of everything, a markdown table, and plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pfi_rag.storage import atomic_write_json, atomic_write_text
+
+JSON_FILE = "silent-failures.json"
+MARKDOWN_FILE = "silent-failures.md"
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def detection_table(scores: dict[str, Any]) -> list[str]:
+    lines = [
+        "| planted failure | runs | meant to catch it | TPR | FPR | AUROC | caught by (any probe, TPR > 0) "
+        "| federation's mean loss vs clean | silent to the federation? |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in scores.items():
+        detectors = row["detectors"]
+        cells = [row["probes"].get(p, {}) for p in detectors]
+        tpr = " / ".join(_f(c.get("tpr")) for c in cells)
+        fpr = " / ".join(_f(c.get("fpr")) for c in cells)
+        auc = " / ".join(_f(c.get("auroc")) for c in cells)
+        anyone = [p for p, c in row["probes"].items() if (c.get("tpr") or 0) > 0 and (c.get("fpr") or 0) < 1]
+        system = row["system"]
+        change = system.get("loss_change")
+        silent = "-" if system.get("visible") is None else ("no" if system["visible"] else "yes")
+        lines.append(
+            f"| {name} ({row['failure']}) | {row['runs']} | {', '.join(detectors)} | {tpr} | {fpr} | {auc} "
+            f"| {', '.join(anyone) or 'none'} | {'-' if change is None else f'{change:+.3f}'} | {silent} |"
+        )
+    return lines
+
+
+def false_alarm_table(runs: list[dict[str, Any]]) -> list[str]:
+    clean = [r for r in runs if r["scenario"] == "clean"]
+    if not clean:
+        return []
+    probes = sorted({p for r in clean for p in r["probes"]})
+    lines = ["| probe | clean runs failed | skipped |", "|---|---|---|"]
+    for p in probes:
+        verdicts = [r["probes"][p]["verdict"] for r in clean if p in r["probes"]]
+        lines.append(f"| {p} | {verdicts.count('fail')}/{len(verdicts)} | {verdicts.count('skip')} |")
+    return lines
+
+
+def tradeoff_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    cells = list(rows[0]["mean"])
+    lines = [
+        "| epsilon | " + " | ".join(cells) + " |",
+        "|---|" + "---|" * len(cells),
+    ]
+    for row in rows:
+        label = "non-private" if row["epsilon"] is None else f"{row['epsilon']:g}"
+        means = [row["mean"].get(c, {}) for c in cells]
+        values = [f"{_f(m.get('answer_ppl'), 1)} / {_f(m.get('accuracy'))}" for m in means]
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+    return lines
+
+
+def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / JSON_FILE, result)
+    meta = result["meta"]
+    lines = [
+        f"# Silent-failure benchmark ({meta['preset']} preset)",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Generator {meta['generator']}, {meta['clients']} clients, {meta['rounds']} rounds, "
+        f"{meta['seeds']} seeds; {meta['seconds'] / 60:.1f} min on {meta['machine']}.  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+        "",
+        "## Detection (per planted failure; TPR/FPR/AUROC of each intended probe, in order)",
+        "",
+        *detection_table(result["scores"]),
+        "",
+        "## False alarms on the clean runs",
+        "",
+        *false_alarm_table(result["runs"]),
+        "",
+        "## Privacy / utility (mean over clients: answer perplexity / 4-way accuracy on planted facts)",
+        "",
+        *tradeoff_table(result["tradeoff"]),
+        "",
+    ]
+    atomic_write_text(out / MARKDOWN_FILE, "\n".join(lines))
+    paths = {"json": out / JSON_FILE, "markdown": out / MARKDOWN_FILE}
+    paths.update(plot(out, result))
+    return paths
+
+
+def plot(out: Path, result: dict[str, Any]) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = {}
+    scores = result["scores"]
+    if scores:
+        scenarios = list(scores)
+        probes = sorted({p for row in scores.values() for p in row["probes"]})
+        grid = np.array(
+            [[scores[s]["probes"].get(p, {}).get("tpr") or 0.0 for p in probes] for s in scenarios]
+        )
+        fig, ax = plt.subplots(figsize=(1 + 0.55 * len(probes), 1 + 0.45 * len(scenarios)))
+        ax.imshow(grid, vmin=0, vmax=1, cmap="Greens")
+        ax.set_xticks(range(len(probes)), probes, rotation=60, ha="right")
+        ax.set_yticks(range(len(scenarios)), scenarios)
+        for i, s in enumerate(scenarios):
+            for j, p in enumerate(probes):
+                mark = "*" if p in scores[s]["detectors"] else ""
+                ax.text(j, i, f"{grid[i, j]:.1f}{mark}", ha="center", va="center", fontsize=7)
+        ax.set_title("true positive rate per probe (* = meant to catch it)")
+        fig.tight_layout()
+        paths["detection_plot"] = out / "silent-failures-detection.png"
+        fig.savefig(paths["detection_plot"], dpi=120)
+        plt.close(fig)
+    rows = result["tradeoff"]
+    if rows:
+        labels = ["non-private" if r["epsilon"] is None else f"eps {r['epsilon']:g}" for r in rows]
+        cells = list(rows[0]["mean"])
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / max(len(cells), 1)
+        for k, cell in enumerate(cells):
+            values = [r["mean"].get(cell, {}).get("accuracy", 0.0) for r in rows]
+            ax.bar(np.arange(len(rows)) + k * width, values, width, label=cell)
+        ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, labels)
+        ax.set_ylabel("4-way accuracy on planted facts")
+        ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths["tradeoff_plot"] = out / "silent-failures-tradeoff.png"
+        fig.savefig(paths["tradeoff_plot"], dpi=120)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,184 @@
+"""One benchmark run: synthesise, plant, index, federate on Flower, probe; and the presets.
+
+Each run gets its own data root, so runs never share a ledger, an index or an adapter. What a
+run returns is small and JSON-ready: the ground truth, the metrics a plain federation reports,
+and every probe's verdict and value.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pfi_rag.benchmark.scenarios import Scenario
+from pfi_rag.config import Config
+
+# The probes the benchmark scores: every one with a planted failure to find, and the general
+# ones whose false alarms matter. Fairness needs clients trained alone and groundedness
+# generates answers: both would only add minutes (README "Silent-failure benchmark").
+PROBES = (
+    "bias",
+    "calibration",
+    "capability",
+    "refusal",
+    "ood",
+    "erosion",
+    "exposure",
+    "membership",
+    "leakage",
+    "budget",
+    "dp_collapse",
+    "retrieval_hit",
+    "stale",
+    "update_outliers",
+    "silent_failures",
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    generator: str
+    seeds: int
+    clients: int
+    rounds: int
+    local_steps: int
+    batch_size: int
+    max_seq_len: int
+    exposure_samples: int
+    tradeoff_epsilons: tuple[float | None, ...]  # total epsilon per client; None: non-private
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            "models.generator": self.generator,
+            "models.threads": 1,  # two Flower clients train side by side on 2 cores (README)
+            "federation.clients": self.clients,
+            "federation.rounds": self.rounds,
+            "privacy.local_steps": self.local_steps,
+            "privacy.batch_size": self.batch_size,
+            "privacy.max_seq_len": self.max_seq_len,
+            "probes.exposure_samples": self.exposure_samples,
+        }
+
+
+PRESETS = {
+    "quick": Preset(
+        name="quick",
+        generator="tiny-random",
+        seeds=2,
+        clients=4,
+        rounds=2,
+        local_steps=3,
+        batch_size=4,
+        max_seq_len=48,
+        exposure_samples=64,
+        tradeoff_epsilons=(1.0, 4.0, 8.0, None),
+    ),
+    "full": Preset(
+        name="full",
+        generator="smollm2",
+        seeds=3,
+        clients=4,
+        rounds=3,
+        local_steps=5,
+        batch_size=8,
+        max_seq_len=64,
+        exposure_samples=256,
+        tradeoff_epsilons=(1.0, 4.0, 8.0, None),
+    ),
+}
+
+
+def prepare_run(base: Config, root: Path, scenario: Scenario, *, seed: int, embedder):
+    """A fresh data root with the scenario planted and every client's index built; returns
+    (config of the run, what was planted)."""
+    from pfi_rag.data.records import load_client_data
+    from pfi_rag.data.synth import synthesize
+    from pfi_rag.retriever import ClientStore
+    from pfi_rag.storage import list_clients
+
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    cfg = base.model_copy(deep=True)
+    cfg.data_root = root
+    cfg.seed = seed
+    synthesize(root, clients=cfg.federation.clients, seed=seed)
+    planted = scenario.plant(root, cfg.privacy.local_steps)
+    for client in list_clients(root):
+        data = load_client_data(root, client)
+        with ClientStore.open(root, client, cfg.retrieval, embedder) as store:
+            store.add_documents(data.documents, source="documents.jsonl")
+            if client not in planted.skip_updates:
+                store.add_documents(data.updates, source="updates.jsonl")
+    return cfg, planted
+
+
+def federate(cfg: Config, client_mods: list) -> dict[str, Any]:
+    """The real Flower simulation; returns what a plain federation's dashboard would show."""
+    from pfi_rag.federation.launcher import run_simulation, summarize
+
+    started = time.perf_counter()
+    records = run_simulation(cfg, client_mods=client_mods)
+    summary = summarize(cfg, records)
+    last = records[-1] if records else {}
+    losses = [m.get("loss-after") for m in (last.get("metrics") or {}).values()]
+    losses = [x for x in losses if x is not None and math.isfinite(x)]
+    first = records[0] if records else {}
+    start_losses = [m.get("loss-before") for m in (first.get("metrics") or {}).values()]
+    start_losses = [x for x in start_losses if x is not None and math.isfinite(x)]
+    return {
+        # The federation's own numbers: mean training loss across clients (first round before
+        # training, last round after), failed results, and the global update's norm.
+        "mean_loss_start": statistics.fmean(start_losses) if start_losses else None,
+        "mean_loss_end": statistics.fmean(losses) if losses else None,
+        "failures": sum(len(r["failures"]) for r in records),
+        "aggregate_norm": last.get("aggregate_norm"),
+        "epsilon": {client: row["epsilon"] for client, row in summary["clients"].items()},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def probe(cfg: Config, probes: tuple[str, ...] = PROBES) -> dict[str, dict[str, Any]]:
+    """Every chosen probe's verdict, value and flagged clients (exact, not the private release)."""
+    from pfi_rag.probes import ProbeContext, run_suite
+
+    context = ProbeContext(cfg)
+    try:
+        report = run_suite(context, suite="all", only=list(probes), private=False)
+    finally:
+        context.close()
+    return {
+        s.probe: {
+            "verdict": str(s.verdict),
+            "value": s.value,
+            "metric": s.metric,
+            "fails_above": s.fails_above,
+            "threshold": s.threshold,
+            "flagged_clients": list(s.flagged_clients),
+            "seconds": s.seconds,
+        }
+        for s in report.summaries
+    }
+
+
+def run_one(base: Config, work: Path, scenario: Scenario, *, seed: int, embedder) -> dict:
+    started = time.perf_counter()
+    root = work / f"{scenario.name}-seed{seed}"
+    cfg, planted = prepare_run(base, root, scenario, seed=seed, embedder=embedder)
+    system = federate(cfg, planted.client_mods)
+    verdicts = probe(cfg)
+    return {
+        "scenario": scenario.name,
+        "seed": seed,
+        "planted_clients": planted.clients,
+        "planted": planted.detail,
+        "system": system,
+        "probes": verdicts,
+        "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,122 @@
+"""`pfi-rag bench silent-failures`: plant each failure, federate, probe, score, write the table.
+
+The matrix is every scenario (:data:`~pfi_rag.benchmark.scenarios.SCENARIOS`) times the
+preset's seeds, each a real Flower run on its own data root, then the privacy/utility runs.
+Per-run results are appended to ``runs.jsonl`` in the work directory as they finish, so a
+long run that stops keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pfi_rag.benchmark.report import write_outputs
+from pfi_rag.benchmark.runs import PRESETS, Preset, run_one
+from pfi_rag.benchmark.scenarios import SCENARIOS, Scenario
+from pfi_rag.benchmark.scoring import score
+from pfi_rag.benchmark.tradeoff import run_tradeoff
+from pfi_rag.config import Config
+
+VERSIONS = (
+    "pfi-rag",
+    "torch",
+    "transformers",
+    "peft",
+    "opacus",
+    "flwr",
+    "faiss-cpu",
+    "sentence-transformers",
+)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in VERSIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def with_preset(cfg: Config, preset: Preset, explicit: dict[str, Any]) -> Config:
+    """``cfg`` with the preset's settings, except keys the user set explicitly (``--set``)."""
+    cfg = cfg.model_copy(deep=True)
+    for key, value in preset.overrides().items():
+        if key not in explicit:
+            section, field = key.split(".")
+            setattr(getattr(cfg, section), field, value)
+    return cfg
+
+
+def run_benchmark(
+    cfg: Config,
+    *,
+    preset: Preset,
+    out: Path,
+    work: Path,
+    scenarios: tuple[Scenario, ...] = SCENARIOS,
+    tradeoff: bool = True,
+    on_event: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Every scenario x seed, then the trade-off runs; ``cfg`` already carries the preset
+    (:func:`with_preset`). Writes the outputs under ``out`` and returns everything."""
+    from pfi_rag.models.loading import load_embedder
+
+    started = time.perf_counter()
+    embedder = load_embedder(cfg.models)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "runs.jsonl"
+    runs = []
+    for seed in range(preset.seeds):
+        for scenario in scenarios:
+            on_event(f"run {scenario.name} seed {seed} ...")
+            result = run_one(cfg, work, scenario, seed=seed, embedder=embedder)
+            runs.append(result)
+            with log.open("a") as handle:
+                handle.write(json.dumps(result, default=str) + "\n")
+            failed = [p for p, v in result["probes"].items() if v["verdict"] == "fail"]
+            on_event(
+                f"  {result['seconds']:.0f} s; federation mean loss {result['system']['mean_loss_end']}; "
+                f"probes failed: {', '.join(failed) or 'none'}"
+            )
+    tradeoff_rows = []
+    if tradeoff:
+        tradeoff_rows = run_tradeoff(
+            cfg,
+            work,
+            preset.tradeoff_epsilons,
+            embedder=embedder,
+            on_run=lambda row: on_event(f"trade-off epsilon {row['epsilon']}: {row['mean']}"),
+        )
+    result = {
+        "meta": {
+            "preset": preset.name,
+            "command": " ".join(["pfi-rag", *map(shlex.quote, sys.argv[1:])]),
+            "generator": cfg.models.generator,
+            "clients": cfg.federation.clients,
+            "rounds": cfg.federation.rounds,
+            "seeds": preset.seeds,
+            "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
+            "versions": versions(),
+            "seconds": time.perf_counter() - started,
+        },
+        "scenarios": {s.name: {"failure": s.failure, "detectors": list(s.detectors)} for s in scenarios},
+        "scores": score(runs, scenarios),
+        "runs": runs,
+        "tradeoff": tradeoff_rows,
+    }
+    result["outputs"] = {k: str(v) for k, v in write_outputs(out, result).items()}
+    return result
+
+
+__all__ = ["PRESETS", "run_benchmark"]
