@@ -11,6 +11,23 @@ from collections.abc import Sequence
 import torch
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token NLL (nats) at each position whose label is not ``ignore_index``, 0 elsewhere: (B, T-1).
+
+    Only the target positions are scored, as one contiguous (N, V) slice: cross_entropy over the
+    transposed (B, V, T-1) logits took 0.66 s a batch here for the 49k-token vocabulary, most of
+    a tiny model's scoring and training time; the slice gives the same numbers.
+    """
+    logits = logits[:, :-1]  # position t predicts token t+1
+    targets = labels[:, 1:].to(logits.device)
+    scored = targets != ignore_index
+    nll = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    nll[scored] = torch.nn.functional.cross_entropy(
+        logits[scored].float(), targets[scored], reduction="none"
+    )
+    return nll
+
+
 @torch.no_grad()
 def continuation_nll(
     model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 16
@@ -46,13 +63,10 @@ def continuation_nll(
             attention[i, : len(ids)] = 1
             labels[i, len(prompt_ids) : len(ids)] = torch.tensor(target_ids)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-        targets = labels[:, 1:].to(device)  # (B, T-1)
-        token_nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
-        )  # (B, T-1)
+        nll = token_nll(logits, labels)  # (B, T-1)
+        counts = (labels[:, 1:] != -100).sum(dim=1)
         for i in range(len(rows)):
-            results.append((float(token_nll[i].sum()), int((targets[i] != -100).sum())))
+            results.append((float(nll[i].sum()), int(counts[i])))
     return results
 
 

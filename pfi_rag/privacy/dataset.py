@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from pfi_rag.data.records import Document, Instruction
+from pfi_rag.models.scoring import token_nll
 
 IGNORE_INDEX = -100
 
@@ -93,10 +94,6 @@ def batch_size_of(batch) -> int:
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of each sequence over its target tokens: one loss per record, (B,)."""
-    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    targets = labels[:, 1:]  # (B, T-1)
-    token_nll = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (B, T-1)
-    counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)  # (B,)
-    return token_nll.sum(dim=1) / counts
+    nll = token_nll(logits, labels, IGNORE_INDEX)  # (B, T-1)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1).to(nll.device)  # (B,)
+    return nll.sum(dim=1) / counts
