@@ -92,7 +92,6 @@ class PrivacyConfig(Section):
     """DP-SGD on each client's adapter (Opacus) and the per-client budget it is held to."""
 
     # Total budget per client across every round and call; training beyond it is refused.
-    # inf: no budget, only for deliberate non-private baselines (with noise_multiplier = 0).
     epsilon_max: float = Field(default=8.0, gt=0)
     # None: 1 / (10 * number of records), below 1/n as DP-SGD's guarantee needs. Fixed in the
     # client's ledger at its first spend (epsilons at different deltas do not compose).

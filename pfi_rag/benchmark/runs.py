@@ -109,7 +109,7 @@ def prepare_run(base: Config, root: Path, scenario: Scenario, *, seed: int, embe
     cfg.data_root = root
     cfg.seed = seed
     synthesize(root, clients=cfg.federation.clients, seed=seed)
-    planted = scenario.plant(root, cfg.privacy.local_steps)
+    planted = scenario.plant(root, cfg)
     for client in list_clients(root):
         data = load_client_data(root, client)
         with ClientStore.open(root, client, cfg.retrieval, embedder) as store:
@@ -167,12 +167,14 @@ def probe(cfg: Config, probes: tuple[str, ...] = PROBES) -> dict[str, dict[str, 
     }
 
 
-def run_one(base: Config, work: Path, scenario: Scenario, *, seed: int, embedder) -> dict:
+def run_one(
+    base: Config, work: Path, scenario: Scenario, *, seed: int, embedder, probes: tuple[str, ...] = PROBES
+) -> dict:
     started = time.perf_counter()
     root = work / f"{scenario.name}-seed{seed}"
     cfg, planted = prepare_run(base, root, scenario, seed=seed, embedder=embedder)
     system = federate(cfg, planted.client_mods)
-    verdicts = probe(cfg)
+    verdicts = probe(cfg, probes)
     return {
         "scenario": scenario.name,
         "seed": seed,

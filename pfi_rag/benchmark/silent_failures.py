@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pfi_rag.benchmark.report import write_outputs
-from pfi_rag.benchmark.runs import PRESETS, Preset, run_one
+from pfi_rag.benchmark.runs import PRESETS, PROBES, Preset, run_one
 from pfi_rag.benchmark.scenarios import SCENARIOS, Scenario
 from pfi_rag.benchmark.scoring import score
 from pfi_rag.benchmark.tradeoff import run_tradeoff
@@ -66,6 +66,7 @@ def run_benchmark(
     work: Path,
     scenarios: tuple[Scenario, ...] = SCENARIOS,
     tradeoff: bool = True,
+    probes: tuple[str, ...] = PROBES,
     on_event: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Every scenario x seed, then the trade-off runs; ``cfg`` already carries the preset
@@ -80,7 +81,7 @@ def run_benchmark(
     for seed in range(preset.seeds):
         for scenario in scenarios:
             on_event(f"run {scenario.name} seed {seed} ...")
-            result = run_one(cfg, work, scenario, seed=seed, embedder=embedder)
+            result = run_one(cfg, work, scenario, seed=seed, embedder=embedder, probes=probes)
             runs.append(result)
             with log.open("a") as handle:
                 handle.write(json.dumps(result, default=str) + "\n")

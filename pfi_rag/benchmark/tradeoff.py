@@ -1,9 +1,13 @@
 """Privacy against utility: what the pipeline is worth to each client, at each epsilon.
 
-One clean federation per total epsilon (spent evenly over the rounds; non-private: clipped,
-no noise, no budget), then per client, for the base model, the global adapter and the
-client's personalized adapter, each without and with the client's own retrieved passages:
-held-out answer perplexity and multiple-choice accuracy on the client's planted facts.
+One clean Flower federation per total epsilon (spent evenly over the rounds), then per client,
+for the base model, the global adapter and the client's personalized adapter, each without
+and with the client's own retrieved passages: held-out answer perplexity and multiple-choice
+accuracy on the client's planted facts.
+
+The non-private baseline cannot run on the federation: pfi-rag refuses to let an update that
+was not noised leave a client (privacy.update). :func:`train_without_privacy` runs the same
+FedAvg rounds in this process instead, with nothing sent anywhere.
 """
 
 from __future__ import annotations
@@ -20,12 +24,57 @@ from pfi_rag.benchmark.scenarios import scenario_named
 from pfi_rag.config import Config
 
 PASSAGES = 2  # retrieved per question, as the demo answers
+NON_PRIVATE_SOURCE = "non-private baseline"  # the adapters' recorded source
 
 
-def privacy_overrides(epsilon: float | None, rounds: int) -> dict[str, Any]:
-    if epsilon is None:  # the non-private baseline: clipping kept, no noise, no budget
-        return {"noise_multiplier": 0.0, "epsilon_max": math.inf}
-    return {"epsilon_per_round": epsilon / rounds, "epsilon_max": epsilon * 1.001}
+def train_without_privacy(cfg: Config) -> dict[str, Any]:
+    """FedAvg without clipping or noise, in this process: each round every client trains its
+    adapter from the global one (``private=False``), keeps the result as its personalized
+    adapter, and the global adapter moves by the record-weighted mean of their changes, as
+    the federation's ``fedavg`` does. Adapters are written where the federation writes them.
+    Returns the clients' mean training loss before the first round and after the last."""
+    from pfi_rag.data.records import load_client_data
+    from pfi_rag.federation.aggregation import weighted_mean
+    from pfi_rag.federation.task import fresh_adapter
+    from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir, save_adapter
+    from pfi_rag.models.lora import load_lora_arrays, lora_arrays
+    from pfi_rag.privacy import train_adapter
+    from pfi_rag.storage import list_clients
+
+    model, tokenizer, _ = fresh_adapter(cfg)
+    global_arrays = lora_arrays(model)
+    losses: dict[int, list[tuple[float, float]]] = {}
+    for round_number in range(1, cfg.federation.rounds + 1):
+        deltas, weights = [], []
+        for client in list_clients(cfg.data_root):
+            data = load_client_data(cfg.data_root, client)
+            load_lora_arrays(model, global_arrays)
+            result = train_adapter(
+                model,
+                tokenizer,
+                documents=data.documents,
+                instructions=data.instructions,
+                cfg=cfg.privacy,
+                ledger=None,
+                seed=cfg.seed * 1000 + round_number,
+                private=False,
+            )
+            trained = lora_arrays(model)
+            personal = client_adapter_dir(cfg.data_root, client)
+            save_adapter(model, personal, round=round_number, source=NON_PRIVATE_SOURCE)
+            deltas.append({name: trained[name] - global_arrays[name] for name in trained})
+            weights.append(float(result.records))
+            losses.setdefault(round_number, []).append((result.loss_before, result.loss_after))
+        mean = weighted_mean(deltas, weights)
+        global_arrays = {name: global_arrays[name] + mean[name] for name in global_arrays}
+    load_lora_arrays(model, global_arrays)
+    rounds = cfg.federation.rounds
+    save_adapter(model, global_adapter_dir(cfg.data_root), round=rounds, source=NON_PRIVATE_SOURCE)
+    return {
+        "mean_loss_start": statistics.fmean(before for before, _ in losses[1]),
+        "mean_loss_end": statistics.fmean(after for _, after in losses[rounds]),
+        "in_process": True,
+    }
 
 
 def client_utility(context, client: str, *, model, retrieval: bool, seed: int) -> dict[str, float]:
@@ -90,11 +139,15 @@ def run_tradeoff(
     for epsilon in epsilons:
         label = "non-private" if epsilon is None else f"eps{epsilon:g}"
         cfg = base.model_copy(deep=True)
-        for key, value in privacy_overrides(epsilon, base.federation.rounds).items():
-            setattr(cfg.privacy, key, value)
+        if epsilon is not None:  # spent evenly over the rounds, the budget set to the total
+            cfg.privacy.epsilon_per_round = epsilon / cfg.federation.rounds
+            cfg.privacy.epsilon_max = epsilon * 1.001
         root = work / f"tradeoff-{label}"
         cfg, _ = prepare_run(cfg, root, scenario_named("clean"), seed=0, embedder=embedder)
-        system = federate(cfg, [])
+        if epsilon is None:
+            system = train_without_privacy(cfg)
+        else:
+            system = federate(cfg, [])
         rows.append({"epsilon": epsilon, "system": system, **measure(cfg)})
         if on_run is not None:
             on_run(rows[-1])

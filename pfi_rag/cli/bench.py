@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
                 work=work,
                 scenarios=picked,
                 tradeoff=tradeoff,
-                on_event=lambda line: console.print(line, highlight=False),
+                on_event=lambda line: console.print(line, highlight=False, soft_wrap=True),
             )
         except FederationFailed as exc:
             fail(f"a federated run failed: {exc}", code=1)

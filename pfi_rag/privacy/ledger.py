@@ -119,8 +119,6 @@ class PrivacyLedger:
 
     def check_remaining(self, epsilon: float | None = None) -> None:
         """Refuse early, before data or models are loaded, when the budget is gone (or below ``epsilon``)."""
-        if math.isinf(self.epsilon_max):
-            return  # no budget: only for deliberate non-private baselines (noise_multiplier = 0)
         spent = self.epsilon_spent
         wanted = epsilon if epsilon is not None else 0.0
         if spent + wanted > self.epsilon_max + BUDGET_SLACK or spent >= self.epsilon_max:
@@ -199,7 +197,7 @@ class PrivacyLedger:
             steps=steps,
             records=records,
             max_grad_norm=max_grad_norm,
-            epsilon_spent=after - before if math.isfinite(before) else math.inf,
+            epsilon_spent=after - before,
             epsilon_after=after,
         )
         self._history, self._delta = new_history, delta

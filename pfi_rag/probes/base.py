@@ -154,6 +154,11 @@ class ClientProbe(Probe):
         return {}
 
 
+# A federation probe that can tell which clients caused its failure lists them in its evidence
+# under this key; the runner reports them as the summary's flagged clients.
+FLAGGED_CLIENTS = "flagged_clients"
+
+
 class FederationProbe(Probe):
     """Runs once over the federation (server-side artifacts, or cross-client evaluation)."""
 

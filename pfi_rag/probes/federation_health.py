@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from pfi_rag.probes.base import FederationProbe, Need, ProbeResult
+from pfi_rag.probes.base import FLAGGED_CLIENTS, FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.metrics import robust_z
 
@@ -67,7 +67,11 @@ class UpdateOutliersProbe(FederationProbe):
                     "cosines": {c: r.updates[c].cosine_to_mean for c in ids},
                 }
             )
-        evidence = {"outliers": outliers, "rounds": per_round}
+        evidence = {
+            "outliers": outliers,
+            "rounds": per_round,
+            FLAGGED_CLIENTS: sorted({o["client"] for o in outliers}),
+        }
         return self.result(ctx, float(len(outliers)), evidence=evidence)
 
 
@@ -113,5 +117,5 @@ class SilentFailuresProbe(FederationProbe):
             if client not in seen:
                 problems.append({"round": None, "client": client, "why": "has data but never took part"})
         clients = sorted({p["client"] for p in problems})
-        evidence = {"problems": problems, "clients_affected": clients, "rounds": len(rounds)}
+        evidence = {"problems": problems, FLAGGED_CLIENTS: clients, "rounds": len(rounds)}
         return self.result(ctx, float(len(problems)), evidence=evidence)

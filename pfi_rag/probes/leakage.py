@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pfi_rag.probes.base import FederationProbe, Need, ProbeResult
+from pfi_rag.probes.base import FLAGGED_CLIENTS, FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.lm import greedy_answer
 from pfi_rag.probes.metrics import ngrams
@@ -90,7 +90,12 @@ class LeakageProbe(FederationProbe):
                             )
         if not any(checked.values()):
             return self.skip(ctx, "no client has a retriever or a model to check")
-        evidence = {"checked": checked, "leaks": leaks[:50], "pairs": _pair_counts(leaks)}
+        evidence = {
+            "checked": checked,
+            "leaks": leaks[:50],
+            "pairs": _pair_counts(leaks),
+            FLAGGED_CLIENTS: sorted({leak["victim"] for leak in leaks}),  # whose data got out
+        }
         return self.result(ctx, float(len(leaks)), evidence=evidence)
 
 

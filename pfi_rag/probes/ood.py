@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pfi_rag.probes.base import FederationProbe, Need, ProbeResult
+from pfi_rag.probes.base import FLAGGED_CLIENTS, FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.lm import answer_nll
 
@@ -48,5 +48,6 @@ class OutOfDomainProbe(FederationProbe):
             "matrix": matrix.tolist(),
             "base_nll": base,
             "worst": {"adapter": worst_adapter, "data": worst_data, "nll_increase": float(worst_value)},
+            FLAGGED_CLIENTS: [worst_adapter],  # the adapter that hurts another client most
         }
         return self.result(ctx, float(worst_value), evidence=evidence)

@@ -20,7 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from pfi_rag.probes.base import ClientProbe, FederationProbe, Probe, ProbeResult, Scope, Verdict, _jsonable
+from pfi_rag.probes.base import (
+    FLAGGED_CLIENTS,
+    ClientProbe,
+    FederationProbe,
+    Probe,
+    ProbeResult,
+    Scope,
+    Verdict,
+    _jsonable,
+)
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.registry import probes_for
 from pfi_rag.probes.release import TOLERANCE_Z, Release, distribution, record_release, release_metrics
@@ -186,6 +195,7 @@ def _private_summary(
 
 
 def _federation_summary(probe: FederationProbe, result: ProbeResult) -> Summary:
+    failed = result.verdict == Verdict.FAIL
     return Summary(
         probe=probe.name,
         mode=probe.mode,
@@ -197,6 +207,7 @@ def _federation_summary(probe: FederationProbe, result: ProbeResult) -> Summary:
         skipped={"federation": result.evidence["skipped"]} if result.verdict == Verdict.SKIP else {},
         errors={"federation": result.evidence["error"]} if result.verdict == Verdict.ERROR else {},
         evidence=result.evidence,
+        flagged_clients=list(result.evidence.get(FLAGGED_CLIENTS, [])) if failed else [],
         seconds=result.seconds,
     )
 

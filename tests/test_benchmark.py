@@ -1,0 +1,121 @@
+"""The silent-failure benchmark: its scoring arithmetic, and a small matrix end to end on real
+Flower runs, FAISS stores and probes (tiny model; the full quick preset is `pfi-rag bench
+silent-failures --preset quick`, ~30 min, README)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+from typer.testing import CliRunner
+
+from pfi_rag.benchmark.report import JSON_FILE, MARKDOWN_FILE
+from pfi_rag.benchmark.scenarios import TARGET, scenario_named
+from pfi_rag.benchmark.scoring import auroc, score, system_view
+from pfi_rag.benchmark.silent_failures import PRESETS, run_benchmark, with_preset
+from pfi_rag.cli import app
+from pfi_rag.config import load_config
+from pfi_rag.models.adapters import global_adapter_dir, read_adapter_info
+from pfi_rag.privacy import PrivacyLedger
+
+
+def test_auroc_counts_wins_and_half_ties():
+    assert auroc([0.0, 1.0], [2.0, 3.0]) == 1.0
+    assert auroc([2.0, 3.0], [0.0, 1.0]) == 0.0
+    assert auroc([1.0], [1.0]) == 0.5
+    assert auroc([0.0, 2.0], [1.0]) == 0.5
+    assert auroc([], [1.0]) is None
+
+
+def _run(scenario: str, seed: int, value: float, verdict: str, loss: float, flagged=()) -> dict:
+    return {
+        "scenario": scenario,
+        "seed": seed,
+        "planted_clients": [] if scenario == "clean" else [TARGET],
+        "system": {"mean_loss_end": loss, "failures": 0},
+        "probes": {
+            "update_outliers": {
+                "verdict": verdict,
+                "value": value,
+                "fails_above": True,
+                "flagged_clients": list(flagged),
+            }
+        },
+    }
+
+
+def test_score_gives_tpr_fpr_auroc_and_whether_the_federation_saw_it():
+    runs = [
+        _run("clean", 0, 0.0, "pass", 2.00),
+        _run("clean", 1, 1.0, "fail", 2.02),
+        _run("poisoned_client", 0, 2.0, "fail", 2.01, flagged=[TARGET]),
+        _run("poisoned_client", 1, 0.0, "pass", 2.01),
+    ]
+    scores = score(runs, [scenario_named("clean"), scenario_named("poisoned_client")])
+    row = scores["poisoned_client"]["probes"]["update_outliers"]
+    assert row["tpr"] == 0.5 and row["fpr"] == 0.5
+    assert row["auroc"] == (1 + 1 + 0.5 + 0) / 4  # 2>0, 2>1; 0=0 (half), 0<1
+    assert row["localised"] == 1.0
+    # A loss inside the clean runs' range: silent to the federation.
+    assert scores["poisoned_client"]["system"]["visible"] is False
+    assert system_view([2.0, 2.02], [2.5], [{"system": {"failures": 0}}])["visible"] is True
+    assert system_view([2.0, 2.02], [2.01], [{"system": {"failures": 1}}])["visible"] is True
+
+
+def test_a_small_matrix_on_flower_finds_what_was_planted(isolated_env, tmp_path, model_cache):
+    """Clean, poisoned and stale runs through the real pipeline; the poisoned update and the
+    stale index are found, named, and absent from the clean run. The non-private trade-off
+    baseline runs in-process (an un-noised update may not leave a client) and trains adapters."""
+    preset = replace(PRESETS["quick"], seeds=1, tradeoff_epsilons=(None,))
+    base = load_config(None, {"data_root": str(tmp_path / "data"), "models.cache_dir": str(model_cache)})
+    cfg = with_preset(base, preset, explicit={})
+    scenarios = tuple(scenario_named(n) for n in ("clean", "poisoned_client", "stale_index"))
+    out = tmp_path / "results"
+    result = run_benchmark(
+        cfg,
+        preset=preset,
+        out=out,
+        work=tmp_path / "work",
+        scenarios=scenarios,
+        probes=("update_outliers", "stale", "silent_failures"),
+    )
+
+    poisoned = result["scores"]["poisoned_client"]["probes"]["update_outliers"]
+    assert poisoned["tpr"] == 1.0 and poisoned["fpr"] == 0.0 and poisoned["localised"] == 1.0
+    stale = result["scores"]["stale_index"]["probes"]["stale"]
+    assert stale["tpr"] == 1.0 and stale["fpr"] == 0.0 and stale["localised"] == 1.0
+    assert result["scores"]["poisoned_client"]["caught_by"] == ["update_outliers"]
+    clean = next(r for r in result["runs"] if r["scenario"] == "clean")
+    assert all(v["verdict"] == "pass" for v in clean["probes"].values())
+    assert clean["system"]["failures"] == 0 and math.isfinite(clean["system"]["mean_loss_end"])
+
+    # The poisoning mod changed only what the target client sent: its own ledger is honest.
+    poisoned_run = next(r for r in result["runs"] if r["scenario"] == "poisoned_client")
+    assert 0 < poisoned_run["system"]["epsilon"][TARGET] <= cfg.privacy.epsilon_max + 1e-6
+
+    (row,) = result["tradeoff"]
+    assert row["epsilon"] is None and row["system"]["in_process"]
+    baseline = tmp_path / "work" / "tradeoff-non-private"
+    assert read_adapter_info(global_adapter_dir(baseline)).source == "non-private baseline"
+    assert PrivacyLedger.open(baseline, "client-00", cfg.privacy).spends == []  # nothing was charged
+    assert {"base", "global", "personalized + retrieval"} <= set(row["mean"])
+    assert row["system"]["mean_loss_end"] < row["system"]["mean_loss_start"]  # it trained
+    for cell in row["mean"].values():
+        assert 0.0 <= cell["accuracy"] <= 1.0 and cell["answer_ppl"] > 1.0
+
+    saved = json.loads((out / JSON_FILE).read_text())
+    assert saved["meta"]["versions"]["opacus"] == "1.6.0" and saved["meta"]["seeds"] == 1
+    table = (out / MARKDOWN_FILE).read_text()
+    assert "| poisoned_client (poisoned update) | 1 | update_outliers | 1.00 | 0.00 | 1.00 |" in table
+    assert (out / "silent-failures-detection.png").stat().st_size > 0
+    assert (out / "silent-failures-tradeoff.png").stat().st_size > 0
+
+
+def test_cli_refuses_an_unknown_preset_or_scenario(isolated_env):
+    runner = CliRunner()
+    bad_preset = runner.invoke(app, ["bench", "silent-failures", "--preset", "huge"])
+    assert bad_preset.exit_code == 2 and "unknown preset 'huge'" in bad_preset.output
+    bad_scenario = runner.invoke(app, ["bench", "silent-failures", "--scenarios", "clean,nope"])
+    assert bad_scenario.exit_code == 2 and "no scenario 'nope'" in bad_scenario.output
+    assert not (isolated_env / "pfi-data").exists()  # refused before anything was made
