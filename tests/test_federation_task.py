@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from pfi_rag.config import CLIENT_SETTINGS_FILE, ConfigError
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.strategies import shared_part
 from pfi_rag.federation.task import SatOut, fresh_adapter, read_adapter_arrays, train_round
 from pfi_rag.models.adapters import client_adapter_dir
 from pfi_rag.privacy import PrivacyLedger
+from pfi_rag.storage import client_dir
 from tests.test_federation import tiny_federation_config
 
 
 def test_ditto_spends_twice_per_round_and_keeps_a_personal_adapter_near_the_global(tmp_path, model_cache):
     synthesize(tmp_path, clients=1, seed=0)
     cfg = tiny_federation_config(
-        tmp_path, model_cache, **{"federation.strategy": "ditto", "federation.ditto_lambda": 50.0,
-                                  "privacy.learning_rate": 0.01}
+        tmp_path,
+        model_cache,
+        **{"federation.strategy": "ditto", "federation.ditto_lambda": 50.0, "privacy.learning_rate": 0.01},
     )
     global_arrays = shared_part(fresh_adapter(cfg)[2], "ditto")
     outcome = train_round(cfg, "client-00", global_arrays, server_round=1)
@@ -46,3 +50,26 @@ def test_a_client_past_its_budget_sits_out(tmp_path, model_cache):
     assert isinstance(second, SatOut)
     assert "budget" in second.reason.lower() or "epsilon" in second.reason.lower()
     assert len(PrivacyLedger.open(tmp_path, "client-00", cfg.privacy).spends) == 1
+
+
+def test_a_client_trains_with_its_own_privacy_settings_and_bad_ones_are_named(tmp_path, model_cache):
+    """clients/<id>/settings.toml changes that client's [privacy] only; the ledger enforces it."""
+    synthesize(tmp_path, clients=2, seed=0)
+    cfg = tiny_federation_config(tmp_path, model_cache)
+    settings = client_dir(tmp_path, "client-00") / CLIENT_SETTINGS_FILE
+    settings.write_text("[privacy]\nlocal_steps = 3\nepsilon_per_round = 0.5\n")
+    global_arrays = shared_part(fresh_adapter(cfg)[2], "fedavg")
+    own = train_round(cfg, "client-00", global_arrays, server_round=1)
+    other = train_round(cfg, "client-01", global_arrays, server_round=1)
+    assert own.privacy["steps"] == 3 and other.privacy["steps"] == cfg.privacy.local_steps
+    spent = PrivacyLedger.open(tmp_path, "client-00", cfg.privacy).epsilon_spent
+    assert spent == pytest.approx(0.5, abs=0.01)
+    assert own.privacy["noise_multiplier"] > other.privacy["noise_multiplier"]  # less epsilon, more noise
+
+    settings.write_text("[privacy]\nlearning_rat = 0.1\n")
+    with pytest.raises(ConfigError, match=r"settings.toml \[privacy\]: config key 'learning_rat'"):
+        train_round(cfg, "client-00", global_arrays, server_round=2)
+    settings.write_text('[models]\ngenerator = "other"\n')
+    with pytest.raises(ConfigError, match="only \\[privacy\\] may be set per client, not models"):
+        train_round(cfg, "client-00", global_arrays, server_round=2)
+    assert len(PrivacyLedger.open(tmp_path, "client-00", cfg.privacy).spends) == 1  # refused before training
