@@ -1,8 +1,8 @@
 """One short check of the product on a GPU, in one command: `python bench/gpu_smoke.py`.
 
 1. The default generator (SmolLM2-135M-Instruct) loads on cuda through pfi-rag's loader.
-2. One DP-SGD step (Opacus, the default grad_sample_mode) on its LoRA adapter, against one
-   non-private step on the same batch: step times and their ratio, and the adapter moved.
+2. DP-SGD steps (Opacus) on its LoRA adapter for each grad_sample_mode ("auto" picks one per
+   device), against non-private steps on the same data: step times, their ratio, the adapter moved.
 3. Batched generation for 8 clients, each with its own adapter, against the same 8 requests one
    at a time: tokens/s of each, and whether the greedy tokens are identical.
 
@@ -29,6 +29,7 @@ from pfi_rag.models import Engine, GenerationRequest
 from pfi_rag.models.loading import load_generator
 from pfi_rag.models.lora import attach_lora, lora_arrays
 from pfi_rag.privacy import train_adapter
+from pfi_rag.privacy.training import grad_sample_mode_for
 
 CLIENTS = 8
 
@@ -38,7 +39,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_steps(base, tokenizer, documents, *, private: bool, steps: int, device) -> dict:
+def train_steps(base, tokenizer, documents, *, mode: str | None, steps: int, device) -> dict:
     """Step times of ``steps`` steps (the first is a warm-up and dropped) and how far the adapter moved."""
     model = attach_lora(copy.deepcopy(base), AdapterConfig(), seed=0)
     before = lora_arrays(model)
@@ -48,7 +49,7 @@ def train_steps(base, tokenizer, documents, *, private: bool, steps: int, device
         sync(device)
         stamps.append(time.perf_counter())
 
-    cfg = PrivacyConfig(batch_size=8, max_seq_len=64)
+    cfg = PrivacyConfig(batch_size=8, max_seq_len=64, grad_sample_mode=mode or "hooks")
     result = train_adapter(
         model,
         tokenizer,
@@ -57,10 +58,10 @@ def train_steps(base, tokenizer, documents, *, private: bool, steps: int, device
         cfg=cfg,
         ledger=None,
         seed=0,
-        noise_multiplier=1.0 if private else None,
+        noise_multiplier=1.0 if mode else None,
         steps=steps,
         progress=stamp,
-        private=private,
+        private=mode is not None,
     )
     after = lora_arrays(model)
     moved = sum(float(((after[k] - before[k]) ** 2).sum()) for k in after) ** 0.5
@@ -89,19 +90,25 @@ def main() -> None:
     loaded = time.perf_counter() - started
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     print(
-        f"1. {args.generator} on {device} ({gpu}), {runtime.dtype}, attn={runtime.attn_implementation}: {loaded:.1f} s"
+        f"1. {args.generator} on {device} ({gpu}), {runtime.dtype}, "
+        f"attn={runtime.attn_implementation}: {loaded:.1f} s"
     )
 
     root = Path(tempfile.mkdtemp(prefix="pfi-gpu-smoke-"))
     synthesize(root, clients=CLIENTS, seed=0)
     documents = load_client_data(root, "client-00").documents
-    plain = train_steps(base, tokenizer, documents, private=False, steps=args.steps, device=device)
-    private = train_steps(base, tokenizer, documents, private=True, steps=args.steps, device=device)
-    print(
-        f"2. DP-SGD step ({private['grad_sample_mode']}, batch 8 x 64 tokens): {private['step_s'] * 1000:.0f} ms "
-        f"vs non-private {plain['step_s'] * 1000:.0f} ms = {private['step_s'] / plain['step_s']:.2f}x; "
-        f"{private['tokens_per_s']:.0f} training tok/s; adapter moved by {private['adapter_moved']:.3g}"
-    )
+    plain = train_steps(base, tokenizer, documents, mode=None, steps=args.steps, device=device)
+    default_mode = grad_sample_mode_for(PrivacyConfig().grad_sample_mode, device)
+    private = {}
+    for mode in ("hooks", "functorch", "ghost"):
+        run = train_steps(base, tokenizer, documents, mode=mode, steps=args.steps, device=device)
+        private[mode] = run
+        print(
+            f"2. DP-SGD step ({mode}{', auto here' if mode == default_mode else ''}, batch 8 x 64 tokens): "
+            f"{run['step_s'] * 1000:.0f} ms vs non-private {plain['step_s'] * 1000:.0f} ms = "
+            f"{run['step_s'] / plain['step_s']:.2f}x; {run['tokens_per_s']:.0f} training tok/s; "
+            f"adapter moved by {run['adapter_moved']:.3g}"
+        )
 
     clients = [f"client-{i:02d}" for i in range(CLIENTS)]
     make_adapters(base, root, clients)
@@ -116,7 +123,7 @@ def main() -> None:
         f"{batched['batched_tok_s']:.1f} tok/s vs one at a time {batched['one_at_a_time_tok_s']:.1f} tok/s "
         f"= {batched['speedup']:.2f}x; greedy tokens identical: {batched['batched_equals_alone']}"
     )
-    report = {"device": gpu, "load_s": loaded, "train": {"plain": plain, "dp": private}, "generate": batched}
+    report = {"device": gpu, "load_s": loaded, "train": {"plain": plain, **private}, "generate": batched}
     print(json.dumps(report, default=str))
     print(f"total {time.perf_counter() - started:.0f} s")
 
