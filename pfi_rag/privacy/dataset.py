@@ -19,9 +19,17 @@ from pfi_rag.models.scoring import token_nll
 IGNORE_INDEX = -100
 
 
-class Example(NamedTuple):  # a tuple: Opacus's Poisson loader iterates dataset[0]
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX where the token is context, not a target
+class Example(NamedTuple):
+    """One training record as 1-D long tensors. A tuple of tensors because Opacus's Poisson
+    loader reads the shapes and dtypes of ``dataset[0]``'s fields to build an empty batch when
+    the very first draw of a call takes no record; fields of Python lists crashed it there."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor  # IGNORE_INDEX where the token is context, not a target
+
+
+def _example(input_ids: list[int], labels: list[int]) -> Example:
+    return Example(torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long))
 
 
 def document_example(tokenizer, document: Document, max_len: int) -> Example:
@@ -29,7 +37,7 @@ def document_example(tokenizer, document: Document, max_len: int) -> Example:
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = [start, *tokenizer(document.text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
     ids = ids[:max_len]
-    return Example(input_ids=ids, labels=list(ids))
+    return _example(ids, list(ids))
 
 
 def _instruction_texts(tokenizer, instruction: Instruction) -> tuple[str, str]:
@@ -53,9 +61,7 @@ def instruction_example(tokenizer, instruction: Instruction, max_len: int) -> Ex
     # Keep the end of the prompt (nearest the answer) and at least one target token.
     keep = max_len - len(target_ids)  # >= 1
     prompt_ids = prompt_ids[-keep:]
-    return Example(
-        input_ids=prompt_ids + target_ids, labels=[IGNORE_INDEX] * len(prompt_ids) + list(target_ids)
-    )
+    return _example(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + list(target_ids))
 
 
 def build_examples(
@@ -79,14 +85,15 @@ class Collate:
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row.input_ids)
-            input_ids[i, :n] = torch.tensor(row.input_ids)
+            input_ids[i, :n] = row.input_ids
             attention[i, :n] = 1
-            labels[i, :n] = torch.tensor(row.labels)
+            labels[i, :n] = row.labels
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
 def batch_size_of(batch) -> int:
-    """Rows in a batch; Opacus's Poisson loader yields ``[]`` or 0-row tensors for empty batches."""
+    """Rows in a batch; Opacus's Poisson loader yields 0-row tensors (a dict after a first
+    non-empty batch, a list of them when the first draw is empty) for empty batches."""
     if isinstance(batch, dict):
         return int(batch["input_ids"].shape[0])
     return 0
