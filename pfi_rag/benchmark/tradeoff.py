@@ -111,15 +111,18 @@ def measure(cfg: Config) -> dict[str, Any]:
         cells: dict[str, dict[str, list[float]]] = {}
         per_client: dict[str, dict[str, Any]] = {}
         for client in context.client_ids():
+            # Accessors, called right before scoring: the context keeps one PeftModel and each
+            # accessor switches its active adapter, so a model fetched earlier may have changed.
             models = {
-                "base": context.base_model(),
-                "global": context.global_model(),
-                "personalized": context.client_model(client),
+                "base": context.base_model,
+                "global": context.global_model,
+                "personalized": lambda client=client: context.client_model(client),
             }
-            for name, model in models.items():
-                if model is None:
-                    continue
+            for name, fetch in models.items():
                 for retrieval in (False, True):
+                    model = fetch()
+                    if model is None:
+                        continue
                     key = f"{name}{' + retrieval' if retrieval else ''}"
                     value = client_utility(context, client, model=model, retrieval=retrieval, seed=cfg.seed)
                     per_client.setdefault(client, {})[key] = value
