@@ -112,18 +112,22 @@ def plot(out: Path, result: dict[str, Any]) -> dict[str, Path]:
     if scores:
         scenarios = list(scores)
         probes = sorted({p for row in scores.values() for p in row["probes"]})
+        first = scores[scenarios[0]]["probes"]  # FPR is the same clean runs for every scenario
+        rows = ["clean: false alarm rate", *scenarios]
         grid = np.array(
-            [[scores[s]["probes"].get(p, {}).get("tpr") or 0.0 for p in probes] for s in scenarios]
+            [[first.get(p, {}).get("fpr") or 0.0 for p in probes]]
+            + [[scores[s]["probes"].get(p, {}).get("tpr") or 0.0 for p in probes] for s in scenarios]
         )
-        fig, ax = plt.subplots(figsize=(1 + 0.55 * len(probes), 1 + 0.45 * len(scenarios)))
+        fig, ax = plt.subplots(figsize=(1 + 0.55 * len(probes), 1 + 0.45 * len(rows)))
         ax.imshow(grid, vmin=0, vmax=1, cmap="Greens")
         ax.set_xticks(range(len(probes)), probes, rotation=60, ha="right")
-        ax.set_yticks(range(len(scenarios)), scenarios)
-        for i, s in enumerate(scenarios):
+        ax.set_yticks(range(len(rows)), rows)
+        for i, row in enumerate(rows):
             for j, p in enumerate(probes):
-                mark = "*" if p in scores[s]["detectors"] else ""
-                ax.text(j, i, f"{grid[i, j]:.1f}{mark}", ha="center", va="center", fontsize=7)
-        ax.set_title("true positive rate per probe (* = meant to catch it)")
+                mark = "*" if i > 0 and p in scores[row]["detectors"] else ""
+                color = "white" if grid[i, j] > 0.5 else "black"
+                ax.text(j, i, f"{grid[i, j]:.1f}{mark}", ha="center", va="center", fontsize=7, color=color)
+        ax.set_title("share of runs each probe failed (* = meant to catch it)")
         fig.tight_layout()
         paths["detection_plot"] = out / "silent-failures-detection.png"
         fig.savefig(paths["detection_plot"], dpi=120)
