@@ -65,6 +65,7 @@ def run_benchmark(
     out: Path,
     work: Path,
     scenarios: tuple[Scenario, ...] = SCENARIOS,
+    matrix: bool = True,
     tradeoff: bool = True,
     probes: tuple[str, ...] = PROBES,
     on_event: Callable[[str], None] = lambda line: None,
@@ -78,7 +79,7 @@ def run_benchmark(
     work.mkdir(parents=True, exist_ok=True)
     log = work / "runs.jsonl"
     runs = []
-    for seed in range(preset.seeds):
+    for seed in range(preset.seeds if matrix else 0):
         for scenario in scenarios:
             on_event(f"run {scenario.name} seed {seed} ...")
             result = run_one(cfg, work, scenario, seed=seed, embedder=embedder, probes=probes)

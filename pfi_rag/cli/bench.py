@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         scenarios: str = typer.Option(
             None, "--scenarios", help="Comma-separated scenario names (default: all; clean always runs)."
         ),
+        matrix: bool = typer.Option(True, "--matrix/--no-matrix", help="Run the planted-failure runs."),
         tradeoff: bool = typer.Option(True, "--tradeoff/--no-tradeoff", help="Run the privacy/utility part."),
         out: Path = typer.Option(Path("bench/results"), "--out", help="Where the table, JSON and plots go."),
     ) -> None:
@@ -65,6 +66,7 @@ def register(app: typer.Typer) -> None:
                 out=out,
                 work=work,
                 scenarios=picked,
+                matrix=matrix,
                 tradeoff=tradeoff,
                 on_event=lambda line: console.print(line, highlight=False, soft_wrap=True),
             )
