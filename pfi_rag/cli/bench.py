@@ -54,9 +54,12 @@ def register(app: typer.Typer) -> None:
         work = Path(cfg.data_root) / WORK_DIR
         if work.exists():
             shutil.rmtree(work)
+        parts = [f"{len(picked)} scenarios x {chosen.seeds} seeds"] if matrix else []
+        parts += [f"privacy/utility at epsilon {chosen.tradeoff_epsilons}"] if tradeoff else []
         console.print(
-            f"silent-failure benchmark, preset {chosen.name}: {len(picked)} scenarios x {chosen.seeds} seeds "
-            f"on {cfg.models.generator}; work in {work}, results in {out}"
+            f"silent-failure benchmark, preset {chosen.name}: {' and '.join(parts) or 'nothing to run'} "
+            f"on {cfg.models.generator}; work in {work}, results in {out}",
+            soft_wrap=True,
         )
         started = time.perf_counter()
         try:
