@@ -126,22 +126,23 @@ def federate(cfg: Config, client_mods: list) -> dict[str, Any]:
     started = time.perf_counter()
     records = run_simulation(cfg, client_mods=client_mods)
     summary = summarize(cfg, records)
-    last = records[-1] if records else {}
-    losses = [m.get("loss-after") for m in (last.get("metrics") or {}).values()]
-    losses = [x for x in losses if x is not None and math.isfinite(x)]
-    first = records[0] if records else {}
-    start_losses = [m.get("loss-before") for m in (first.get("metrics") or {}).values()]
-    start_losses = [x for x in start_losses if x is not None and math.isfinite(x)]
+    first, last = (records[0], records[-1]) if records else ({}, {})
     return {
         # The federation's own numbers: mean training loss across clients (first round before
         # training, last round after), failed results, and the global update's norm.
-        "mean_loss_start": statistics.fmean(start_losses) if start_losses else None,
-        "mean_loss_end": statistics.fmean(losses) if losses else None,
+        "mean_loss_start": _mean_client_metric(first, "loss-before"),
+        "mean_loss_end": _mean_client_metric(last, "loss-after"),
         "failures": sum(len(r["failures"]) for r in records),
         "aggregate_norm": last.get("aggregate_norm"),
         "epsilon": {client: row["epsilon"] for client, row in summary["clients"].items()},
         "seconds": time.perf_counter() - started,
     }
+
+
+def _mean_client_metric(record: dict[str, Any], key: str) -> float | None:
+    values = [m.get(key) for m in (record.get("metrics") or {}).values()]
+    values = [x for x in values if x is not None and math.isfinite(x)]
+    return statistics.fmean(values) if values else None
 
 
 def probe(cfg: Config, probes: tuple[str, ...] = PROBES) -> dict[str, dict[str, Any]]:
