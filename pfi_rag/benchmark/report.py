@@ -81,19 +81,25 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
         f"{meta['seeds']} seeds; {meta['seconds'] / 60:.1f} min on {meta['machine']}.  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         "",
-        "## Detection (per planted failure; TPR/FPR/AUROC of each intended probe, in order)",
-        "",
-        *detection_table(result["scores"]),
-        "",
-        "## False alarms on the clean runs",
-        "",
-        *false_alarm_table(result["runs"]),
-        "",
-        "## Privacy / utility (mean over clients: answer perplexity / 4-way accuracy on planted facts)",
-        "",
-        *tradeoff_table(result["tradeoff"]),
-        "",
     ]
+    if result["runs"]:
+        lines += [
+            "## Detection (per planted failure; TPR/FPR/AUROC of each intended probe, in order)",
+            "",
+            *detection_table(result["scores"]),
+            "",
+            "## False alarms on the clean runs",
+            "",
+            *false_alarm_table(result["runs"]),
+            "",
+        ]
+    if result["tradeoff"]:
+        lines += [
+            "## Privacy / utility (mean over clients: answer perplexity / 4-way accuracy on planted facts)",
+            "",
+            *tradeoff_table(result["tradeoff"]),
+            "",
+        ]
     atomic_write_text(out / MARKDOWN_FILE, "\n".join(lines))
     paths = {"json": out / JSON_FILE, "markdown": out / MARKDOWN_FILE}
     paths.update(plot(out, result))

@@ -107,7 +107,7 @@ def run_benchmark(
             "generator": cfg.models.generator,
             "clients": cfg.federation.clients,
             "rounds": cfg.federation.rounds,
-            "seeds": preset.seeds,
+            "seeds": preset.seeds if matrix else 0,
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
             "versions": versions(),
             "seconds": time.perf_counter() - started,
