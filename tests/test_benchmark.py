@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from pfi_rag.benchmark.report import JSON_FILE, MARKDOWN_FILE
 from pfi_rag.benchmark.scenarios import TARGET, scenario_named
 from pfi_rag.benchmark.scoring import auroc, score, system_view
-from pfi_rag.benchmark.silent_failures import PRESETS, run_benchmark, with_preset
+from pfi_rag.benchmark.silent_failures import PRESETS, run_benchmark
 from pfi_rag.cli import app
 from pfi_rag.config import load_config
 from pfi_rag.models.adapters import global_adapter_dir, read_adapter_info
@@ -68,8 +68,10 @@ def test_a_small_matrix_on_flower_finds_what_was_planted(isolated_env, tmp_path,
     stale index are found, named, and absent from the clean run. The non-private trade-off
     baseline runs in-process (an un-noised update may not leave a client) and trains adapters."""
     preset = replace(PRESETS["quick"], seeds=1, tradeoff_epsilons=(None,))
-    base = load_config(None, {"data_root": str(tmp_path / "data"), "models.cache_dir": str(model_cache)})
-    cfg = with_preset(base, preset, explicit={})
+    cfg = load_config(
+        None,
+        {"data_root": str(tmp_path / "data"), "models.cache_dir": str(model_cache), **preset.overrides()},
+    )
     scenarios = tuple(scenario_named(n) for n in ("clean", "poisoned_client", "stale_index"))
     out = tmp_path / "results"
     result = run_benchmark(

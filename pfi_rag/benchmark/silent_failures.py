@@ -48,16 +48,6 @@ def versions() -> dict[str, str]:
     return found
 
 
-def with_preset(cfg: Config, preset: Preset, explicit: dict[str, Any]) -> Config:
-    """``cfg`` with the preset's settings, except keys the user set explicitly (``--set``)."""
-    cfg = cfg.model_copy(deep=True)
-    for key, value in preset.overrides().items():
-        if key not in explicit:
-            section, field = key.split(".")
-            setattr(getattr(cfg, section), field, value)
-    return cfg
-
-
 def run_benchmark(
     cfg: Config,
     *,
@@ -70,8 +60,8 @@ def run_benchmark(
     probes: tuple[str, ...] = PROBES,
     on_event: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
-    """Every scenario x seed, then the trade-off runs; ``cfg`` already carries the preset
-    (:func:`with_preset`). Writes the outputs under ``out`` and returns everything."""
+    """Every scenario x seed, then the trade-off runs; ``cfg`` already carries the preset's
+    settings (``Preset.overrides()``). Writes the outputs under ``out`` and returns everything."""
     from pfi_rag.models.loading import load_embedder
 
     started = time.perf_counter()

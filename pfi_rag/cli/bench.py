@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from pfi_rag.cli.common import config_from, console, fail
+from pfi_rag.cli.common import config_with_defaults, console, fail
 
 WORK_DIR = "bench-silent-failures"  # under the data root; replaced on each run
 
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         from dataclasses import replace
 
         from pfi_rag.benchmark.scenarios import SCENARIOS, scenario_named
-        from pfi_rag.benchmark.silent_failures import PRESETS, run_benchmark, with_preset
+        from pfi_rag.benchmark.silent_failures import PRESETS, run_benchmark
         from pfi_rag.federation.server import FederationFailed
 
         if preset not in PRESETS:
@@ -49,8 +49,7 @@ def register(app: typer.Typer) -> None:
             except KeyError as exc:
                 fail(str(exc.args[0]))
             picked = (scenario_named("clean"), *[s for s in named if s.name != "clean"])
-        explicit = (ctx.find_root().obj or {}).get("overrides", {})
-        cfg = with_preset(config_from(ctx), chosen, explicit)
+        cfg = config_with_defaults(ctx, chosen.overrides())  # an explicit --set wins over the preset
         work = Path(cfg.data_root) / WORK_DIR
         if work.exists():
             shutil.rmtree(work)

@@ -38,6 +38,15 @@ def config_from(ctx: typer.Context, **overrides: Any) -> Config:
         fail(str(exc))
 
 
+def config_with_defaults(ctx: typer.Context, defaults: dict[str, Any], **overrides: Any) -> Config:
+    """:func:`config_from`, with ``defaults`` (dotted keys, e.g. a preset's) applied to every key
+    the user did not ``--set`` explicitly: an explicit ``--set`` of the same key wins."""
+    explicit = (ctx.find_root().obj or {}).get("overrides", {})
+    return config_from(
+        ctx, **{key: value for key, value in defaults.items() if key not in explicit}, **overrides
+    )
+
+
 def parse_set_flags(assignments: list[str]) -> dict[str, str]:
     try:
         return dict(parse_override(item) for item in assignments)

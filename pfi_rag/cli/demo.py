@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from pfi_rag.cli.common import config_from, console, fail
+from pfi_rag.cli.common import config_with_defaults, console, fail
 
 EXIT_FAILED = 1
 
@@ -25,10 +25,8 @@ def register(app: typer.Typer) -> None:
         from pfi_rag.federation.server import FederationFailed
 
         settings = QUICK if quick else FULL
-        explicit = (ctx.find_root().obj or {}).get("overrides", {})
         # The demo's settings are defaults: an explicit --set of the same key wins.
-        demo_defaults = {key: value for key, value in settings.overrides().items() if key not in explicit}
-        cfg = config_from(ctx, **demo_defaults, **{"models.generator": generator})
+        cfg = config_with_defaults(ctx, settings.overrides(), **{"models.generator": generator})
         started = time.perf_counter()
         try:
             run_demo(cfg, settings, console)
