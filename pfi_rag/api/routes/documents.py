@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
+from python_multipart.exceptions import FormParserError
 from starlette.concurrency import run_in_threadpool
 
 from pfi_rag.api.deps import OwnedClient, ServicesDep
@@ -58,7 +59,10 @@ async def _json_documents(request: Request) -> tuple[list[Document], str]:
 
 
 async def _uploaded_documents(request: Request, max_bytes: int) -> tuple[list[Document], str]:
-    form = await request.form()
+    try:
+        form = await request.form()
+    except FormParserError as exc:  # starlette turns its own parse errors into a 400, not these
+        raise ApiError(400, "invalid_request", f"body: malformed multipart/form-data ({exc})") from None
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise ApiError(
