@@ -83,6 +83,18 @@ def test_readding_identical_content_is_a_no_op(tmp_path, embedder):
         assert store.stats()["chunks"] == before["chunks"] and store.history("d0")[-1].version == 1
 
 
+def test_a_document_the_tokenizer_finds_nothing_in_is_kept_without_chunks(tmp_path, embedder):
+    """Control characters alone give no token, so no chunk (found by the API fuzz test: a batch
+    of such documents failed with a 500)."""
+    with open_store(tmp_path, embedder) as store:
+        report = store.add_documents([Document(id="blank", text="\x00\x01")])
+
+        assert (report.added, report.chunks) == (1, 0)
+        assert store.get_document("blank").text == "\x00\x01" and store.search("anything", 5) == []
+        store.add_documents([Document(id="real", text="My bank PIN is 123456.")])
+        assert [hit.doc_id for hit in store.search("bank PIN", 5)] == ["real"] and agree(store)
+
+
 def test_delete_removes_a_document_from_index_and_store(tmp_path, embedder):
     docs = [
         Document(id="keep", text="My dentist appointment is on Tuesday."),

@@ -14,6 +14,8 @@ FINGERPRINT_MIN_COSINE = 0.98
 
 def embed(embedder, texts: Sequence[str], batch_size: int) -> np.ndarray:
     """(N, D) float32, unit L2 norm, so inner product is cosine similarity."""
+    if not texts:  # e.g. only documents the tokenizer finds nothing in (control characters)
+        return np.empty((0, dimension(embedder)), dtype=np.float32)
     vectors = embedder.encode(
         list(texts),
         batch_size=batch_size,
