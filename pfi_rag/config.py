@@ -116,6 +116,19 @@ class PrivacyConfig(Section):
     optimizer: Literal["adam", "sgd"] = "adam"
     learning_rate: float = Field(default=2e-3, gt=0)
     max_seq_len: int = Field(default=128, ge=8)
+    # What a client says about a federated round beside its update (README Federation):
+    # "private" releases its record count and its loss sums before and after training through
+    # the Gaussian mechanism, charged to its ledger as part of the round's epsilon; "exact" sends
+    # them as they are, which is NOT private (a trusted server; the benchmark's view of a plain
+    # federation).
+    round_metrics: Literal["private", "exact"] = "private"
+    # The release's noise std over its sensitivity (sqrt 3: one record moves the count by 1 and
+    # each clipped loss sum by round_metrics_loss_clip). 10 costs ~0.2 epsilon alone at 68
+    # records; the count is then known to +-17 records, so only averages over clients are read.
+    round_metrics_noise: float = Field(default=10.0, gt=0)
+    # Each record's loss (nats/token) is clipped to [0, this] first; above ln(vocabulary) = 10.8,
+    # the loss of a model that knows nothing, for SmolLM2.
+    round_metrics_loss_clip: float = Field(default=12.0, gt=0)
 
 
 class FederationConfig(Section):

@@ -219,7 +219,7 @@ def ingest_documents(cfg: Config, embedder, out: Console) -> dict[str, dict[str,
 
 def federate(cfg: Config, out: Console) -> dict[str, Any]:
     """Step 3: DP-SGD rounds on Flower's simulation engine; the summary holds each client's epsilon."""
-    from pfi_rag.federation.launcher import run_simulation, summarize
+    from pfi_rag.federation.launcher import loss_caption, run_simulation, summarize
 
     started = step(
         out,
@@ -244,7 +244,16 @@ def federate(cfg: Config, out: Console) -> dict[str, Any]:
     with out.status(f"federating {CLIENTS} clients, {cfg.federation.rounds} round(s)"):
         records = run_simulation(cfg, on_round=on_round)
     summary = summarize(cfg, records)
-    table = Table("client", "rounds", "epsilon spent", "delta", "loss before", "loss after", box=None)
+    table = Table(
+        "client",
+        "rounds",
+        "epsilon spent",
+        "delta",
+        "loss before",
+        "loss after",
+        box=None,
+        caption=loss_caption(summary),
+    )
     for client, row in sorted(summary["clients"].items()):
         table.add_row(
             client,

@@ -35,7 +35,8 @@ def test_quick_demo_answers_two_clients_from_their_own_adapters_and_documents(is
         assert (root / "clients" / client / "index" / "faiss.index").is_file()
         assert (root / "clients" / client / "adapter" / "adapter_config.json").is_file()
         ledger = json.loads((root / "clients" / client / "privacy.json").read_text())
-        assert len(ledger["spends"]) == 1  # one round, one DP spend
+        # One round: its DP-SGD steps and its metrics' release.
+        assert [s["kind"] for s in ledger["spends"]] == ["dp-sgd", "round-metrics"]
     summary = json.loads((root / "federation" / "summary.json").read_text())
     assert [r["results"] for r in summary["rounds"]] == [4]
     assert all(0 < row["epsilon"] <= 2.0 + 1e-6 for row in summary["clients"].values())

@@ -19,6 +19,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from pfi_rag.config import Config, load_config
+from pfi_rag.data.records import load_client_data
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.checkpoint import load_checkpoint, read_round_records
 from pfi_rag.federation.launcher import run_simulation
@@ -132,7 +133,7 @@ def test_epsilon_per_client_composes_the_rounds_it_joined(main_run):
     for client in ("client-00", "client-01", "client-02"):
         joined = sum(client in r["results"] for r in records)
         ledger = PrivacyLedger.open(cfg.data_root, client, cfg.privacy)
-        assert len(ledger.spends) == joined
+        assert [s.kind for s in ledger.spends] == ["dp-sgd", "round-metrics"] * joined
         independent = RDPAccountant()
         independent.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in ledger.spends]
         expected = independent.get_epsilon(delta=ledger.delta) if joined else 0.0
@@ -151,10 +152,17 @@ def test_clients_send_only_noised_shared_arrays_and_metrics(main_run):
         for client in ("client-00", "client-01", "client-02")
         for doc in map(json.loads, (cfg.data_root / "clients" / client / "data" / "documents.jsonl").open())
     ]
+    record_counts = set()
+    for client in ("client-00", "client-01", "client-02"):
+        data = load_client_data(cfg.data_root, client)
+        record_counts.add(float(len(data.documents) + len(data.instructions)))
     for path, reply in zip(sorted(captured.glob("train-*.pkl")), replies, strict=True):
         assert set(reply) == {"update", "metrics", "privacy"}
         assert reply["update"] and all(".lora_A." in name for name in reply["update"])
-        assert set(reply["metrics"]) == {"num-examples", "loss-before", "loss-after", "train-seconds"}
+        # The metrics are the private release: the record count is noised, no timing is sent.
+        assert set(reply["metrics"]) == {"num-examples", "loss-before", "loss-after"}
+        assert reply["metrics"]["num-examples"] not in record_counts
+        assert reply["privacy"]["round_metrics"] == "private"
         assert reply["privacy"]["noise_multiplier"] > 0 and reply["privacy"]["update_noise_multiplier"] == 0.5
         raw = path.read_bytes()
         for text in documents:

@@ -26,7 +26,8 @@ def test_ditto_spends_twice_per_round_and_keeps_a_personal_adapter_near_the_glob
     outcome = train_round(cfg, "client-00", global_arrays, server_round=1)
     assert not isinstance(outcome, SatOut)
     ledger = PrivacyLedger.open(tmp_path, "client-00", cfg.privacy)
-    assert len(ledger.spends) == 2  # the global copy and the personal adapter
+    # The global copy (with the round's metric release) and the personal adapter.
+    assert [s.kind for s in ledger.spends] == ["dp-sgd", "round-metrics", "dp-sgd"]
     assert outcome.privacy["epsilon"] == ledger.epsilon_spent
     assert set(outcome.update) == set(global_arrays)  # ditto shares the whole global copy
 
@@ -49,7 +50,7 @@ def test_a_client_past_its_budget_sits_out(tmp_path, model_cache):
     second = train_round(cfg, "client-00", global_arrays, server_round=2)
     assert isinstance(second, SatOut)
     assert "budget" in second.reason.lower() or "epsilon" in second.reason.lower()
-    assert len(PrivacyLedger.open(tmp_path, "client-00", cfg.privacy).spends) == 1
+    assert len(PrivacyLedger.open(tmp_path, "client-00", cfg.privacy).spends) == 2  # round 1 and its metrics
 
 
 def test_a_client_trains_with_its_own_privacy_settings_and_bad_ones_are_named(tmp_path, model_cache):
@@ -72,4 +73,18 @@ def test_a_client_trains_with_its_own_privacy_settings_and_bad_ones_are_named(tm
     settings.write_text('[models]\ngenerator = "other"\n')
     with pytest.raises(ConfigError, match="only \\[privacy\\] may be set per client, not models"):
         train_round(cfg, "client-00", global_arrays, server_round=2)
-    assert len(PrivacyLedger.open(tmp_path, "client-00", cfg.privacy).spends) == 1  # refused before training
+    assert len(PrivacyLedger.open(tmp_path, "client-00", cfg.privacy).spends) == 2  # refused before training
+
+
+def test_a_round_draws_fresh_noise_the_server_cannot_regenerate(tmp_path, model_cache):
+    """The same client, round and configuration twice (two copies of its data root) send
+    different updates and metrics: nothing public (seed, client id, round) fixes the noise."""
+    outcomes = []
+    for copy_name in ("a", "b"):
+        synthesize(tmp_path / copy_name, clients=1, seed=0)
+        cfg = tiny_federation_config(tmp_path / copy_name, model_cache)
+        global_arrays = shared_part(fresh_adapter(cfg)[2], "fedavg")
+        outcomes.append(train_round(cfg, "client-00", global_arrays, server_round=1))
+    first, second = outcomes
+    assert all(not np.allclose(first.update[name], second.update[name]) for name in first.update)
+    assert first.metrics["num-examples"] != second.metrics["num-examples"]

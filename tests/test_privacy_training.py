@@ -5,12 +5,14 @@ import copy
 import numpy as np
 import pytest
 import torch
+from opacus.accountants import RDPAccountant
 
 from pfi_rag.config import AdapterConfig, PrivacyConfig
 from pfi_rag.data.records import Document, Instruction
 from pfi_rag.models.lora import attach_lora, is_lora_b, load_lora_arrays, lora_arrays
-from pfi_rag.privacy import TrainResult, train_adapter
+from pfi_rag.privacy import PrivacyLedger, TrainResult, train_adapter
 from pfi_rag.privacy.dataset import IGNORE_INDEX, build_examples
+from pfi_rag.privacy.round_metrics import noised_round_metrics
 
 DOCUMENTS = [
     Document(id="d0", text="Note (2025-03-02): my dog Biscuit sees the vet on Fridays."),
@@ -206,3 +208,57 @@ def test_an_empty_first_poisson_draw_takes_a_noise_only_step(tiny_generator):
                 assert result.steps == 1 and result.tokens == 0
                 assert all(not np.allclose(before[name], after[name]) for name in before)  # noise went out
         assert empty_first, f"{mode}: no seed drew an empty first batch; pick more seeds"
+
+
+def test_without_a_seed_the_noise_is_fresh_every_time(tiny_generator):
+    """Every real client trains with seed=None: sampling and noise come from the OS, so nobody who
+    knows the configuration (the server included) can regenerate the noise and subtract it."""
+    runs = []
+    for _ in range(2):
+        model, tokenizer = fresh_peft(tiny_generator)
+        train_adapter(
+            model, tokenizer, documents=DOCUMENTS, instructions=INSTRUCTIONS, cfg=clip_config(),
+            ledger=None, noise_multiplier=2.0, steps=1,
+        )  # fmt: skip
+        runs.append(lora_arrays(model))
+    assert all(not np.allclose(runs[0][name], runs[1][name]) for name in runs[0])
+
+
+def test_round_metrics_are_released_noised_inside_the_rounds_spend(tiny_generator, tmp_path):
+    cfg = PrivacyConfig(batch_size=2, max_seq_len=48, epsilon_max=50.0, delta=1e-3, round_metrics_noise=10.0)
+    ledger = PrivacyLedger.open(tmp_path, "client-00", cfg)
+    model, tokenizer = fresh_peft(tiny_generator)
+
+    result = train_adapter(
+        model, tokenizer, documents=DOCUMENTS, instructions=INSTRUCTIONS, cfg=cfg, ledger=ledger,
+        epsilon=2.0, steps=3, release_metrics=True,
+    )  # fmt: skip
+
+    # The release is charged in the same call, which still costs the epsilon it was given.
+    stored = PrivacyLedger.open(tmp_path, "client-00", cfg)
+    assert [s.kind for s in stored.spends] == ["dp-sgd", "round-metrics"]
+    assert stored.history[-1] == (10.0, 1.0, 1)
+    independent = RDPAccountant()
+    independent.history = stored.history
+    assert stored.epsilon_spent == pytest.approx(independent.get_epsilon(delta=1e-3), rel=1e-9)
+    assert result.epsilon == pytest.approx(2.0, abs=0.006) and result.epsilon_total == stored.epsilon_spent
+    # What is released is not the exact count or losses.
+    released = result.released_metrics
+    assert set(released) == {"num-examples", "loss-before", "loss-after"}
+    assert released["num-examples"] != RECORDS and released["loss-before"] != result.loss_before
+
+
+def test_released_round_metrics_carry_noise_of_the_stated_scale():
+    z, clip, records = 10.0, 12.0, 1000
+    rng = np.random.default_rng(0)
+    draws = [
+        noised_round_metrics([5.0] * records, [50.0] * records, clip=clip, noise_multiplier=z, rng=rng)
+        for _ in range(4000)
+    ]
+    counts = np.array([d["num-examples"] for d in draws])
+    assert counts.mean() == pytest.approx(records, abs=1.0)
+    assert counts.std() == pytest.approx(z * np.sqrt(3), rel=0.05)  # sensitivity sqrt(3)
+    assert np.mean([d["loss-before"] for d in draws]) == pytest.approx(5.0, abs=0.02)
+    after = np.array([d["loss-after"] for d in draws])  # every record's loss of 50 counts as 12
+    assert after.max() == clip and np.median(after) == pytest.approx(clip, abs=0.05)
+    assert len({d["loss-before"] for d in draws}) == len(draws)

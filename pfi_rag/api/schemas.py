@@ -251,9 +251,10 @@ class SpendPublic(BaseModel):
     sample_rate: float
     steps: int
     records: int
-    max_grad_norm: float
+    max_grad_norm: float | None  # None for a round's metric release
     epsilon_spent: float
     epsilon_after: float
+    kind: Literal["dp-sgd", "round-metrics"]
 
 
 class PrivacyPublic(BaseModel):

@@ -19,7 +19,12 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def print_summary(summary: dict) -> None:
-    clients = Table(title=f"clients ({summary['strategy']}, aggregation {summary['aggregation']})")
+    from pfi_rag.federation.launcher import loss_caption
+
+    clients = Table(
+        title=f"clients ({summary['strategy']}, aggregation {summary['aggregation']})",
+        caption=loss_caption(summary),
+    )
     for column in ("client", "rounds joined", "epsilon spent", "loss before", "loss after", "update norm"):
         clients.add_column(column)
     for client, row in sorted(summary["clients"].items()):

@@ -52,7 +52,12 @@ def register(app: typer.Typer) -> None:
             None, "--noise-multiplier", help="Gaussian noise std / clip norm, instead of --epsilon."
         ),
         steps: int = typer.Option(None, "--steps", help="DP-SGD steps (default: privacy.local_steps)."),
-        seed: int = typer.Option(None, "--seed", help="Seed of sampling and noise (default: config seed)."),
+        seed: int = typer.Option(
+            None,
+            "--seed",
+            help="Seed of sampling and noise, for experiments: whoever knows it can regenerate the "
+            "noise (default: from the OS).",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """DP-train a client's LoRA adapter on its local data."""
@@ -125,6 +130,7 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"privacy ledger of {client}")
         for column in (
             "when",
+            "what",
             "sigma",
             "sample rate",
             "steps",
@@ -139,11 +145,12 @@ def register(app: typer.Typer) -> None:
         for spend in ledger.spends:
             table.add_row(
                 spend.at,
+                spend.kind,
                 f"{spend.noise_multiplier:.4g}",
                 f"{spend.sample_rate:.4g}",
                 str(spend.steps),
                 str(spend.records),
-                f"{spend.max_grad_norm:g}",
+                "-" if spend.max_grad_norm is None else f"{spend.max_grad_norm:g}",
                 _show(spend.epsilon_spent),
                 _show(spend.epsilon_after),
             )
@@ -199,7 +206,7 @@ def _train_client(cfg, client, ledger, epsilon, noise_multiplier, steps, seed, q
                 instructions=data.instructions,
                 cfg=cfg.privacy,
                 ledger=ledger,
-                seed=cfg.seed if seed is None else seed,
+                seed=seed,
                 epsilon=epsilon,
                 noise_multiplier=noise_multiplier,
                 steps=steps,

@@ -9,8 +9,9 @@ Layout under ``<data_root>/federation/``::
 
 A round record: ``{"round", "strategy", "participants", "failures": [{"client", "error"}],
 "sat_out": [{"client", "reason"}], "updates": {client: {"norm", "cosine_to_mean",
-"num_examples", "epsilon"}}, "aggregate_norm", "metrics": {client: {"loss_before",
-"loss_after"}}, "server_dp": {"noise_multiplier", "clip_norm", "epsilon", "delta"}, "seconds"}``.
+"num_examples", "epsilon"}}, "aggregate_norm", "metrics": {client: {"num_examples",
+"loss_before", "loss_after", "noised"}}, "server_dp": {"noise_multiplier", "clip_norm",
+"epsilon", "delta"}, "seconds"}``.
 """
 
 from __future__ import annotations

@@ -63,6 +63,13 @@ def run_simulation(
     return records
 
 
+def loss_caption(summary: dict) -> str:
+    """What the summary's losses are, for a table under them."""
+    if summary.get("round_metrics") == "exact":
+        return "losses as the clients sent them: exact (privacy.round_metrics = exact, not private)"
+    return "losses as the clients released them: noised, rough per client (privacy.round_metrics)"
+
+
 def summarize(cfg: Config, records: list[dict] | None = None) -> dict:
     """Per-client and per-round summary of every round on disk, saved as JSON."""
     from pfi_rag.privacy import PrivacyLedger
@@ -84,15 +91,16 @@ def summarize(cfg: Config, records: list[dict] | None = None) -> dict:
     per_client: dict[str, dict] = {}
     for r in all_records:
         for client, metrics in (r.get("metrics") or {}).items():
-            entry = per_client.setdefault(client, {"rounds": 0, "loss_before": metrics.get("loss-before")})
+            entry = per_client.setdefault(client, {"rounds": 0, "loss_before": metrics.get("loss_before")})
             entry["rounds"] += 1
-            entry["loss_after"] = metrics.get("loss-after")
+            entry["loss_after"] = metrics.get("loss_after")
             entry["update_norm"] = r["updates"][client]["norm"]
     for client in per_client:
         per_client[client]["epsilon"] = PrivacyLedger.open(cfg.data_root, client, cfg.privacy).epsilon_spent
     summary = {
         "strategy": cfg.federation.strategy,
         "aggregation": cfg.federation.aggregation,
+        "round_metrics": cfg.privacy.round_metrics,  # the losses below: noised ("private") or exact
         "rounds": rounds,
         "clients": per_client,
     }

@@ -179,6 +179,17 @@ def aggregate(outcome: RoundOutcome, cfg: Config, rng: np.random.Generator) -> t
     return combined, stats
 
 
+def metrics_record(result: dict) -> dict:
+    """A client's round metrics under the round record's names, and whether they were noised."""
+    sent = result["metrics"]
+    return {
+        "num_examples": sent.get("num-examples"),
+        "loss_before": sent.get("loss-before"),
+        "loss_after": sent.get("loss-after"),
+        "noised": result["privacy"].get("round_metrics", "private") != "exact",
+    }
+
+
 def last_line(error: str) -> str:
     """The gist of a remote traceback: its last non-empty line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -219,7 +230,9 @@ def run_rounds(grid: Grid, cfg: Config, model_factory, on_round=None) -> list[di
     records = []
     for round_number in range(first_round, fed.rounds + 1):
         started = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, round_number])
+        # OS entropy: who is sampled and the aggregate's noise must stay unknown to outsiders
+        # (amplification by sampling; noise that could be regenerated could be subtracted).
+        rng = np.random.default_rng()
         sampled = sample_nodes(node_ids, per_round, rng)
         outcome = collect_round(grid, round_number, sampled, names, global_arrays, cfg)
         record = {
@@ -248,7 +261,7 @@ def run_rounds(grid: Grid, cfg: Config, model_factory, on_round=None) -> list[di
             status="ok",
             updates=stats,
             aggregate_norm=aggregation.global_norm(delta),
-            metrics={c: {k: v for k, v in r["metrics"].items()} for c, r in outcome.results.items()},
+            metrics={c: metrics_record(r) for c, r in outcome.results.items()},
             server_dp=server_dp_record(cfg, len(sampled), len(node_ids), round_number),
             seconds=time.perf_counter() - started,
         )

@@ -11,7 +11,6 @@ import copy
 import functools
 import logging
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,11 +67,6 @@ def read_adapter_arrays(directory: Path) -> dict[str, np.ndarray] | None:
     return load_file(str(Path(directory) / ADAPTER_WEIGHTS))
 
 
-def round_seed(cfg: Config, client_id: str, server_round: int) -> int:
-    """A seed stable across processes (``hash()`` of a str is salted per process)."""
-    return zlib.crc32(f"{cfg.seed}/{client_id}/{server_round}".encode())
-
-
 def proximal_pull(model, anchor: dict[str, np.ndarray], *, learning_rate: float, strength: float):
     """Ditto's proximal term as a step after each DP step: w <- w - lr * lambda * (w - anchor).
 
@@ -123,10 +117,11 @@ def train_round(
     root = cfg.data_root
     data = load_client_data(root, client_id)
     ledger = PrivacyLedger.open(root, client_id, cfg.privacy)
-    seed = round_seed(cfg, client_id, server_round)
     epsilon = cfg.privacy.epsilon_per_round / 2 if strategy == "ditto" else None
+    private_metrics = cfg.privacy.round_metrics == "private"
 
-    def dp_train(model, after_step=None, seed_offset=0):
+    def dp_train(model, after_step=None, release_metrics=False):
+        # No seed: sampling and noise come from the OS, so the server cannot regenerate them.
         return train_adapter(
             model,
             tokenizer,
@@ -134,9 +129,9 @@ def train_round(
             instructions=data.instructions,
             cfg=cfg.privacy,
             ledger=ledger,
-            seed=seed + seed_offset,  # fresh sampling and noise for each training
             epsilon=epsilon,
             after_step=after_step,
+            release_metrics=release_metrics,
         )
 
     started = time.perf_counter()
@@ -147,7 +142,7 @@ def train_round(
     load_lora_arrays(model, global_shared)  # the shared part comes from the server
     before = lora_arrays(model)
     try:
-        result = dp_train(model)
+        result = dp_train(model, release_metrics=private_metrics)
     except BudgetExceeded as exc:
         return SatOut(reason=str(exc))
     after = lora_arrays(model)
@@ -161,7 +156,7 @@ def train_round(
             strength=cfg.federation.ditto_lambda,
         )
         try:
-            dp_train(model, after_step=pull, seed_offset=1)
+            dp_train(model, after_step=pull)
         except BudgetExceeded:
             save_personal = False  # the global update is paid for; the personal adapter stays as it was
     outgoing = build_outgoing_update(
@@ -170,18 +165,24 @@ def train_round(
         shared_predicate(strategy),
         clip_norm=cfg.federation.client_clip_norm,
         noise_multiplier=cfg.federation.client_noise_multiplier,
-        rng=np.random.default_rng(seed),
+        rng=np.random.default_rng(),  # OS entropy, for the same reason as the training's
         privacy_meta=ledger_meta(result, ledger),
     )
     if save_personal:
         save_adapter(model, client_adapter_dir(root, client_id), round=server_round, source="federated")
-    metrics = {
-        "num-examples": float(result.records),
-        "loss-before": float(result.loss_before),
-        "loss-after": float(result.loss_after),
-        "train-seconds": time.perf_counter() - started,
-    }
+    if private_metrics:
+        metrics = dict(result.released_metrics)
+    else:  # privacy.round_metrics = "exact": the client chose to tell a trusted server
+        metrics = {
+            "num-examples": float(result.records),
+            "loss-before": float(result.loss_before),
+            "loss-after": float(result.loss_after),
+            "train-seconds": time.perf_counter() - started,
+        }
     privacy = {key: value for key, value in outgoing.metadata.items() if value is not None}
+    privacy["round_metrics"] = "private" if private_metrics else "exact"
+    if private_metrics:
+        privacy["round_metrics_noise"] = cfg.privacy.round_metrics_noise
     return RoundResult(update=outgoing.arrays, metrics=metrics, privacy=privacy)
 
 

@@ -22,9 +22,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1
     targets = labels[:, 1:].to(logits.device)
     scored = targets != ignore_index
     nll = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
-    nll[scored] = torch.nn.functional.cross_entropy(
-        logits[scored].float(), targets[scored], reduction="none"
-    )
+    nll[scored] = torch.nn.functional.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
     return nll
 
 

@@ -75,20 +75,22 @@ def noise_for_spend(
     steps: int,
     delta: float,
     mechanism: str,
+    also: Sequence[tuple[float, float, int]] = (),
     tolerance: float = 0.005,
 ) -> float:
-    """The smallest noise multiplier (within ``tolerance`` in epsilon) whose ``steps`` raise the
-    composed epsilon of ``history`` by at most ``epsilon``.
+    """The smallest noise multiplier (within ``tolerance`` in epsilon) whose ``steps``, with the
+    entries ``also`` that the same call adds (a round's metric release), raise the composed
+    epsilon of ``history`` by at most ``epsilon``.
 
     Solving against the history, rather than for this call alone, makes ``epsilon`` exactly what
     the call takes from the budget; later calls of the same spend may use a little less noise,
     because composition grows sub-additively.
     """
-    history = list(history)
-    target = epsilon_of(history, delta=delta, mechanism=mechanism) + epsilon
+    target = epsilon_of(list(history), delta=delta, mechanism=mechanism) + epsilon
+    planned = [*history, *also]
 
     def total(sigma: float) -> float:
-        return epsilon_of([*history, (sigma, sample_rate, steps)], delta=delta, mechanism=mechanism)
+        return epsilon_of([*planned, (sigma, sample_rate, steps)], delta=delta, mechanism=mechanism)
 
     # Bracket sigma by doubling or halving from 1, so that total(low) > target >= total(high).
     low, high = 1.0, 1.0
@@ -96,7 +98,10 @@ def noise_for_spend(
         while total(high) > target:
             low, high = high, 2 * high
             if high > MAX_NOISE_MULTIPLIER:
-                raise ValueError(f"an epsilon spend of {epsilon:g} over {steps} steps needs too much noise")
+                raise ValueError(
+                    f"an epsilon spend of {epsilon:g} over {steps} steps needs too much noise"
+                    + (" (the round's metric release alone may cost that much)" if also else "")
+                )
     else:
         while total(low) <= target:
             low, high = low / 2, low  # epsilon grows without bound as sigma -> 0: this ends

@@ -32,16 +32,18 @@ BUDGET_SLACK = 1e-9
 
 @dataclass(frozen=True)
 class Spend:
-    """One training call's privacy cost, as recorded after its noised steps were taken."""
+    """One mechanism's privacy cost, as recorded after it ran: a training call's noised steps
+    ("dp-sgd") or a round's noised metrics ("round-metrics", privacy.round_metrics)."""
 
     at: str
     noise_multiplier: float
     sample_rate: float
     steps: int
     records: int
-    max_grad_norm: float
+    max_grad_norm: float | None  # None for a metric release (its clipping is in round_metrics)
     epsilon_spent: float  # increase of the composed epsilon caused by this call
     epsilon_after: float  # composed epsilon of every spend so far
+    kind: str = "dp-sgd"
 
 
 class PrivacyLedger:
@@ -109,10 +111,11 @@ class PrivacyLedger:
         return max(0.0, self.epsilon_max - self.epsilon_spent)
 
     def epsilon_after(
-        self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float
+        self, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, also: History = ()
     ) -> float:
-        """The composed epsilon if a spend of ``steps`` noised steps were added to the history."""
-        planned = [*self._history, (noise_multiplier, sample_rate, steps)]
+        """The composed epsilon if a spend of ``steps`` noised steps (and the entries ``also``
+        that the same call adds, a metric release) were added to the history."""
+        planned = [*self._history, (noise_multiplier, sample_rate, steps), *also]
         return epsilon_of(planned, delta=delta, mechanism=self.mechanism)
 
     # -- enforcing -----------------------------------------------------------------------------
@@ -124,11 +127,13 @@ class PrivacyLedger:
         if spent + wanted > self.epsilon_max + BUDGET_SLACK or spent >= self.epsilon_max:
             self._refuse(spent, spent + wanted)
 
-    def check(self, *, noise_multiplier: float, sample_rate: float, steps: int, records: int) -> float:
+    def check(
+        self, *, noise_multiplier: float, sample_rate: float, steps: int, records: int, also: History = ()
+    ) -> float:
         """The composed epsilon after the planned spend; raises :class:`BudgetExceeded` past the budget."""
         delta = self.delta_for(records)
         after = self.epsilon_after(
-            noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta
+            noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta, also=also
         )
         if after > self.epsilon_max + BUDGET_SLACK:
             self._refuse(self.epsilon_spent, after)
@@ -186,6 +191,16 @@ class PrivacyLedger:
             raise PrivacyError(
                 "the accountant's history does not extend the ledger's; refusing to rewrite it"
             )
+        return self._append(new_history, added, records=records, max_grad_norm=max_grad_norm, kind="dp-sgd")
+
+    def commit_release(self, entry: tuple[float, float, int], *, records: int) -> Spend:
+        """Record a metric release (``round_metrics.release_entry``) that already ran, and save."""
+        history = [*self._history, entry]
+        return self._append(history, entry, records=records, max_grad_norm=None, kind="round-metrics")
+
+    def _append(
+        self, new_history: History, added: tuple[float, float, int], *, records: int, max_grad_norm, kind: str
+    ) -> Spend:
         delta = self.delta_for(records)
         before = self.epsilon_spent if self._delta is not None else 0.0
         after = epsilon_of(new_history, delta=delta, mechanism=self.mechanism)
@@ -199,6 +214,7 @@ class PrivacyLedger:
             max_grad_norm=max_grad_norm,
             epsilon_spent=after - before,
             epsilon_after=after,
+            kind=kind,
         )
         self._history, self._delta = new_history, delta
         self._spends.append(spend)

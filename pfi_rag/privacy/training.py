@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
@@ -39,6 +41,7 @@ from pfi_rag.privacy.dataset import (
 )
 from pfi_rag.privacy.errors import PrivacyError
 from pfi_rag.privacy.ledger import PrivacyLedger, resolve_delta
+from pfi_rag.privacy.round_metrics import noised_round_metrics, release_entry
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,9 @@ class TrainResult:
     accountant: str
     grad_sample_mode: str | None
     seconds: float
+    # The round's metrics as released (round_metrics.noised_round_metrics), when asked for;
+    # epsilon and epsilon_total include their cost.
+    released_metrics: dict[str, float] | None = None
 
     @property
     def private(self) -> bool:
@@ -101,13 +107,14 @@ def train_adapter(
     instructions: Sequence[Instruction],
     cfg: PrivacyConfig,
     ledger: PrivacyLedger | None,
-    seed: int,
+    seed: int | None = None,
     epsilon: float | None = None,
     noise_multiplier: float | None = None,
     steps: int | None = None,
     progress: Callable[[StepInfo], None] | None = None,
     private: bool = True,
     after_step: Callable[[], None] | None = None,
+    release_metrics: bool = False,
 ) -> TrainResult:
     """Train ``model``'s active LoRA adapter in place with DP-SGD and charge ``ledger``.
 
@@ -116,6 +123,10 @@ def train_adapter(
     ``private=False`` trains without clipping or noise (a baseline; refused with a ledger).
     ``after_step()`` runs after every optimizer step; it may change the weights only in ways that
     do not read the data (e.g. Ditto's proximal pull), which keeps the result private.
+    ``seed`` fixes Poisson sampling and noise: for tests and experiments only, since whoever knows
+    it can regenerate the noise and subtract it. None (every real client) draws it from the OS.
+    ``release_metrics`` also releases the round's record count and losses, noised
+    (:mod:`pfi_rag.privacy.round_metrics`), inside the same spend.
     Raises :class:`BudgetExceeded` before reading any record if the spend would pass the budget.
     On return the model is a plain PeftModel again (Opacus hooks removed) in eval mode.
     """
@@ -126,9 +137,14 @@ def train_adapter(
         raise PrivacyError("no documents or instructions to train on")
     steps = steps or cfg.local_steps
     rate = sample_rate(records, cfg.batch_size)
+    if seed is None:
+        seed = secrets.randbits(62)
+    release = [release_entry(cfg.round_metrics_noise)] if release_metrics else []
     if not private:
         if ledger is not None:
             raise PrivacyError("a non-private run cannot be charged to a ledger: pass ledger=None")
+        if release_metrics:
+            raise PrivacyError("a non-private run has no private metrics to release")
         return _train(
             model,
             tokenizer,
@@ -153,9 +169,21 @@ def train_adapter(
         if ledger is not None:
             ledger.check_remaining(epsilon)  # refuse before the (slower) noise search
         noise_multiplier = noise_for_spend(
-            history, epsilon=epsilon, sample_rate=rate, steps=steps, delta=delta, mechanism=cfg.accountant
+            history,
+            epsilon=epsilon,
+            sample_rate=rate,
+            steps=steps,
+            delta=delta,
+            mechanism=cfg.accountant,
+            also=release,
         )
-    plan = {"noise_multiplier": noise_multiplier, "sample_rate": rate, "steps": steps, "records": records}
+    plan = {
+        "noise_multiplier": noise_multiplier,
+        "sample_rate": rate,
+        "steps": steps,
+        "records": records,
+        "also": release,
+    }
     if ledger is None:
         return _train(
             model,
@@ -210,7 +238,7 @@ def _train(
     cfg = cfg.model_copy(update={"grad_sample_mode": grad_sample_mode_for(cfg.grad_sample_mode, device)})
     examples = build_examples(tokenizer, documents, instructions, max_len=cfg.max_seq_len)
     collate = Collate(tokenizer.pad_token_id)
-    loss_before = mean_loss(model, examples, collate, cfg.batch_size)
+    losses_before = record_losses(model, examples, collate, cfg.batch_size)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -275,16 +303,28 @@ def _train(
                     engine.accountant.state_dict(), records=len(examples), max_grad_norm=cfg.max_grad_norm
                 )
 
-    loss_after = mean_loss(model, examples, collate, cfg.batch_size)
+    losses_after = record_losses(model, examples, collate, cfg.batch_size)
+    released = None
+    if plan is not None and plan["also"]:
+        released = noised_round_metrics(
+            losses_before,
+            losses_after,
+            clip=cfg.round_metrics_loss_clip,
+            noise_multiplier=cfg.round_metrics_noise,
+            rng=np.random.default_rng([seed, 2]),
+        )
+        if ledger is not None:
+            committed = ledger.commit_release(plan["also"][0], records=len(examples))
     if engine is None:
         total = spent = math.inf
     elif ledger is not None:
         total, spent = committed.epsilon_after, committed.epsilon_after - before
     else:
-        total = spent = epsilon_of(engine.accountant.history, delta=delta, mechanism=mechanism)
+        history = [*engine.accountant.history, *plan["also"]]
+        total = spent = epsilon_of(history, delta=delta, mechanism=mechanism)
     return TrainResult(
-        loss_before=loss_before,
-        loss_after=loss_after,
+        loss_before=sum(losses_before) / len(losses_before),
+        loss_after=sum(losses_after) / len(losses_after),
         epsilon=spent,
         epsilon_total=total,
         delta=delta,
@@ -298,6 +338,7 @@ def _train(
         accountant=mechanism,
         grad_sample_mode=cfg.grad_sample_mode if plan else None,
         seconds=time.perf_counter() - started,
+        released_metrics=released,
     )
 
 
@@ -379,15 +420,15 @@ def _noise_only_step(optimizer) -> None:
 
 
 @torch.no_grad()
-def mean_loss(model, examples: Sequence[Example], collate: Collate, batch_size: int) -> float:
-    """Mean per-record loss (the training objective) over ``examples``, in eval mode."""
+def record_losses(model, examples: Sequence[Example], collate: Collate, batch_size: int) -> list[float]:
+    """Each record's loss (the training objective: mean NLL of its target tokens), in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = 0.0
+    losses: list[float] = []
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(list(examples[start : start + batch_size])).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += float(sequence_losses(logits, batch["labels"]).sum())
+        losses.extend(sequence_losses(logits, batch["labels"]).tolist())
     model.train(was_training)
-    return total / len(examples)
+    return losses

@@ -89,7 +89,11 @@ class BudgetProbe(ClientProbe):
             sigma = spend_sigma(spend)
             if sigma is None or sigma <= 0:
                 violations.append(f"spend {number}: no noise applied (noise_multiplier={sigma})")
-            elif privacy.noise_multiplier is not None and abs(sigma - privacy.noise_multiplier) > 1e-6:
+            elif (
+                spend.get("kind", "dp-sgd") == "dp-sgd"
+                and privacy.noise_multiplier is not None
+                and abs(sigma - privacy.noise_multiplier) > 1e-6
+            ):
                 violations.append(
                     f"spend {number}: noise {sigma:g} is not the configured {privacy.noise_multiplier:g}"
                 )

@@ -5,7 +5,8 @@ updates) above ``update_outliers_z``, a cosine to the mean update below
 ``update_outliers_cosine`` (pulling against everyone else: poisoned or broken), or a
 non-finite norm. Silent failures, per client: errors recorded in a round that the federation
 still completed, selected but neither updated nor failed, a zero-norm update (nothing
-trained), loss not falling in local training, or a client with data that never took part.
+trained), a training loss that fell in none of the client's rounds (exact metrics only:
+privacy.round_metrics = "exact"), or a client with data that never took part.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class SilentFailuresProbe(FederationProbe):
             return self.skip(ctx, "no federation history")
         problems = []
         seen: set[str] = set()
+        progress: dict[str, list[tuple[int, float, float]]] = {}  # client -> (round, before, after)
         for r in rounds:
             failed = {str(f.get("client")): str(f.get("error", "")) for f in r.failures}
             for client, error in sorted(failed.items()):
@@ -103,16 +105,17 @@ class SilentFailuresProbe(FederationProbe):
                     problems.append({"round": r.number, "client": client, "why": "zero-norm update"})
             for client, m in sorted(r.metrics.items()):
                 before, after = m.get("loss_before"), m.get("loss_after")
-                if before is not None and after is not None and not after < before:
-                    problems.append(
-                        {
-                            "round": r.number,
-                            "client": client,
-                            "why": f"loss {before:.4g} -> {after:.4g}, no progress",
-                        }
-                    )
+                # Noised (private) metrics are too rough for one client's progress: skip them.
+                if before is not None and after is not None and not m.get("noised", False):
+                    progress.setdefault(client, []).append((r.number, before, after))
             seen.update(failed)
             seen.update(str(s.get("client")) for s in r.sat_out)
+        for client, steps in sorted(progress.items()):
+            # DP noise may undo one round's progress; no progress in any round is a broken client.
+            if all(not after < before for _, before, after in steps):
+                shown = "; ".join(f"round {n}: {b:.4g} -> {a:.4g}" for n, b, a in steps)
+                why = f"loss never fell ({shown})"
+                problems.append({"round": steps[-1][0], "client": client, "why": why})
         for client in client_ids:
             if client not in seen:
                 problems.append({"round": None, "client": client, "why": "has data but never took part"})
