@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pfi-rag-installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast fuzz lint bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Fresh random API fuzzing, 300 examples per operation (~5 min); make test draws fixed ones.
+fuzz: setup
+	FUZZ_EXAMPLES=300 FUZZ_RANDOM=1 $(BIN)/python -m pytest -q tests/test_api_fuzz.py
 
 lint: setup
 	$(BIN)/ruff check .
