@@ -193,6 +193,9 @@ class ServingConfig(Section):
 class ProbesConfig(Section):
     """Thresholds of the silent-failure probes (README "Probes"): a value past one fails the probe."""
 
+    # A TOML [probes] table of <probe>_threshold keys (`pfi-rag probe calibrate` writes one from
+    # reports of healthy runs); its values replace the thresholds below when the probes run.
+    thresholds_file: Path | None = None
     grounding_min: float = Field(default=0.5, ge=0, le=1)
     retrieval_confidence_min: float = Field(default=0.3, ge=-1, le=1)
     # Privacy-preserving mode: per-client metric releases are clipped and Gaussian-noised.
@@ -292,6 +295,30 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         raise ConfigError(_describe(exc)) from None
     except ValueError as exc:  # a malformed TOML file or environment value
         raise ConfigError(f"cannot read config: {exc}") from None
+
+
+def with_probe_thresholds(cfg: Config) -> Config:
+    """``cfg`` with the thresholds of ``probes.thresholds_file`` (probes/thresholds.py), if set.
+
+    Only ``[probes]`` keys ending in ``_threshold`` may be in the file: it adjusts how strict each
+    probe is, never what runs or what is released.
+    """
+    path = cfg.probes.thresholds_file
+    if path is None:
+        return cfg
+    try:
+        table = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"probes.thresholds_file: cannot read {path}: {exc}") from None
+    thresholds = table.get("probes", {})
+    other = sorted(set(table) - {"probes"}) + sorted(k for k in thresholds if not k.endswith("_threshold"))
+    if other or not isinstance(thresholds, dict):
+        raise ConfigError(f"{path}: only [probes] <probe>_threshold keys may be set, not {', '.join(other)}")
+    try:
+        probes = ProbesConfig.model_validate(cfg.probes.model_dump() | thresholds)
+    except ValidationError as exc:
+        raise ConfigError(f"{path} [probes]: {_describe(exc)}") from None
+    return cfg.model_copy(update={"probes": probes})
 
 
 def with_client_settings(cfg: Config, settings_file: Path) -> Config:

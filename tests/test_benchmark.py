@@ -38,6 +38,8 @@ def _run(scenario: str, seed: int, value: float, verdict: str, loss: float, flag
             "update_outliers": {
                 "verdict": verdict,
                 "value": value,
+                "metric": "outlier_updates",
+                "threshold": 0.0,
                 "fails_above": True,
                 "flagged_clients": list(flagged),
             }
@@ -57,6 +59,8 @@ def test_score_gives_tpr_fpr_auroc_and_whether_the_federation_saw_it():
     assert row["tpr"] == 0.5 and row["fpr"] == 0.5
     assert row["auroc"] == (1 + 1 + 0.5 + 0) / 4  # 2>0, 2>1; 0=0 (half), 0<1
     assert row["localised"] == 1.0
+    # Calibrated on the other seed's clean run: seed 0 is judged against 1.0, seed 1 against 0.0.
+    assert row["calibrated_tpr"] == 0.5 and row["calibrated_fpr"] == 0.5  # 2 > 1 fails; 1 > 0 fails
     # A loss inside the clean runs' range: silent to the federation.
     assert scores["poisoned_client"]["system"]["visible"] is False
     assert system_view([2.0, 2.02], [2.5], [{"system": {"failures": 0}}])["visible"] is True

@@ -20,6 +20,7 @@ COMMANDS = [
     "clients",
     "generate",
     "probe",
+    "calibrate-probes",
     "bench",
     "demo",
 ]

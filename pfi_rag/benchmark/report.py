@@ -41,6 +41,28 @@ def detection_table(scores: dict[str, Any]) -> list[str]:
     return lines
 
 
+def calibrated_table(scores: dict[str, Any]) -> list[str]:
+    """Detection when each threshold is the worst value of the other seeds' clean runs."""
+    lines = [
+        "| planted failure | meant to catch it | TPR | FPR | caught by (any probe, TPR > FPR) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in scores.items():
+        cells = [row["probes"].get(p, {}) for p in row["detectors"]]
+        tpr = " / ".join(_f(c.get("calibrated_tpr")) for c in cells)
+        fpr = " / ".join(_f(c.get("calibrated_fpr")) for c in cells)
+        anyone = [
+            p
+            for p, c in row["probes"].items()
+            if (c.get("calibrated_tpr") or 0) > (c.get("calibrated_fpr") or 0)
+        ]
+        lines.append(
+            f"| {name} ({row['failure']}) | {', '.join(row['detectors'])} | {tpr} | {fpr} "
+            f"| {', '.join(anyone) or 'none'} |"
+        )
+    return lines
+
+
 def false_alarm_table(runs: list[dict[str, Any]]) -> list[str]:
     clean = [r for r in runs if r["scenario"] == "clean"]
     if not clean:
@@ -91,6 +113,14 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
             "## False alarms on the clean runs",
             "",
             *false_alarm_table(result["runs"]),
+            "",
+            "## Detection with calibrated thresholds",
+            "",
+            "Each threshold is the worst value the probe reached on the clean runs of the *other* "
+            "seeds (`pfi-rag calibrate-probes`; leave-one-seed-out, so the FPR is out of sample). "
+            "With N reference runs a healthy run fails with probability at most 1/(N+1).",
+            "",
+            *calibrated_table(result["scores"]),
             "",
         ]
     if result["tradeoff"]:

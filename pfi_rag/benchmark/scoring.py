@@ -33,9 +33,45 @@ def _rate(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
+def calibrated_verdicts(runs: list[dict], clean: list[dict]) -> dict[int, dict[str, bool]]:
+    """Per run (by index), per probe: does it fail the threshold `pfi-rag calibrate-probes` would
+    set from the clean runs of the *other* seeds? (Leave-one-seed-out, so a clean run is never
+    its own reference: the FPR is out of sample.)"""
+    from pfi_rag.probes.base import Verdict, judge
+    from pfi_rag.probes.thresholds import calibrate
+
+    thresholds: dict[int, dict[str, Any]] = {}
+    for seed in {r["seed"] for r in runs}:
+        references = [
+            {"probes": [{"probe": name, **entry} for name, entry in r["probes"].items()]}
+            for r in clean
+            if r["seed"] != seed
+        ]
+        thresholds[seed] = {c.probe: c for c in calibrate(references)} if references else {}
+    verdicts: dict[int, dict[str, bool]] = {}
+    for index, run in enumerate(runs):
+        verdicts[index] = {}
+        for name, entry in run["probes"].items():
+            chosen = thresholds[run["seed"]].get(name)
+            value = entry.get("value")
+            if chosen is None or value is None or entry["verdict"] not in ("pass", "fail"):
+                continue
+            verdict = judge(float(value), chosen.threshold, fails_above=chosen.fails_above)
+            verdicts[index][name] = verdict == Verdict.FAIL
+    return verdicts
+
+
 def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
-    """Per scenario: per probe TPR, FPR (against the clean runs) and AUROC; and the system view."""
+    """Per scenario: per probe TPR, FPR (against the clean runs) and AUROC, with the configured
+    and with calibrated thresholds; and the system view."""
     clean = [r for r in runs if r["scenario"] == "clean"]
+    calibrated = calibrated_verdicts(runs, clean)
+    index_of = {id(r): i for i, r in enumerate(runs)}
+
+    def calibrated_rate(group: list[dict[str, Any]], name: str) -> float | None:
+        failed = [calibrated[index_of[id(r)]].get(name) for r in group]
+        return _rate([f for f in failed if f is not None])
+
     probes = sorted({name for r in runs for name in r["probes"]})
     clean_loss = [r["system"]["mean_loss_end"] for r in clean if r["system"]["mean_loss_end"] is not None]
     table: dict[str, Any] = {}
@@ -53,6 +89,8 @@ def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
                 "tpr": _rate([r["probes"][name]["verdict"] == "fail" for r in failed if name in r["probes"]]),
                 "fpr": _rate([r["probes"][name]["verdict"] == "fail" for r in clean if name in r["probes"]]),
                 "auroc": auroc([v for v in neg if v is not None], [v for v in pos if v is not None]),
+                "calibrated_tpr": calibrated_rate(failed, name),
+                "calibrated_fpr": calibrated_rate(clean, name),
                 # Did the probe name the client that carries the failure?
                 "localised": _rate(
                     [

@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of the table."),
     ) -> None:
         """Audit clients and the federation for silent failures; exit 1 if any probe fails."""
+        from pfi_rag.config import ConfigError
         from pfi_rag.probes import SUITES, ProbeContext, run_suite
         from pfi_rag.probes.history import HistoryError
         from pfi_rag.probes.report import write_report
@@ -75,7 +76,10 @@ def register(app: typer.Typer) -> None:
             fail(str(exc))
         if out is not None and out.exists() and not out.is_dir():
             fail(f"--out {out} is a file; give a directory")
-        context = ProbeContext(cfg)
+        try:
+            context = ProbeContext(cfg)
+        except ConfigError as exc:
+            fail(str(exc))
         try:
             with console.status("running probes") as status:
                 report = run_suite(
@@ -103,3 +107,46 @@ def register(app: typer.Typer) -> None:
             if out is not None:
                 console.print(f"report: {json_path} and {html_path}")
         raise typer.Exit(report.exit_code)
+
+    @app.command("calibrate-probes")
+    def calibrate_probes(
+        reports: list[Path] = typer.Argument(
+            ..., help="report.json files of `pfi-rag probe --out` runs on healthy deployments."
+        ),
+        out: Path = typer.Option(..., "--out", help="TOML file to write (for probes.thresholds_file)."),
+    ) -> None:
+        """Set each probe's threshold to the worst value it reached on healthy reference runs."""
+        import json
+
+        from pfi_rag.probes.thresholds import calibrate, thresholds_toml
+        from pfi_rag.storage import atomic_write_text
+
+        loaded = []
+        for path in reports:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                fail(f"{path}: not a readable report.json ({exc})")
+            if not isinstance(data, dict) or not isinstance(data.get("probes"), list):
+                fail(f"{path}: not a probe report (no 'probes' list); give `pfi-rag probe --out` output")
+            loaded.append(data)
+        calibrated = calibrate(loaded)
+        if not calibrated:
+            fail("no probe has a value in every report: run the same probes on each reference")
+        if out.exists() and out.is_dir():
+            fail(f"--out {out} is a directory; give a file name")
+        atomic_write_text(out, thresholds_toml(calibrated, [str(p) for p in reports]))
+        table = Table(title=f"thresholds from {len(loaded)} healthy run(s)")
+        for column in ("probe", "metric", "fails when", "was", "false alarms at most"):
+            table.add_column(column)
+        for item in calibrated:
+            side = ">" if item.fails_above else "<"
+            table.add_row(
+                item.probe,
+                item.metric,
+                f"{side} {item.threshold:.4g}",
+                f"{side} {item.configured:g}",
+                f"{item.false_alarm_bound:.0%}",
+            )
+        console.print(table)
+        console.print(f"wrote {out}; use it with --set probes.thresholds_file={out}")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from pfi_rag.config import Config
+from pfi_rag.config import Config, with_probe_thresholds
 from pfi_rag.data.records import ClientData, EvalText, RefusalPrompt, load_client_data, load_shared_eval
 from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir
 from pfi_rag.probes.history import Round, read_history
@@ -67,7 +67,7 @@ class ProbeContext:
         ``answerer`` produces grounded answers; by default the client's model generates greedily
         from the retrieved context (probes/retrieval.py).
         """
-        self.config = config
+        self.config = with_probe_thresholds(config)
         self.data_root = Path(config.data_root)
         self._generator = generator
         self._retriever_factory = retriever_factory
