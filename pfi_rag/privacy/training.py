@@ -13,6 +13,7 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -140,25 +141,25 @@ def train_adapter(
     if seed is None:
         seed = secrets.randbits(62)
     release = [release_entry(cfg.round_metrics_noise)] if release_metrics else []
+    train = functools.partial(
+        _train,
+        model,
+        tokenizer,
+        documents,
+        instructions,
+        cfg,
+        rate=rate,
+        steps=steps,
+        seed=seed,
+        progress=progress,
+        after_step=after_step,
+    )
     if not private:
         if ledger is not None:
             raise PrivacyError("a non-private run cannot be charged to a ledger: pass ledger=None")
         if release_metrics:
             raise PrivacyError("a non-private run has no private metrics to release")
-        return _train(
-            model,
-            tokenizer,
-            documents,
-            instructions,
-            cfg,
-            None,
-            None,
-            rate,
-            steps,
-            seed,
-            progress,
-            after_step,
-        )
+        return train(ledger=None, plan=None)
 
     history = ledger.history if ledger is not None else []
     delta = ledger.delta_for(records) if ledger is not None else resolve_delta(None, cfg.delta, records)
@@ -185,37 +186,11 @@ def train_adapter(
         "also": release,
     }
     if ledger is None:
-        return _train(
-            model,
-            tokenizer,
-            documents,
-            instructions,
-            cfg,
-            None,
-            plan,
-            rate,
-            steps,
-            seed,
-            progress,
-            after_step,
-        )
+        return train(ledger=None, plan=plan)
     ledger.check(**plan)
     with ledger.locked():  # re-reads the ledger: another process may have spent meanwhile
         ledger.check(**plan)
-        return _train(
-            model,
-            tokenizer,
-            documents,
-            instructions,
-            cfg,
-            ledger,
-            plan,
-            rate,
-            steps,
-            seed,
-            progress,
-            after_step,
-        )
+        return train(ledger=ledger, plan=plan)
 
 
 def _train(
@@ -224,13 +199,14 @@ def _train(
     documents: Sequence[Document],
     instructions: Sequence[Instruction],
     cfg: PrivacyConfig,
+    *,
     ledger: PrivacyLedger | None,
-    plan: dict | None,
+    plan: dict | None,  # None: non-private; else the checked spend (train_adapter)
     rate: float,
     steps: int,
     seed: int,
     progress: Callable[[StepInfo], None] | None,
-    after_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None,
 ) -> TrainResult:
     """The training loop: data, DP wrapping, steps, cleanup, ledger commit, in that order."""
     started = time.perf_counter()
