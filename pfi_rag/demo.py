@@ -219,7 +219,7 @@ def ingest_documents(cfg: Config, embedder, out: Console) -> dict[str, dict[str,
 
 def federate(cfg: Config, out: Console) -> dict[str, Any]:
     """Step 3: DP-SGD rounds on Flower's simulation engine; the summary holds each client's epsilon."""
-    from pfi_rag.federation.launcher import loss_caption, run_simulation, summarize
+    from pfi_rag.federation.launcher import loss_caption, run_simulation, show_loss, summarize
 
     started = step(
         out,
@@ -260,8 +260,8 @@ def federate(cfg: Config, out: Console) -> dict[str, Any]:
             str(row["rounds"]),
             f"{row['epsilon']:.2f}",
             f"{_delta(cfg, client):.1e}",
-            _fmt(row["loss_before"]),
-            _fmt(row["loss_after"]),
+            show_loss(row, "loss_before"),
+            show_loss(row, "loss_after"),
         )
     out.print(table)
     done(out, started)

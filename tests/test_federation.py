@@ -171,6 +171,9 @@ def test_clients_send_only_noised_shared_arrays_and_metrics(main_run):
         values = np.concatenate([a.ravel() for a in reply["update"].values()])
         assert values.size > 1000
         assert 0.45 < values.std() < 0.55
+    # The round records say the metrics were noised, and by about how much.
+    for record in records:
+        assert all(m["noised"] and m["loss_std"] > 0 for m in record["metrics"].values())
 
 
 def test_every_client_failing_ends_the_run_loudly(tmp_path, model_cache):

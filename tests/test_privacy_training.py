@@ -12,7 +12,7 @@ from pfi_rag.data.records import Document, Instruction
 from pfi_rag.models.lora import attach_lora, is_lora_b, load_lora_arrays, lora_arrays
 from pfi_rag.privacy import PrivacyLedger, TrainResult, train_adapter
 from pfi_rag.privacy.dataset import IGNORE_INDEX, build_examples
-from pfi_rag.privacy.round_metrics import noised_round_metrics
+from pfi_rag.privacy.round_metrics import noised_round_metrics, released_loss_std
 
 DOCUMENTS = [
     Document(id="d0", text="Note (2025-03-02): my dog Biscuit sees the vet on Fridays."),
@@ -258,7 +258,11 @@ def test_released_round_metrics_carry_noise_of_the_stated_scale():
     counts = np.array([d["num-examples"] for d in draws])
     assert counts.mean() == pytest.approx(records, abs=1.0)
     assert counts.std() == pytest.approx(z * np.sqrt(3), rel=0.05)  # sensitivity sqrt(3)
-    assert np.mean([d["loss-before"] for d in draws]) == pytest.approx(5.0, abs=0.02)
+    before = np.array([d["loss-before"] for d in draws])
+    assert before.mean() == pytest.approx(5.0, abs=0.02)
+    # The std the server states beside a released loss (first order in the noise).
+    stated = released_loss_std(records, 5.0, clip=clip, noise_multiplier=z)
+    assert before.std() == pytest.approx(stated, rel=0.05)
     after = np.array([d["loss-after"] for d in draws])  # every record's loss of 50 counts as 12
     assert after.max() == clip and np.median(after) == pytest.approx(clip, abs=0.05)
     assert len({d["loss-before"] for d in draws}) == len(draws)

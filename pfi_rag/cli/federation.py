@@ -19,7 +19,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def print_summary(summary: dict) -> None:
-    from pfi_rag.federation.launcher import loss_caption
+    from pfi_rag.federation.launcher import loss_caption, show_loss
 
     clients = Table(
         title=f"clients ({summary['strategy']}, aggregation {summary['aggregation']})",
@@ -32,8 +32,8 @@ def print_summary(summary: dict) -> None:
             client,
             str(row["rounds"]),
             _fmt(row["epsilon"]),
-            _fmt(row["loss_before"]),
-            _fmt(row["loss_after"]),
+            show_loss(row, "loss_before"),
+            show_loss(row, "loss_after"),
             _fmt(row["update_norm"]),
         )
     console.print(clients)

@@ -67,7 +67,18 @@ def loss_caption(summary: dict) -> str:
     """What the summary's losses are, for a table under them."""
     if summary.get("round_metrics") == "exact":
         return "losses as the clients sent them: exact (privacy.round_metrics = exact, not private)"
-    return "losses as the clients released them: noised, rough per client (privacy.round_metrics)"
+    return (
+        "losses as the clients released them, +- the noise's std: with few records one client's "
+        "loss is mostly noise (privacy.round_metrics)"
+    )
+
+
+def show_loss(row: dict, key: str) -> str:
+    """A summary row's loss, with its noise std when it was released privately."""
+    value, std = row.get(key), row.get("loss_std")
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if std is None else f"{value:.3g} ± {std:.2g}"
 
 
 def summarize(cfg: Config, records: list[dict] | None = None) -> dict:
@@ -94,6 +105,7 @@ def summarize(cfg: Config, records: list[dict] | None = None) -> dict:
             entry = per_client.setdefault(client, {"rounds": 0, "loss_before": metrics.get("loss_before")})
             entry["rounds"] += 1
             entry["loss_after"] = metrics.get("loss_after")
+            entry["loss_std"] = metrics.get("loss_std")  # None: exact metrics
             entry["update_norm"] = r["updates"][client]["norm"]
     for client in per_client:
         per_client[client]["epsilon"] = PrivacyLedger.open(cfg.data_root, client, cfg.privacy).epsilon_spent

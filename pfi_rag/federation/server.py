@@ -30,6 +30,7 @@ from pfi_rag.federation.checkpoint import (
 )
 from pfi_rag.federation.strategies import shared_part
 from pfi_rag.models.adapters import global_adapter_dir
+from pfi_rag.privacy.round_metrics import released_loss_std
 
 logger = logging.getLogger(__name__)
 
@@ -180,14 +181,25 @@ def aggregate(outcome: RoundOutcome, cfg: Config, rng: np.random.Generator) -> t
 
 
 def metrics_record(result: dict) -> dict:
-    """A client's round metrics under the round record's names, and whether they were noised."""
-    sent = result["metrics"]
-    return {
+    """A client's round metrics under the round record's names: whether they were noised, and
+    then about how far each released mean loss may be from the true one (``loss_std``)."""
+    sent, privacy = result["metrics"], result["privacy"]
+    record = {
         "num_examples": sent.get("num-examples"),
         "loss_before": sent.get("loss-before"),
         "loss_after": sent.get("loss-after"),
-        "noised": result["privacy"].get("round_metrics", "private") != "exact",
+        "noised": privacy.get("round_metrics", "private") != "exact",
     }
+    needed = (
+        record["num_examples"],
+        record["loss_before"],
+        privacy.get("round_metrics_loss_clip"),
+        privacy.get("round_metrics_noise"),
+    )
+    if record["noised"] and None not in needed:
+        count, loss, clip, noise = map(float, needed)
+        record["loss_std"] = released_loss_std(count, loss, clip=clip, noise_multiplier=noise)
+    return record
 
 
 def last_line(error: str) -> str:

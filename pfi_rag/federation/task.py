@@ -183,6 +183,7 @@ def train_round(
     privacy["round_metrics"] = "private" if private_metrics else "exact"
     if private_metrics:
         privacy["round_metrics_noise"] = cfg.privacy.round_metrics_noise
+        privacy["round_metrics_loss_clip"] = cfg.privacy.round_metrics_loss_clip
     return RoundResult(update=outgoing.arrays, metrics=metrics, privacy=privacy)
 
 

@@ -52,3 +52,13 @@ def noised_round_metrics(
     shown = max(count, 1.0)  # a weight must be positive; the clamp reads only noised values
     before, after = (min(max(clip * total / shown, 0.0), clip) for total in sums)
     return {"num-examples": shown, "loss-before": before, "loss-after": after}
+
+
+def released_loss_std(count: float, loss: float, *, clip: float, noise_multiplier: float) -> float:
+    """About how far a released mean loss is from the true one (its noise's standard deviation).
+
+    The mean is clip * s / n with both s and n noised by std z * sqrt(3); to first order its
+    std is z * sqrt(3) * sqrt(clip^2 + loss^2) / n. Computed from released values only, so the
+    server can state it beside each client's numbers.
+    """
+    return noise_multiplier * SENSITIVITY * math.hypot(clip, loss) / max(count, 1.0)
