@@ -10,7 +10,7 @@ Layout under ``<data_root>/federation/``::
 A round record: ``{"round", "strategy", "participants", "failures": [{"client", "error"}],
 "sat_out": [{"client", "reason"}], "updates": {client: {"norm", "cosine_to_mean",
 "num_examples", "epsilon"}}, "aggregate_norm", "metrics": {client: {"num_examples",
-"loss_before", "loss_after", "noised"}}, "server_dp": {"noise_multiplier", "clip_norm",
+"loss_before", "loss_after", "noised", "loss_std"}}, "server_dp": {"noise_multiplier", "clip_norm",
 "epsilon", "delta"}, "seconds"}``.
 """
 

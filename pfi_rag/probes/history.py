@@ -14,7 +14,7 @@ and each round file is a JSON object::
      "updates": {id: {"norm": float, "cosine_to_mean": float, "num_examples": int, "epsilon": float}},
      "aggregate_norm": float,
      "metrics": {id: {"num_examples": float, "loss_before": float, "loss_after": float,
-                      "noised": bool}}}
+                      "noised": bool, "loss_std": float (noised only)}}}
 
 Missing optional keys read as empty; a round file that is not JSON, or lacks ``round``, is an
 error naming the file, because a probe that silently skipped a round would hide exactly the
