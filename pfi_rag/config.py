@@ -193,7 +193,7 @@ class ServingConfig(Section):
 class ProbesConfig(Section):
     """Thresholds of the silent-failure probes (README "Probes"): a value past one fails the probe."""
 
-    # A TOML [probes] table of <probe>_threshold keys (`pfi-rag probe calibrate` writes one from
+    # A TOML [probes] table of <probe>_threshold keys (`pfi-rag calibrate-probes` writes one from
     # reports of healthy runs); its values replace the thresholds below when the probes run.
     thresholds_file: Path | None = None
     grounding_min: float = Field(default=0.5, ge=0, le=1)

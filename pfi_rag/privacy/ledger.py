@@ -3,9 +3,10 @@
 ``clients/<id>/privacy.json`` holds the Opacus accountant's ``state_dict`` (the composed history
 of ``(noise_multiplier, sample_rate, steps)``), the delta fixed at the first spend, and a record
 of each spend. Epsilon is recomputed from the history, so it accumulates across calls, rounds and
-process restarts. Only :meth:`PrivacyLedger.commit` writes, with the accountant that the DP
-optimizer stepped, after training; :meth:`PrivacyLedger.check` refuses a spend that would pass
-``epsilon_max`` before any data is touched.
+process restarts. Only :meth:`PrivacyLedger.commit` (with the accountant that the DP optimizer
+stepped, after training) and :meth:`PrivacyLedger.commit_release` (a round's noised metrics)
+write; :meth:`PrivacyLedger.check` refuses a spend that would pass ``epsilon_max`` before any
+data is touched.
 """
 
 from __future__ import annotations
@@ -199,7 +200,13 @@ class PrivacyLedger:
         return self._append(history, entry, records=records, max_grad_norm=None, kind="round-metrics")
 
     def _append(
-        self, new_history: History, added: tuple[float, float, int], *, records: int, max_grad_norm, kind: str
+        self,
+        new_history: History,
+        added: tuple[float, float, int],
+        *,
+        records: int,
+        max_grad_norm: float | None,
+        kind: str,
     ) -> Spend:
         delta = self.delta_for(records)
         before = self.epsilon_spent if self._delta is not None else 0.0
