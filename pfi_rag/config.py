@@ -311,14 +311,14 @@ def with_probe_thresholds(cfg: Config) -> Config:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"probes.thresholds_file: cannot read {path}: {exc}") from None
     thresholds = table.get("probes", {})
-    other = sorted(set(table) - {"probes"}) + sorted(k for k in thresholds if not k.endswith("_threshold"))
-    if other or not isinstance(thresholds, dict):
+    other = sorted(set(table) - {"probes"})
+    if isinstance(thresholds, dict):
+        other += sorted(k for k in thresholds if not k.endswith("_threshold"))
+    else:
+        other.append("probes (not a table)")
+    if other:
         raise ConfigError(f"{path}: only [probes] <probe>_threshold keys may be set, not {', '.join(other)}")
-    try:
-        probes = ProbesConfig.model_validate(cfg.probes.model_dump() | thresholds)
-    except ValidationError as exc:
-        raise ConfigError(f"{path} [probes]: {_describe(exc)}") from None
-    return cfg.model_copy(update={"probes": probes})
+    return _with_section(cfg, "probes", thresholds, source=path)
 
 
 def with_client_settings(cfg: Config, settings_file: Path) -> Config:
@@ -337,11 +337,17 @@ def with_client_settings(cfg: Config, settings_file: Path) -> Config:
     other = sorted(set(settings) - {"privacy"})
     if other:
         raise ConfigError(f"{settings_file}: only [privacy] may be set per client, not {', '.join(other)}")
+    return _with_section(cfg, "privacy", settings.get("privacy", {}), source=settings_file)
+
+
+def _with_section(cfg: Config, name: str, values: dict[str, Any], *, source: Path) -> Config:
+    """``cfg`` with ``values`` (from the file ``source``) over its section ``name``, validated."""
+    section = getattr(cfg, name)
     try:
-        privacy = PrivacyConfig.model_validate(cfg.privacy.model_dump() | settings.get("privacy", {}))
+        merged = type(section).model_validate(section.model_dump() | values)
     except ValidationError as exc:
-        raise ConfigError(f"{settings_file} [privacy]: {_describe(exc)}") from None
-    return cfg.model_copy(update={"privacy": privacy})
+        raise ConfigError(f"{source} [{name}]: {_describe(exc)}") from None
+    return cfg.model_copy(update={name: merged})
 
 
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:

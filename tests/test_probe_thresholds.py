@@ -68,6 +68,9 @@ def test_a_thresholds_file_replaces_the_configured_thresholds_and_nothing_else(t
     path.write_text("[probes]\nprivate_release = false\n")
     with pytest.raises(ConfigError, match="only \\[probes\\] <probe>_threshold keys.*private_release"):
         with_probe_thresholds(cfg)
+    path.write_text("probes = 3\n")
+    with pytest.raises(ConfigError, match="not probes \\(not a table\\)"):
+        with_probe_thresholds(cfg)
     path.write_text("[probes]\nmembership_threshold = 0.2\n")
     with pytest.raises(ConfigError, match="membership_threshold"):
         with_probe_thresholds(cfg)
