@@ -33,8 +33,8 @@ def _rate(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def calibrated_verdicts(runs: list[dict], clean: list[dict]) -> dict[int, dict[str, bool]]:
-    """Per run (by index), per probe: does it fail the threshold `pfi-rag calibrate-probes` would
+def calibrated_verdicts(runs: list[dict], clean: list[dict]) -> dict[tuple[str, int], dict[str, bool]]:
+    """Per run (by scenario and seed), per probe: does it fail the threshold `pfi-rag calibrate-probes` would
     set from the clean runs of the *other* seeds? (Leave-one-seed-out, so a clean run is never
     its own reference: the FPR is out of sample.)"""
     from pfi_rag.probes.base import Verdict, judge
@@ -48,17 +48,21 @@ def calibrated_verdicts(runs: list[dict], clean: list[dict]) -> dict[int, dict[s
             if r["seed"] != seed
         ]
         thresholds[seed] = {c.probe: c for c in calibrate(references)} if references else {}
-    verdicts: dict[int, dict[str, bool]] = {}
-    for index, run in enumerate(runs):
-        verdicts[index] = {}
+    verdicts: dict[tuple[str, int], dict[str, bool]] = {}
+    for run in runs:
+        verdicts[run_key(run)] = judged = {}
         for name, entry in run["probes"].items():
             chosen = thresholds[run["seed"]].get(name)
             value = entry.get("value")
             if chosen is None or value is None or entry["verdict"] not in ("pass", "fail"):
                 continue
             verdict = judge(float(value), chosen.threshold, fails_above=chosen.fails_above)
-            verdicts[index][name] = verdict == Verdict.FAIL
+            judged[name] = verdict == Verdict.FAIL
     return verdicts
+
+
+def run_key(run: dict[str, Any]) -> tuple[str, int]:
+    return run["scenario"], run["seed"]
 
 
 def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
@@ -66,10 +70,9 @@ def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
     and with calibrated thresholds; and the system view."""
     clean = [r for r in runs if r["scenario"] == "clean"]
     calibrated = calibrated_verdicts(runs, clean)
-    index_of = {id(r): i for i, r in enumerate(runs)}
 
     def calibrated_rate(group: list[dict[str, Any]], name: str) -> float | None:
-        failed = [calibrated[index_of[id(r)]].get(name) for r in group]
+        failed = [calibrated[run_key(r)].get(name) for r in group]
         return _rate([f for f in failed if f is not None])
 
     probes = sorted({name for r in runs for name in r["probes"]})
