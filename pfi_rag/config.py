@@ -129,6 +129,22 @@ class PrivacyConfig(Section):
     # Each record's loss (nats/token) is clipped to [0, this] first; above ln(vocabulary) = 10.8,
     # the loss of a model that knows nothing, for SmolLM2.
     round_metrics_loss_clip: float = Field(default=12.0, gt=0)
+    # Audit canaries (docs/probes.md, "privacy audit"): N > 0 makes this client generate N random
+    # secrets once, insert a random half of them into its DP training (never its index, never an
+    # answer) and keep the other half as controls, so the probes can bound the epsilon achieved.
+    # Opt-in: the inserted ones are extra training records and cost a little utility.
+    audit_canaries: int = Field(default=0, ge=0, le=4096)
+    audit_canary_digits: int = Field(default=6, ge=2, le=12)  # each secret: this many random digits
+
+
+class DataConfig(Section):
+    """How a client's own documents become training and evaluation data (docs/your-data.md)."""
+
+    # Share of a client's documents held out of training, for its evaluation probes. Which ones
+    # is a hash of the document id with a salt kept in clients/<id>/split.json; the share is
+    # fixed there at first use (a later change would move trained-on documents to the held-out
+    # side) unless that file is removed.
+    held_out_share: float = Field(default=0.2, ge=0, lt=1)
 
 
 class FederationConfig(Section):
@@ -176,6 +192,9 @@ class ServingConfig(Section):
     requests_per_minute: int = Field(default=120, ge=1)
     max_batch_size: int = Field(default=8, ge=1)
     max_wait_ms: float = Field(default=10.0, ge=0)
+    # Loaded adapters stacked in slots, one gathered product per LoRA layer for a batch of many
+    # adapters (docs/serving.md). False: PEFT's mixed-adapter path, which loops over the adapters.
+    gathered_lora: bool = True
     # Most passages a request may ask retrieval for (the default is retrieval.top_k).
     max_passages: int = Field(default=16, ge=0, le=100)
     # Open every existing client's store at start-up (they stay open, as a lazily opened one
@@ -218,6 +237,12 @@ class ProbesConfig(Section):
     # Candidates sampled to estimate a canary's rank (Carlini); more resolve higher exposure.
     exposure_samples: int = Field(default=512, ge=16)
     membership_threshold: float = Field(default=0.7, ge=0.5, le=1)  # loss-ratio attack AUC
+    # One-run privacy audit: the share of audit canaries guessed "inserted" (highest scores) and,
+    # as many, "control" (lowest); the rest abstain. Its threshold is the ledger's epsilon itself.
+    audit_guess_share: float = Field(default=0.25, gt=0, le=0.5)
+    # Cloze items made from a client's held-out documents (utility, calibration, retrieval);
+    # equal-mass ECE needs a few hundred to be stable.
+    cloze_items: int = Field(default=300, ge=1, le=5000)
     budget_threshold: float = Field(default=0, ge=0)  # budget violations tolerated
     dp_collapse_threshold: float = Field(default=0.0)  # min personalization gain, nats/token
     retrieval_hit_threshold: float = Field(default=0.6, ge=0, le=1)  # min hit rate at top_k
@@ -254,6 +279,7 @@ class Config(BaseSettings):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)

@@ -14,6 +14,7 @@ their vectors. ``delete`` removes every version of a document: a deletion is a d
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -62,9 +63,17 @@ class DocStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        # Owner-only: the file holds every document in plain text. SQLite creates its -wal and
+        # -shm files with the main file's mode, so they follow; older stores are tightened here.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        for name in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
+            if name.exists():
+                name.chmod(0o600)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in ``transaction``).
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
+        # Deleted rows are overwritten with zeros, not just unlinked: a deletion is a deletion.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is fsynced before it returns, so "completed" survives power loss too.
         self._db.execute("PRAGMA synchronous=FULL")
@@ -78,6 +87,10 @@ class DocStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the main file and empty it (no deleted text stays in the WAL)."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -237,6 +250,12 @@ class DocStore:
             " AS n_chunks FROM documents d WHERE d.superseded_at IS NULL ORDER BY d.doc_id"
         ).fetchall()
 
+    def current_texts(self) -> Iterator[tuple[str, str]]:
+        """(doc_id, text) of every current document, one row in memory at a time."""
+        rows = self._db.execute("SELECT doc_id, text FROM documents WHERE superseded_at IS NULL")
+        for row in rows:
+            yield row[0], row[1]
+
     def chunk_texts(self, doc_id: str, version: int) -> list[str]:
         rows = self._db.execute(
             "SELECT text FROM chunks WHERE doc_id = ? AND version = ? ORDER BY position", (doc_id, version)
@@ -251,3 +270,22 @@ class DocStore:
             " (SELECT COUNT(*) FROM chunks WHERE live = 1) AS chunks"
         ).fetchone()
         return dict(one)
+
+
+def read_current_documents(path: Path) -> list[dict[str, Any]]:
+    """``(doc_id, version, text, metadata, source)`` of every current document, by id, read
+    through a read-only connection that takes no lock: training and probes read a client's
+    documents while its store is open for writing elsewhere (the server, an ingest), and see
+    the last committed state (WAL). Deleted documents are gone, superseded versions skipped."""
+    db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        rows = db.execute(
+            "SELECT doc_id, version, text, metadata, source FROM documents"
+            " WHERE superseded_at IS NULL ORDER BY doc_id"
+        ).fetchall()
+    finally:
+        db.close()
+    return [
+        {"doc_id": d, "version": v, "text": t, "metadata": json.loads(m), "source": s}
+        for d, v, t, m, s in rows
+    ]
