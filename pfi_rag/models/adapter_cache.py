@@ -26,6 +26,7 @@ from peft import PeftModel, get_peft_model
 from pfi_rag.config import AdapterConfig
 from pfi_rag.models.adapters import AdapterInfo, client_adapter_dir, global_adapter_dir, peek_adapter_info
 from pfi_rag.models.decoding import BASE_ADAPTER
+from pfi_rag.models.gathered_lora import GatheredLoRA, UnsupportedAdapter
 from pfi_rag.models.lora import lora_config
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class _Loaded:
     nbytes: int
     users: int = 0
     current: bool = True  # False once a newer version replaced it
+    slot: int | None = None  # its gathered-LoRA slot; None: served through PEFT's own path
 
 
 class AdapterLease:
@@ -80,6 +82,8 @@ class AdapterLease:
     def __init__(self, cache: AdapterCache | None, entry: _Loaded | None, served: ServedAdapter):
         self._cache, self._entry, self.served = cache, entry, served
         self.name = entry.name if entry is not None else BASE_ADAPTER
+        # The gathered-LoRA slot decoding uses (0: no adapter; None: PEFT's path only).
+        self.slot = entry.slot if entry is not None else 0
 
     def release(self) -> None:
         if self._cache is not None and self._entry is not None:
@@ -97,7 +101,8 @@ class AdapterCache:
     """Loads client and global adapters into ``model`` on demand and pins them while in use.
 
     ``model_lock`` must be the lock held around forward passes: loading and deleting adapters
-    changes the model's modules.
+    changes the model's modules. With ``gathered``, every loaded adapter also takes a slot there
+    (and gives it back when it is deleted), so mixed batches run one gathered product per layer.
     """
 
     def __init__(
@@ -108,8 +113,10 @@ class AdapterCache:
         max_adapters: int,
         max_bytes: int | None = None,
         model_lock: threading.Lock,
+        gathered: GatheredLoRA | None = None,
     ):
         self.model = model
+        self.gathered = gathered
         self.data_root = Path(data_root)
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
@@ -119,6 +126,7 @@ class AdapterCache:
         self._current: dict[tuple[str, str], _Loaded] = {}
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # least recently used first
         self._loads = 0
+        self._slots: dict[str, int] = {}  # adapter name -> gathered slot
 
     def resolve(self, client_id: str) -> tuple[tuple[str, str], Path, AdapterInfo] | None:
         """The adapter that should serve ``client_id`` now: (key, directory, info), or None for base."""
@@ -168,6 +176,7 @@ class AdapterCache:
                 with self.model_lock:
                     self.model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
                     self.model.eval()
+                    self._fill_slot(name)
             except FileNotFoundError:
                 continue  # replaced while we read it
             except Exception as exc:
@@ -181,7 +190,7 @@ class AdapterCache:
     def _install(self, key: tuple[str, str], name: str, info: AdapterInfo) -> _Loaded:
         params = [p for n, p in self.model.named_parameters() if f".{name}." in n]
         nbytes = sum(p.numel() * p.element_size() for p in params)
-        entry = _Loaded(key=key, name=name, info=info, nbytes=nbytes, users=1)
+        entry = _Loaded(key=key, name=name, info=info, nbytes=nbytes, users=1, slot=self._slots.get(name))
         doomed = []
         with self._lock:
             previous = self._current.get(key)
@@ -221,10 +230,22 @@ class AdapterCache:
         for old in doomed:
             self._delete(old.name)
 
+    def _fill_slot(self, name: str) -> None:
+        """Copy a just-loaded adapter into a gathered slot (call with ``model_lock`` held)."""
+        if self.gathered is None:
+            return
+        try:
+            self._slots[name] = self.gathered.fill(name)
+        except UnsupportedAdapter as exc:  # still served, through PEFT's slower mixed path
+            logger.warning("adapter %s is served without gathered LoRA: %s", name, exc)
+
     def _delete(self, name: str) -> None:
         with self.model_lock:
             if name in self.model.peft_config:
                 self.model.delete_adapter(name)
+            slot = self._slots.pop(name, None)
+            if slot is not None:
+                self.gathered.clear(slot)
         logger.info("unloaded adapter %s", name)
 
     def loaded(self) -> list[str]:

@@ -51,6 +51,7 @@ class Row:
     prompt_ids: list[int]
     adapter_name: str
     params: SamplingParams
+    slot: int | None = None  # the adapter's gathered-LoRA slot (0: none; None: PEFT's path)
     on_text: Callable[[str], None] | None = None  # receives text pieces as they become final
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -95,8 +96,12 @@ class DecodeBatch:
         eos_ids: Sequence[int],
         lock: threading.Lock | None = None,
         identity_adapter: str | None = None,
+        gathered=None,
     ):
         self.model = model
+        # A GatheredLoRA holding every loaded adapter in a slot: one batched product per LoRA layer
+        # for a mixed batch instead of PEFT's loop over the adapters present.
+        self.gathered = gathered
         # An adapter that leaves the model unchanged (LoRA B = 0), so base-only batches can take
         # the single-adapter path too.
         self.identity_adapter = identity_adapter
@@ -125,7 +130,20 @@ class DecodeBatch:
         """Rows can join a running batch only when every cache layer is a plain growing one."""
         return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
 
-    def _forward(self, input_ids, mask, positions, cache, adapter_names) -> torch.Tensor:
+    def _forward(self, input_ids, mask, positions, cache, rows: Sequence[Row]) -> torch.Tensor:
+        slots = [row.slot for row in rows]
+        if self.gathered is not None and None not in slots:
+            with self.lock, torch.inference_mode(), self.gathered.rows(slots):
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{self._cache_arg: cache},
+                    **self._keep,
+                )
+            return out.logits[:, -1, :].float()  # (B, V)
+        adapter_names = [row.adapter_name for row in rows]
         unique = set(adapter_names)
         if not self._is_peft and unique != {BASE_ADAPTER}:
             raise ValueError(f"adapters {sorted(unique)} requested from a model without peft")
@@ -176,7 +194,7 @@ class DecodeBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L): left padding keeps positions 0..n-1
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         cache = DynamicCache(config=getattr(self.model, "config", None))
-        logits = self._forward(ids, mask, positions, cache, [r.adapter_name for r in rows])
+        logits = self._forward(ids, mask, positions, cache, rows)
         tokens = self._sample(rows, logits)
         if self.cache is None:
             self.rows, self.cache, self.mask, self.next_tokens = list(rows), cache, mask, tokens
@@ -199,9 +217,7 @@ class DecodeBatch:
             return []
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)  # (B, T+1)
         positions = torch.tensor([[r.length] for r in self.rows], device=self.device)  # (B, 1)
-        logits = self._forward(
-            self.next_tokens[:, None], self.mask, positions, self.cache, [r.adapter_name for r in self.rows]
-        )
+        logits = self._forward(self.next_tokens[:, None], self.mask, positions, self.cache, self.rows)
         for row in self.rows:
             row.length += 1
         self.next_tokens = self._sample(self.rows, logits)

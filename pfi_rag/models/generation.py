@@ -25,6 +25,7 @@ from pfi_rag.models.adapter_cache import (
     serving_model,
 )
 from pfi_rag.models.decoding import DecodeBatch, Row, SamplingParams
+from pfi_rag.models.gathered_lora import GatheredLoRA
 from pfi_rag.models.prompting import PassageLike, Prompt, UsedPassage, build_prompt
 from pfi_rag.storage import validate_client_id
 
@@ -150,12 +151,17 @@ class Engine:
         self.model = serving_model(model, adapter)
         self.tokenizer = tokenizer
         self.lock = threading.Lock()  # held around each forward pass and each adapter load
+        # Loaded adapters stacked in slots: a batch of many adapters is one gathered product per layer.
+        self.gathered = None
+        if self.serving.gathered_lora:
+            self.gathered = GatheredLoRA(self.model, slots=adapter.cache_size, rank=adapter.r)
         self.adapters = AdapterCache(
             self.model,
             data_root,
             max_adapters=adapter.cache_size,
             max_bytes=int(adapter.cache_max_mb * 2**20),
             model_lock=self.lock,
+            gathered=self.gathered,
         )
         self.retrieve = retrieve
         self.retrieval_k = retrieval_k
@@ -186,6 +192,7 @@ class Engine:
             eos_ids=self.eos_ids,
             lock=self.lock,
             identity_adapter=PLACEHOLDER_ADAPTER,
+            gathered=self.gathered,
         )
 
     def prepare(
@@ -223,6 +230,7 @@ class Engine:
         )
         lease = self.adapters.acquire(request.client_id)
         row = Row(prompt_ids=prompt.input_ids, adapter_name=lease.name, params=params, on_text=on_text)
+        row.slot = lease.slot
         return PreparedRequest(request=request, prompt=prompt, lease=lease, row=row)
 
     def finish(self, job: PreparedRequest) -> GenerationResult:
