@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pfi-rag-installed
 
-.PHONY: setup demo test test-fast fuzz lint bench clean
+.PHONY: setup demo test test-fast fuzz lint docs bench clean
 
 setup: $(STAMP)
 
@@ -36,5 +36,11 @@ fuzz: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The configuration reference is generated from the config model, then the site is built in
+# strict mode (a broken link or a missing page fails); the HTML lands in site/.
+docs: setup
+	$(BIN)/python scripts/gen_config_docs.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) .pytest_cache .model-cache
+	rm -rf $(VENV) .pytest_cache .model-cache site

@@ -41,7 +41,7 @@ class ModelsConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # None: half the cores (see models.loading.default_cpu_threads for the measurement).
     threads: int | None = Field(default=None, ge=1, le=512)
-    # "auto": eager on cpu (12.5 vs 12.2 tok/s for sdpa at 1 thread here; README), sdpa on cuda.
+    # "auto": eager on cpu (12.5 vs 12.2 tok/s for sdpa at 1 thread; docs/models.md), sdpa on cuda.
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
     # Where converted default models are cached (GGUF -> safetensors, once).
     cache_dir: Path = Field(
@@ -74,7 +74,7 @@ class RetrievalConfig(Section):
     # the batch in flight. Larger batches let the embedder sort more texts by length (faster).
     ingest_batch_chunks: int = Field(default=512, ge=1)
     max_file_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
-    # HNSW graph degree and search breadth (recall vs latency; see README "Retrieval").
+    # HNSW graph degree and search breadth (recall vs latency; docs/retrieval.md).
     hnsw_m: int = Field(default=32, ge=4, le=256)
     hnsw_ef_construction: int = Field(default=80, ge=8)
     hnsw_ef_search: int = Field(default=96, ge=8)
@@ -107,7 +107,7 @@ class PrivacyConfig(Section):
     # Per-record clipping bound C of the flat L2 norm of the adapter gradient.
     max_grad_norm: float = Field(default=1.0, gt=0)
     # How Opacus gets per-record gradient norms; all three give the same clipped sum (tested).
-    # "auto": the fastest measured on the default model (README Privacy): ghost clipping on
+    # "auto": the fastest measured on the default model (docs/privacy.md): ghost clipping on
     # cuda (1.19x a non-private step on an H100, hooks 1.46x), hooks on cpu (0.96x, ghost 1.33x).
     grad_sample_mode: Literal["auto", "hooks", "functorch", "ghost"] = "auto"
     # pld: dp-accounting's privacy-loss-distribution accountant, the tightest (about 25-30% lower
@@ -120,7 +120,7 @@ class PrivacyConfig(Section):
     optimizer: Literal["adam", "sgd"] = "adam"
     learning_rate: float = Field(default=2e-3, gt=0)
     max_seq_len: int = Field(default=128, ge=8)
-    # What a client says about a federated round beside its update (README Federation):
+    # What a client says about a federated round beside its update (docs/privacy.md):
     # "private" releases its record count and its loss sums before and after training through
     # the Gaussian mechanism, charged to its ledger as part of the round's epsilon; "exact" sends
     # them as they are, which is NOT private (a trusted server; the benchmark's view of a plain
@@ -155,7 +155,10 @@ class FederationConfig(Section):
     strategy: Literal["fedavg", "fedsa", "ditto"] = "fedavg"
     aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
     rounds: int = Field(default=3, ge=1)
-    clients: int = Field(default=4, ge=1)
+    # None: every client under the data root that has documents to train on. A number caps it
+    # (the first N by id; `federate` names the ones left out) and is how many `federate`
+    # synthesises into an empty data root (4 when unset).
+    clients: int | None = Field(default=None, ge=1)
     clients_per_round: int | None = Field(default=None, ge=1)
     # A round with fewer successful results than this ends the run with an error.
     min_results: int = Field(default=1, ge=1)
@@ -214,7 +217,7 @@ class ServingConfig(Section):
 
 
 class ProbesConfig(Section):
-    """Thresholds of the silent-failure probes (README "Probes"): a value past one fails the probe."""
+    """Thresholds of the silent-failure probes (docs/probes.md): a value past one fails the probe."""
 
     # A TOML [probes] table of <probe>_threshold keys (`pfi-rag calibrate-probes` writes one from
     # reports of healthy runs); its values replace the thresholds below when the probes run.

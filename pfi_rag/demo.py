@@ -78,7 +78,7 @@ class DemoSettings:
             "probes.answer_tokens": self.answer_tokens,
             "probes.exposure_samples": self.exposure_samples,
             # One torch thread per process: the Flower clients train two at a time on 2 cores, and
-            # on a shared machine 2 threads decoded several times slower than 1 (README).
+            # on a shared machine 2 threads decoded several times slower than 1 (docs/models.md).
             "models.threads": 1,
         }
 

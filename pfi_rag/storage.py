@@ -1,6 +1,6 @@
 """Where each client's data lives on disk, and how it is written so a crash loses nothing.
 
-Layout under the data root (DESIGN.md)::
+Layout under the data root (docs/architecture.md)::
 
     clients/<id>/index/       FAISS index + document store
     clients/<id>/adapter/     PEFT-format LoRA adapter

@@ -298,7 +298,7 @@ def test_bad_requests_are_refused_with_the_field_named(engine_factory):
 
 def test_mixed_adapter_batch_gives_each_row_its_alone_greedy_tokens(engine_factory, five_adapters):
     # Same question for every client: equal-length prompts, so batched rows see no padding and
-    # greedy tokens must match exactly (DESIGN: compare tokens on equal-length prompts).
+    # greedy tokens must match exactly (tokens are compared on equal-length prompts).
     engine = engine_factory(max_new_tokens=12)
     requests = [GenerationRequest(client, QUESTION, passages=PASSAGES) for client in five_adapters]
     alone = [engine.generate(request) for request in requests]
@@ -314,7 +314,7 @@ def test_mixed_adapter_batch_gives_each_row_its_alone_greedy_tokens(engine_facto
 
 def test_rows_joining_a_running_batch_with_padding_keep_their_greedy_tokens(engine_factory, five_adapters):
     # Different prompt lengths (left padding) and rows joining mid-flight. Padding changes the
-    # float summation order, so DESIGN only promises logits within tolerance here; on the tiny
+    # float summation order, so only logits within tolerance are promised here; on the tiny
     # model the greedy tokens agree, and a change would show up in this test.
     engine = engine_factory(max_new_tokens=12)
     requests = [

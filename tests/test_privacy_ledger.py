@@ -146,7 +146,7 @@ def test_a_refused_first_spend_creates_no_client_files(tiny_generator, tmp_path)
 
 def test_noise_for_a_spend_is_solved_against_the_history():
     q, delta, steps = 0.01, 1e-5, 1000
-    # DESIGN: sigma 1.0, q 0.01, 1000 steps, delta 1e-5 -> epsilon 2.1014 with Opacus RDP.
+    # Known value: sigma 1.0, q 0.01, 1000 steps, delta 1e-5 -> epsilon 2.1014 with Opacus RDP.
     assert independent_epsilon([(1.0, q, steps)], delta) == pytest.approx(2.1014, abs=1e-3)
     sigma = noise_for_spend([], epsilon=2.1014, sample_rate=q, steps=steps, delta=delta, mechanism="rdp")
     assert sigma == pytest.approx(1.0, abs=0.01)

@@ -148,7 +148,7 @@ def spend(epsilon_after, sigma=1.0):
 
 
 def test_budget_audit_flags_theatre_and_resets(root):
-    # Opacus RDP: sigma 1, q 0.01, 1000 steps, delta 1e-5 -> epsilon 2.10 (DESIGN); two such
+    # Opacus RDP: sigma 1, q 0.01, 1000 steps, delta 1e-5 -> epsilon 2.10 (known value); two such
     # spends compose to about 3.
     write_ledger(root, "client-00", [spend(2.1014), spend(3.1)])
     write_ledger(root, "client-01", [spend(2.1014), spend(2.1014)])  # each round counted alone

@@ -20,7 +20,7 @@ from pfi_rag.config import Config
 
 # The probes the benchmark scores: every one with a planted failure to find, and the general
 # ones whose false alarms matter. Fairness needs clients trained alone and groundedness
-# generates answers: both would only add minutes (README "Silent-failure benchmark").
+# generates answers: both would only add minutes (docs/benchmark.md).
 PROBES = (
     "bias",
     "calibration",
@@ -56,7 +56,7 @@ class Preset:
     def overrides(self) -> dict[str, Any]:
         return {
             "models.generator": self.generator,
-            "models.threads": 1,  # two Flower clients train side by side on 2 cores (README)
+            "models.threads": 1,  # two Flower clients train side by side on 2 cores (docs/models.md)
             "federation.clients": self.clients,
             "federation.rounds": self.rounds,
             "privacy.local_steps": self.local_steps,
@@ -64,7 +64,7 @@ class Preset:
             "privacy.max_seq_len": self.max_seq_len,
             "probes.exposure_samples": self.exposure_samples,
             # The federation's view the benchmark compares against is a plain federation's:
-            # exact losses from every client, not the private release (README Federation).
+            # exact losses from every client, not the private release (docs/privacy.md).
             "privacy.round_metrics": "exact",
         }
 

@@ -67,7 +67,7 @@ def resolve_runtime(cfg: ModelsConfig) -> Runtime:
         dtype = getattr(torch, cfg.dtype)
     attn = cfg.attn_implementation
     if attn == "auto":
-        # Measured on the 2-core CPU machines: eager decodes ~3x faster than sdpa (README).
+        # Measured on the 2-core CPU machines: eager decodes ~3x faster than sdpa (docs/models.md).
         attn = "sdpa" if device.type == "cuda" else "eager"
     return Runtime(device=device, dtype=dtype, attn_implementation=attn)
 

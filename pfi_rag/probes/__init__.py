@@ -1,4 +1,4 @@
-"""Silent-failure probes of federated personalization, their runner and reports (README "Probes")."""
+"""Silent-failure probes of federated personalization, their runner and reports (docs/probes.md)."""
 
 from pfi_rag.probes.base import ClientProbe, FederationProbe, Need, Probe, ProbeResult, Scope, Verdict
 from pfi_rag.probes.context import ProbeContext
