@@ -65,7 +65,7 @@ PLAIN = {
     "serving.max_batch_size": "Most requests decoded together in one batch.",
     "serving.max_wait_ms": "How long an idle scheduler waits for more requests to batch.",
     "serving.system_prompt": "System prompt of every answer (the default asks to cite notes as [n]).",
-    "probes.grounding_min": "Share of an answer's content words found in its passages, below which it is flagged.",
+    "probes.grounding_min": "Flag an answer when fewer of its content words are in its passages.",
     "probes.retrieval_confidence_min": "Best passage's cosine score below which an answer is flagged.",
     "probes.release_epsilon": "Epsilon of each client's noised probe release (private mode).",
     "probes.release_delta": "Delta of each client's noised probe release (private mode).",
