@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
@@ -60,12 +60,30 @@ async def _prepared(services: Services, request: GenerationRequest, k: int) -> G
     return dataclasses.replace(request, passages=hits)
 
 
-async def answer(services: Services, request: GenerationRequest, *, k: int) -> Answer:
+Disconnected = Callable[[], Awaitable[bool]]  # Starlette's Request.is_disconnected
+DISCONNECT_POLL_S = 0.25
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready; decoding was stopped."""
+
+
+async def answer(
+    services: Services, request: GenerationRequest, *, k: int, disconnected: Disconnected | None = None
+) -> Answer:
+    """Decode one answer; with ``disconnected``, stop decoding (ClientGone) once the client left."""
     started = time.perf_counter()
     request = await _prepared(services, request, k)
-    future = await run_in_threadpool(services.scheduler.submit, request)  # bad input raises here
-    result = await asyncio.wrap_future(future)
-    return await finish(services, request, result, started)
+    # Submitted as a stream, whose close() takes the row out of its batch: a client that leaves
+    # stops costing decode steps (a plain future cannot be cancelled once decoding started).
+    tokens = await run_in_threadpool(services.scheduler.submit_stream, request)  # bad input raises here
+    future = asyncio.wrap_future(tokens.future)
+    while not future.done():
+        await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+        if not future.done() and disconnected is not None and await disconnected():
+            tokens.close()
+            raise ClientGone("the client disconnected before its answer was ready")
+    return await finish(services, request, future.result(), started)
 
 
 async def stream(

@@ -27,7 +27,11 @@ def create_app(cfg: Config, *, embedder=None, engine=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await run_in_threadpool(Services.start, cfg, metrics, embedder=embedder, engine=engine)
+        try:
+            services = await run_in_threadpool(Services.start, cfg, metrics, embedder=embedder, engine=engine)
+        except Exception as exc:  # uvicorn only logs a failed start-up: keep why, for whoever started it
+            app.state.startup_error = exc
+            raise
         app.state.services = services
         logger.info("pfi-rag ready: generator %s, embedder %s", cfg.models.generator, cfg.models.embedder)
         try:
@@ -45,6 +49,7 @@ def create_app(cfg: Config, *, embedder=None, engine=None) -> FastAPI:
     )
     app.state.metrics = metrics
     app.state.services = None
+    app.state.startup_error = None
     errors.install(app)
     for module in (documents, generate, chat, privacy, keys, health):
         app.include_router(module.router)

@@ -130,6 +130,8 @@ class KeyStore:
             raise KeyStoreError("give a client id, or ask for an admin key, not both")
         if client_id is not None:
             validate_client_id(client_id)
+            if client_id == ADMIN:  # `clients revoke admin` means every admin key
+                raise KeyStoreError(f"{ADMIN!r} is reserved for admin keys; choose another client id")
         key_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_hex(16)

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pfi_rag.api.answering import ClientGone
 from pfi_rag.api.schemas import ErrorResponse
 from pfi_rag.models import AdapterLoadError, InvalidRequest, PromptTooLong, SchedulerStopped
 from pfi_rag.privacy.errors import PrivacyError
@@ -43,6 +44,7 @@ def error_response(
 
 # Status and error type of the domain errors, most specific first.
 DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
+    (ClientGone, 499, "client_disconnected"),  # nobody reads it; the metrics count a disconnect
     (InvalidClientId, 404, "not_found"),
     (PromptTooLong, 400, "prompt_too_long"),
     (InvalidRequest, 400, "invalid_request"),

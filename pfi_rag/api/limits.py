@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
@@ -17,16 +18,22 @@ async def _send_error(send: Send, status: int, error_type: str, message: str) ->
     await send({"type": "http.response.body", "body": body})
 
 
+BODY_TIMEOUT_S = 30.0  # to send a whole request body; a 2 MB body needs ~0.6 Mbit/s
+
+
 class BodyLimit:
-    """Refuse bodies over ``max_bytes`` with 413, by Content-Length or, without one, while reading.
+    """Refuse bodies over ``max_bytes`` with 413 (by Content-Length or while reading) and bodies not
+    sent within ``timeout_s`` with 408.
 
     The body is read in full before the app sees it (at most ``max_bytes``), so an oversized
-    chunked upload is refused cleanly instead of failing half-way through a handler.
+    chunked upload is refused cleanly instead of failing half-way through a handler; and a
+    client that sends half a body and waits holds its connection for ``timeout_s`` at most.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,10 +50,17 @@ class BodyLimit:
                 return
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                message = f"the request body did not arrive within {self.timeout_s:g} s; send it at once"
+                await _send_error(send, 408, "request_timeout", message)
                 return
+            if message["type"] == "http.disconnect":
+                return  # nothing to answer; the metrics count a disconnect
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:

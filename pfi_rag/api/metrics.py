@@ -52,8 +52,15 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+DISCONNECTED = "499"  # the client left before a response was sent (nginx's code for it)
+
+
 class MetricsMiddleware:
-    """Counts every request and times it to its last body byte (streams included)."""
+    """Counts every request and times it to its last body byte (streams included).
+
+    Status: the one sent; 500 when the app raised; ``499`` when it sent nothing and raised
+    nothing, i.e. the client went away first (mid-body, or before its answer was ready).
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
@@ -64,7 +71,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status: int | str = DISCONNECTED
 
         async def counting_send(message: Message) -> None:
             nonlocal status
@@ -74,6 +81,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, counting_send)
+        except BaseException:
+            if status == DISCONNECTED:
+                status = 500
+            raise
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"

@@ -10,98 +10,28 @@
 - divergence (optional, ``probes.serve_divergence``): KL(adapter || base) per generated token.
 
 Cost: the copy check hashes the answer's n-grams and binary-searches each other client's sorted
-hash array (O(answer words x clients x log n)); the rest is regexes and set lookups.
+hash array (O(answer words x clients x log n)); the rest is linear regexes and set lookups.
+What is known about stored text lives in :mod:`pfi_rag.api.textindex`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from pfi_rag.api.textindex import PII_PATTERNS, TextIndex, ngram_hashes, pii_in
 from pfi_rag.config import ProbesConfig
-from pfi_rag.probes.metrics import support, words
+from pfi_rag.probes.metrics import support
+
+__all__ = ["PII_PATTERNS", "ProbeReport", "ServeProbes", "TextIndex", "ngram_hashes", "pii_in"]
 
 logger = logging.getLogger(__name__)
 
-PII_PATTERNS = {
-    "secret": re.compile(r"(?<![\d-])\d{6}(?![\d-])"),
-    "email": re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
-    # Digit groups with single separators; kept only with 7-15 digits (see pii_in).
-    "phone": re.compile(r"(?<![\w+])\+?(?:\(\d+\)|\d+)(?:[ .-]?\(\d+\)|[ .-](?:\(\d+\)|\d+))*(?!\w)"),
-}
 CITATION = re.compile(r"\[(\d+)\]")
-
-
-def pii_in(text: str) -> set[tuple[str, str]]:
-    """(kind, normalised value) of every PII-looking span in ``text``."""
-    found = set()
-    for kind, pattern in PII_PATTERNS.items():
-        for match in pattern.findall(text):
-            value = match.lower() if kind == "email" else re.sub(r"\D", "", match)
-            if kind == "phone" and not 7 <= len(value) <= 15:
-                continue
-            found.add((kind, value))
-    return found
-
-
-def ngram_hashes(text: str, n: int) -> np.ndarray:
-    """Sorted unique hashes of the word n-grams of ``text`` (int64; hash() is stable within a process)."""
-    tokens = words(text)
-    hashes = {hash(tuple(tokens[i : i + n])) for i in range(len(tokens) - n + 1)}
-    return np.array(sorted(hashes), dtype=np.int64)
-
-
-def _contains(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
-    """Membership of each needle in a sorted array, by binary search."""
-    if len(haystack) == 0 or len(needles) == 0:
-        return np.zeros(len(needles), dtype=bool)
-    at = np.searchsorted(haystack, needles).clip(max=len(haystack) - 1)
-    return haystack[at] == needles
-
-
-class TextIndex:
-    """Per client, hashes of its documents' n-grams and the PII they contain (never the text)."""
-
-    def __init__(self, ngram: int):
-        self.ngram = ngram
-        self._hashes: dict[str, np.ndarray] = {}
-        self._pii: dict[str, set[tuple[str, str]]] = {}
-        self._lock = threading.Lock()
-
-    def update(self, client_id: str, texts: Sequence[str]) -> None:
-        hashes = ngram_hashes("\n".join(texts), self.ngram) if texts else np.zeros(0, np.int64)
-        pii = set().union(*(pii_in(t) for t in texts)) if texts else set()
-        with self._lock:
-            self._hashes[client_id], self._pii[client_id] = hashes, pii
-
-    def copied_spans(self, client_id: str, answer: str, prompt: str) -> int:
-        """How many of the answer's n-grams are in another client's documents, not its own or the prompt."""
-        candidates = ngram_hashes(answer, self.ngram)
-        with self._lock:
-            own = self._hashes.get(client_id, np.zeros(0, np.int64))
-            others = [h for c, h in self._hashes.items() if c != client_id]
-        candidates = candidates[~_contains(own, candidates)]
-        candidates = candidates[~_contains(ngram_hashes(prompt, self.ngram), candidates)]
-        copied = np.zeros(len(candidates), dtype=bool)
-        for hashes in others:
-            copied |= _contains(hashes, candidates)
-        return int(copied.sum())
-
-    def pii_origin(self, client_id: str, item: tuple[str, str]) -> str:
-        """'own' (the client's documents), 'other-client', or 'unknown' (neither)."""
-        with self._lock:
-            if item in self._pii.get(client_id, set()):
-                return "own"
-            if any(item in pii for c, pii in self._pii.items() if c != client_id):
-                return "other-client"
-        return "unknown"
 
 
 @dataclass

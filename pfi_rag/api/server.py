@@ -29,6 +29,7 @@ class ServerThread:
         self.socket.bind((host, port))
         self.host, self.port = self.socket.getsockname()
         self.url = f"http://{self.host}:{self.port}"
+        self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -45,7 +46,8 @@ class ServerThread:
         threading.Thread(target=watch, daemon=True).start()
         if not ready.wait(timeout) or not self.server.started:
             self.stop()
-            raise RuntimeError("the server did not start (see its log)")
+            why = getattr(getattr(self.app, "state", None), "startup_error", None)
+            raise RuntimeError(f"the server did not start: {why or 'see its log'}")
         return self
 
     def stop(self) -> None:

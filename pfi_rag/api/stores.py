@@ -2,21 +2,26 @@
 
 A :class:`~pfi_rag.retriever.ClientStore` holds a per-client file lock, so this process owns the
 stores it opened until it stops. Requests from the thread pool share a store through a
-per-client lock (SQLite and the FAISS index are not written from two threads at once). After
-every write the client's text is re-read into the cross-client copy index of the probes.
+per-client lock (SQLite and the FAISS index are not written from two threads at once).
+
+What holds the client's lock, and for how long: a search, for its index scan (the query is
+embedded before); a write, for its reads of the docstore and each batch's commit (chunks are
+embedded and the new documents scanned for the probes before, outside it). The probes' copy
+index and PII state are updated inside the commit, for the written documents only.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from pfi_rag.api.probes import TextIndex
+from pfi_rag.api.textindex import DocumentText, TextIndex
 from pfi_rag.config import RetrievalConfig
-from pfi_rag.retriever import ClientStore, Hit, RetrieverError, StoreBusy
+from pfi_rag.data.records import Document
+from pfi_rag.retriever import ClientStore, Hit, IngestReport, RetrieverError, StoreBusy
 from pfi_rag.retriever.embedding import embed
 from pfi_rag.storage import client_dir, list_clients
 
@@ -33,24 +38,49 @@ class StoreRegistry:
         self._lock = threading.Lock()  # guards _stores; opening happens under it (rare, ~10 ms)
 
     def _entry(self, client_id: str) -> tuple[ClientStore, threading.Lock]:
+        entry = self._stores.get(client_id)  # the common case, without the registry's lock
+        if entry is not None:
+            return entry
         with self._lock:
             entry = self._stores.get(client_id)
-            if entry is None:
-                store = ClientStore.open(self.data_root, client_id, self.cfg, self.embedder)
-                entry = self._stores[client_id] = (store, threading.Lock())
-                self.texts.update(client_id, [d.text for d in store.list_documents()])
-            return entry
+            if entry is not None:
+                return entry
+            store = ClientStore.open(self.data_root, client_id, self.cfg, self.embedder)
+            lock = threading.Lock()
+            lock.acquire()  # the scan below runs under the client's lock, not the registry's
+            self._stores[client_id] = entry = (store, lock)
+        try:
+            # One linear pass over the client's texts, one document in memory at a time.
+            scanned = [(doc_id, self.texts.scan(text)) for doc_id, text in store.texts()]
+            self.texts.apply(client_id, scanned)
+        finally:
+            lock.release()
+        return entry
 
     @contextmanager
-    def use(self, client_id: str, *, writes: bool = False) -> Iterator[ClientStore]:
-        """The client's store, held by this thread; with ``writes``, the copy index is refreshed after."""
+    def use(self, client_id: str) -> Iterator[ClientStore]:
+        """The client's store, held by this thread (for reads; writes go through the methods below)."""
         store, lock = self._entry(client_id)
         with lock:
-            try:
-                yield store
-            finally:
-                if writes:
-                    self.texts.update(client_id, [d.text for d in store.list_documents()])
+            yield store
+
+    def add_documents(self, client_id: str, docs: Sequence[Document], source: str) -> IngestReport:
+        """``ClientStore.add_documents`` holding the client's lock only to read and to commit."""
+        store, lock = self._entry(client_id)
+        scans: dict[int, DocumentText] = {id(doc): self.texts.scan(doc.text) for doc in docs}
+
+        def committed(written: list[Document]) -> None:
+            self.texts.apply(client_id, [(doc.id, scans[id(doc)]) for doc in written])
+
+        return store.add_documents(docs, source=source, guard=lock, on_commit=committed)
+
+    def delete(self, client_id: str, doc_id: str) -> bool:
+        """Remove every version of a document; the probes forget its text at once."""
+        with self.use(client_id) as store:
+            deleted = store.delete(doc_id)
+            if deleted:
+                self.texts.apply(client_id, [(doc_id, None)])
+        return deleted
 
     def search(self, client_id: str, query: str, k: int, where: dict | None = None) -> list[Hit]:
         """``ClientStore.search``, with the query embedded before taking the client's lock.

@@ -19,7 +19,8 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ DOCSTORE_FILE = "docstore.sqlite"
 LOCK_FILE = "lock"
 
 Progress = Callable[[int], None]  # called with the number of documents just done (written or unchanged)
+Committed = Callable[[list[Document]], None]  # the document versions a batch just committed
 
 
 def _now() -> str:
@@ -93,7 +95,7 @@ class ClientStore:
     ) -> ClientStore:
         """Open (creating if needed) ``client_id``'s store; raises InvalidClientId, StoreBusy."""
         directory = client_dir(Path(data_root), client_id) / "index"  # validates the id first
-        directory.mkdir(parents=True, exist_ok=True)
+        _private_dirs(Path(data_root), directory)
         lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,13 +139,24 @@ class ClientStore:
     # -- writes -------------------------------------------------------------------------------
 
     def add_documents(
-        self, docs: Iterable[Document], *, source: str = "api", progress: Progress | None = None
+        self,
+        docs: Iterable[Document],
+        *,
+        source: str = "api",
+        progress: Progress | None = None,
+        guard: AbstractContextManager | None = None,
+        on_commit: Committed | None = None,
     ) -> IngestReport:
         """Add documents; identical re-adds are no-ops, a changed document supersedes its old version.
 
         Every document is checked before anything is written (RetrieverError names the bad one).
         Work is committed in batches of about ``retrieval.ingest_batch_chunks`` chunks.
+
+        ``guard`` (a lock shared with the store's readers) is held only while the store is read
+        or written, not while chunks are embedded, so searches go on during a long ingest.
+        ``on_commit`` is called with each committed batch's new document versions, inside the guard.
         """
+        guard = guard if guard is not None else nullcontext()
         docs = [check_document(doc, self.cfg.max_file_bytes) for doc in docs]
         report = IngestReport()
         batch: list[tuple[Document, str, list[Chunk]]] = []
@@ -155,7 +168,8 @@ class ClientStore:
                 if doc.id in batch_hashes:
                     known = batch_hashes[doc.id]
                 else:
-                    current = self._docstore.current(doc.id)
+                    with guard:
+                        current = self._docstore.current(doc.id)
                     known = None if current is None else current["content_hash"]
                 if known == digest:
                     report.unchanged += 1
@@ -169,12 +183,13 @@ class ClientStore:
                 batch_hashes[doc.id] = digest
                 batch_chunks += len(chunks)
                 if batch_chunks >= self.cfg.ingest_batch_chunks:
-                    self._write_batch(batch, source, report, progress)
+                    self._write_batch(batch, source, report, progress, guard, on_commit)
                     batch, batch_hashes, batch_chunks = [], {}, 0
             if batch:
-                self._write_batch(batch, source, report, progress)
+                self._write_batch(batch, source, report, progress, guard, on_commit)
         finally:
-            self._sync_index()
+            with guard:
+                self._sync_index()
         return report
 
     def add_paths(self, paths: Iterable[Path | str], *, progress: Progress | None = None) -> IngestReport:
@@ -194,6 +209,7 @@ class ClientStore:
             removed = self._docstore.delete(doc_id)
         if removed is None:
             return False
+        self._docstore.checkpoint()  # the deleted text leaves the WAL too (secure_delete zeroes the pages)
         self._index = vindex.remove(self._index, self.cfg, np.asarray(removed, dtype=np.int64))
         self._dirty = True
         self._sync_index()
@@ -205,16 +221,39 @@ class ClientStore:
         source: str,
         report: IngestReport,
         progress: Progress | None,
+        guard: AbstractContextManager,
+        on_commit: Committed | None,
     ) -> None:
         texts = [chunk.text for _, _, chunks in batch for chunk in chunks]
-        vectors = embed(self.embedder, texts, self.cfg.embed_batch_size)  # (N, D)
+        vectors = embed(self.embedder, texts, self.cfg.embed_batch_size)  # (N, D), outside the guard
+        with guard:
+            self._commit_batch(batch, vectors, source, report, on_commit)
+        if progress is not None:
+            progress(len(batch))
+
+    def _commit_batch(
+        self,
+        batch: list[tuple[Document, str, list[Chunk]]],
+        vectors: np.ndarray,
+        source: str,
+        report: IngestReport,
+        on_commit: Committed | None,
+    ) -> None:
         removed: list[int] = []
         added: list[int] = []
+        used: list[int] = []  # the row of ``vectors`` of each added chunk
+        written: list[Document] = []
         now = _now()
         row = 0
         with self._docstore.transaction():
             for doc, digest, chunks in batch:
-                if self._docstore.current(doc.id) is not None:
+                current = self._docstore.current(doc.id)
+                if current is not None and current["content_hash"] == digest:
+                    # Another writer stored this very version while our chunks were embedded.
+                    report.unchanged += 1
+                    row += len(chunks)
+                    continue
+                if current is not None:
                     removed.extend(self._docstore.supersede(doc.id, now))
                     report.superseded += 1
                 else:
@@ -241,8 +280,10 @@ class ClientStore:
                             vector=vectors[row],
                         )
                     )
+                    used.append(row)
                     row += 1
                 report.doc_ids.append(doc.id)
+                written.append(doc)
         # Committed. A chunk added and superseded within this batch never reaches the index.
         gone = set(removed)
         keep = np.array([chunk_id not in gone for chunk_id in added], dtype=bool)
@@ -250,10 +291,10 @@ class ClientStore:
         self._index = vindex.remove(self._index, self.cfg, stale)
         self._dirty = True
         if keep.any():
-            self._index.add_with_ids(vectors[keep], np.asarray(added, dtype=np.int64)[keep])
+            self._index.add_with_ids(vectors[np.asarray(used)[keep]], np.asarray(added, dtype=np.int64)[keep])
         report.chunks += int(keep.sum())
-        if progress is not None:
-            progress(len(batch))
+        if on_commit is not None and written:
+            on_commit(written)
 
     def _sync_index(self) -> None:
         """Make the index hold exactly the docstore's live chunks, in the right structure; save it."""
@@ -345,6 +386,10 @@ class ClientStore:
         """The current version of every document, by id (chunk texts left out)."""
         return [self._stored(row, with_chunks=False) for row in self._docstore.current_documents()]
 
+    def texts(self) -> Iterator[tuple[str, str]]:
+        """(doc_id, text) of every current document, one at a time (for scans over all of them)."""
+        return self._docstore.current_texts()
+
     def history(self, doc_id: str) -> list[StoredDocument]:
         """Every stored version of ``doc_id``, oldest first, with when each was added and superseded."""
         return [self._stored(row, with_chunks=True) for row in self._docstore.versions(doc_id)]
@@ -377,6 +422,23 @@ class ClientStore:
             superseded_at=row["superseded_at"],
             chunks=chunks,
         )
+
+
+def _private_dirs(root: Path, directory: Path) -> None:
+    """Create ``directory`` and the missing ones above it (up to ``root``) owner-only (0700)."""
+    missing = []
+    path = directory
+    while not path.exists():
+        missing.append(path)
+        if path == root or path.parent == path:
+            break
+        path = path.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+        path.chmod(0o700)  # mkdir's mode is masked by the umask
+    for path in (directory, directory.parent):
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
 
 
 def _check_embedder(docstore: DocStore, embedder) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
@@ -24,7 +24,7 @@ from pfi_rag.api.schemas import (
     SearchPublic,
 )
 from pfi_rag.data.records import Document
-from pfi_rag.retriever import IngestReport, RetrieverError
+from pfi_rag.retriever import RetrieverError
 from pfi_rag.retriever.sources import SUFFIXES, read_file, text_document
 
 router = APIRouter(prefix="/v1/clients/{client_id}", tags=["documents"], responses=ERROR_RESPONSES)
@@ -46,6 +46,13 @@ ADD_BODY = {
         },
     }
 }
+
+
+def public_source(source: str) -> str:
+    """Where a document came from, without the server's paths: api, upload:<name> or file:<name>."""
+    if source == "api" or source.startswith("upload:"):
+        return source
+    return "file:" + PurePath(source).name
 
 
 async def _json_documents(request: Request) -> tuple[list[Document], str]:
@@ -95,11 +102,7 @@ async def add_documents(client_id: OwnedClient, services: ServicesDep, request: 
     else:
         raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data")
 
-    def ingest() -> IngestReport:
-        with services.stores.use(client_id, writes=True) as store:
-            return store.add_documents(docs, source=source)
-
-    report = await run_in_threadpool(ingest)
+    report = await run_in_threadpool(services.stores.add_documents, client_id, docs, source)
     return IngestPublic(**report.as_dict(), doc_ids=report.doc_ids)
 
 
@@ -115,7 +118,7 @@ def list_documents(client_id: OwnedClient, services: ServicesDep) -> DocumentLis
             DocumentSummary(
                 doc_id=d.doc_id,
                 version=d.version,
-                source=d.source,
+                source=public_source(d.source),
                 added_at=d.added_at,
                 chars=len(d.text),
                 metadata=d.metadata,
@@ -139,7 +142,7 @@ def get_document(client_id: OwnedClient, doc_id: str, services: ServicesDep) -> 
         version=doc.version,
         text=doc.text,
         metadata=doc.metadata,
-        source=doc.source,
+        source=public_source(doc.source),
         added_at=doc.added_at,
         chunks=doc.chunks,
     )
@@ -150,9 +153,7 @@ def delete_document(client_id: OwnedClient, doc_id: str, services: ServicesDep) 
     """Remove every version of a document from the client's index and document store."""
     if not services.stores.has_index(client_id):
         raise not_found("document")
-    with services.stores.use(client_id, writes=True) as store:
-        deleted = store.delete(doc_id)
-    if not deleted:
+    if not services.stores.delete(client_id, doc_id):
         raise not_found("document")
     return Deleted(doc_id=doc_id, deleted=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from pfi_rag.api import answering
@@ -45,7 +45,7 @@ def response_body(answer: answering.Answer) -> dict:
 
 @router.post("/v1/generate", responses=STREAM_RESPONSE)
 async def generate(
-    body: GenerateCreate, principal: CurrentPrincipal, services: ServicesDep
+    body: GenerateCreate, principal: CurrentPrincipal, services: ServicesDep, http: Request
 ) -> GeneratePublic:
     """Answer a prompt as a client: its adapter, its retrieved passages, probes on the answer."""
     if principal.client_id is None or principal.client_id != body.client_id:
@@ -61,7 +61,8 @@ async def generate(
     )
     k = answering.passages_wanted(services, body.passages)
     if not body.stream:
-        return GeneratePublic(**response_body(await answering.answer(services, request, k=k)))
+        answer = await answering.answer(services, request, k=k, disconnected=http.is_disconnected)
+        return GeneratePublic(**response_body(answer))
     started = time.perf_counter()
     tokens, request = await answering.stream(services, request, k=k)
 

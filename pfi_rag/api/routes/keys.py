@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from starlette.concurrency import run_in_threadpool
 
-from pfi_rag.api.auth import KeyStoreError
+from pfi_rag.api.auth import ADMIN, KeyStoreError
 from pfi_rag.api.deps import AdminKey, ServicesDep
 from pfi_rag.api.errors import ERROR_RESPONSES, ApiError, not_found
 from pfi_rag.api.schemas import KeyCreate, KeyIssued, KeyList, KeyPublic
@@ -24,6 +24,8 @@ def list_keys(admin: AdminKey, services: ServicesDep) -> KeyList:
 @router.post("", status_code=201)
 async def create_key(body: KeyCreate, admin: AdminKey, services: ServicesDep) -> KeyIssued:
     """Issue a key for a client; the key is in this response only."""
+    if body.client_id == ADMIN:
+        raise ApiError(400, "invalid_request", f"client_id: {ADMIN!r} is reserved for admin keys")
     try:
         key, record = await run_in_threadpool(services.keys.create, body.client_id, replace=body.replace)
     except KeyStoreError as exc:

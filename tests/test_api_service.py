@@ -1,0 +1,165 @@
+"""The service as an operator and an attacker see it: no request stalls the others, stored text
+stays private on disk, one server per data root, limits on every field that reaches a scan.
+
+One real uvicorn server (tiny generator, real embedder, FAISS, SQLite) for the module.
+"""
+
+from __future__ import annotations
+
+import stat
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from pfi_rag.api import create_app
+from pfi_rag.api.auth import KeyStore, KeyStoreError
+from pfi_rag.api.server import ServerThread
+from pfi_rag.api.textindex import TextIndex, pii_in
+from pfi_rag.config import Config, ServingConfig
+
+BOB_DOC = {"id": "boat", "text": "The red boathouse key lies under the third loose stone by the door."}
+
+
+class Api:
+    def __init__(self, url: str, app, keys: dict[str, str], root: Path):
+        self.url, self.app, self.keys, self.root = url, app, keys, root
+        self.http = httpx.Client(base_url=url, timeout=300)
+
+    def call(self, method: str, path: str, who: str | None = "alice", **kwargs) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
+        return self.http.request(method, path, headers={**headers, **kwargs.pop("headers", {})}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, tiny_models_config, embedder):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("service") / "data"
+    cfg = Config(
+        data_root=root,
+        models=tiny_models_config,
+        serving=ServingConfig(max_new_tokens=8, max_prompt_tokens=512, requests_per_minute=100_000),
+    )
+    root.mkdir(mode=0o755)
+    store = KeyStore(root / "keys.json")
+    keys = {name: store.create(name)[0] for name in ("alice", "bob")}
+    app = create_app(cfg, embedder=embedder)
+    with ServerThread(app) as server:
+        client = Api(server.url, app, keys, root)
+        assert client.call("POST", "/v1/clients/bob/documents", "bob", json={"documents": [BOB_DOC]}).is_success
+        yield client
+        client.http.close()
+    torch.set_num_threads(threads)
+
+
+def test_a_huge_token_upload_does_not_stall_health_or_other_clients(api):
+    """1M characters without a space: the PII scan was quadratic (63 s for 120k), blocking all."""
+    token = "x" * 999_000 + "@" + "y" * 999  # a would-be e-mail: the worst case of the old pattern
+    upload: dict[str, float | int] = {}
+
+    def store_it() -> None:
+        upload["start"] = time.monotonic()
+        response = api.call("POST", "/v1/clients/alice/documents", json={"documents": [{"id": "blob", "text": token}]})
+        upload["status"], upload["end"] = response.status_code, time.monotonic()
+
+    writer = threading.Thread(target=store_it)
+    writer.start()
+    answered: list[tuple[str, float, float, int]] = []  # (what, sent, answered, status) while in flight
+    while writer.is_alive():
+        for what, call in (
+            ("health", lambda: api.call("GET", "/healthz", None)),
+            ("search", lambda: api.call("POST", "/v1/clients/bob/search", "bob", json={"query": "boathouse key"})),
+        ):
+            sent = time.monotonic()
+            status = call().status_code
+            answered.append((what, sent, time.monotonic(), status))
+        time.sleep(0.02)
+    writer.join()
+
+    assert upload["status"] == 201
+    during = [(what, status) for what, sent, done, status in answered if upload["start"] < sent and done < upload["end"]]
+    assert ("health", 200) in during and ("search", 200) in during  # answered while the upload was stored
+    assert all(status == 200 for _, status in during)
+    doc = api.call("GET", "/v1/clients/alice/documents").json()["documents"]
+    assert [(d["doc_id"], d["chars"]) for d in doc] == [("blob", len(token))]
+
+
+def test_pii_scan_is_linear_and_dates_are_not_phone_numbers():
+    assert pii_in("Met on 2025-11-23, again 2025/12/01 10:30.") == set()
+    assert pii_in("Call +47 912 34 567 or mail Ann.B@example.org, code 482913.") == {
+        ("phone", "4791234567"),
+        ("email", "ann.b@example.org"),
+        ("secret", "482913"),
+    }
+    # Work grows with the text, not its square: 8x the text is far from 64x the time.
+    small, large = "a" * 50_000, "a" * 400_000
+    timings = []
+    for text in (small, large):
+        start = time.perf_counter()
+        pii_in(text + "@")
+        timings.append(time.perf_counter() - start)
+    assert timings[1] < 30 * max(timings[0], 1e-4)
+
+
+def test_copy_index_updates_only_the_changed_documents():
+    index = TextIndex(ngram=3)
+    index.apply("a", [("d1", index.scan("one two three four")), ("d2", index.scan("two three four five"))])
+    index.apply("b", [("x", index.scan("nothing in common here"))])
+    assert index.copied_spans("b", "two three four", "") == 1  # held by both d1 and d2
+
+    index.apply("a", [("d1", None)])
+    assert index.copied_spans("b", "two three four", "") == 1  # d2 still holds it
+    assert index.copied_spans("b", "one two three", "") == 0
+    index.apply("a", [("d2", index.scan("mail me at z@example.com"))])  # a new version replaces the old
+    assert index.copied_spans("b", "two three four", "") == 0
+    assert index.pii_origin("b", ("email", "z@example.com")) == "other-client"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_store_files_are_owner_only_and_deleted_text_is_gone_from_every_file(api):
+    marker = "quokka-zebra-marmalade-7731"
+    doc = {"id": "secret-note", "text": f"My private note: {marker} is the passphrase."}
+    assert api.call("POST", "/v1/clients/alice/documents", json={"documents": [doc]}).status_code == 201
+    index_dir = api.root / "clients" / "alice" / "index"
+    files = sorted(index_dir.glob("docstore.sqlite*"))
+    assert {f.name for f in files} >= {"docstore.sqlite", "docstore.sqlite-wal", "docstore.sqlite-shm"}
+
+    assert mode(api.root) == 0o700 and mode(index_dir) == 0o700 and mode(index_dir.parent) == 0o700
+    assert all(mode(p) == 0o600 for p in index_dir.iterdir() if p.is_file())
+    assert any(marker.encode() in p.read_bytes() for p in files)  # stored: the check below can fail
+
+    assert api.call("DELETE", "/v1/clients/alice/documents/secret-note").status_code == 200
+
+    leftovers = [p for p in api.root.rglob("*") if p.is_file() and marker.encode() in p.read_bytes()]
+    assert leftovers == []
+
+
+def test_a_second_server_on_the_same_data_root_refuses_to_start(api, tiny_models_config, embedder):
+    cfg = Config(data_root=api.root, models=tiny_models_config)
+    with pytest.raises(RuntimeError, match="already serving"):
+        ServerThread(create_app(cfg, embedder=embedder)).start()
+
+
+def test_admin_is_not_a_client_name(api):
+    store = KeyStore(api.root / "keys.json")
+    with pytest.raises(KeyStoreError, match="reserved"):
+        store.create("admin")
+    admin_key = store.create(None, admin=True)[0]
+    refused = httpx.post(
+        f"{api.url}/v1/keys", json={"client_id": "admin"}, headers={"Authorization": f"Bearer {admin_key}"}
+    )
+    assert refused.status_code == 400 and "reserved" in refused.json()["error"]["message"]
+
+
+def test_document_sources_show_no_server_paths(api, tmp_path):
+    from pfi_rag.api.routes.documents import public_source
+
+    assert public_source("/srv/secret/home/notes.txt") == "file:notes.txt"
+    assert public_source("upload:trip.txt") == "upload:trip.txt" and public_source("api") == "api"
