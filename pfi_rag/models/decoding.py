@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from pfi_rag.models import sampling
+from pfi_rag.models.sampling import TokenLogprob
+
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
@@ -38,6 +41,11 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # OpenAI's sampling extras, applied by pfi_rag.models.sampling (0 / () / None: off).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    logprobs: int | None = None  # record each token's logprob and this many alternatives
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +67,7 @@ class Row:
     length: int = 0
     _emitted: int = 0
     _generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per sampled token, when params ask
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -231,7 +240,8 @@ class DecodeBatch:
         if leaving:
             self._drop(leaving)
 
-    def _sample(self, rows: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, rows: Sequence[Row], raw: torch.Tensor) -> torch.Tensor:
+        logits = sampling.adjusted(rows, raw)  # (B, V): logit bias and penalties
         tokens = logits.argmax(dim=-1)  # (B,)
         for i, row in enumerate(rows):
             p = row.params
@@ -251,6 +261,7 @@ class DecodeBatch:
                 scores = scores.scatter(0, order[drop], float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             tokens[i] = torch.multinomial(probs, 1, generator=row._generator)[0]
+        sampling.record_logprobs(rows, raw, tokens)
         return tokens
 
     def _advance(self, rows: Sequence[Row], tokens: list[int]) -> list[Row]:

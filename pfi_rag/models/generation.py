@@ -27,6 +27,7 @@ from pfi_rag.models.adapter_cache import (
 from pfi_rag.models.decoding import DecodeBatch, Row, SamplingParams
 from pfi_rag.models.gathered_lora import GatheredLoRA
 from pfi_rag.models.prompting import PassageLike, Prompt, UsedPassage, build_prompt
+from pfi_rag.models.sampling import TokenLogprob
 from pfi_rag.storage import validate_client_id
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,12 @@ class GenerationRequest:
     top_k: int = 0
     seed: int | None = None
     stop: Sequence[str] = ()
+    # OpenAI's extras (pfi_rag.models.sampling): penalties -2..2, bias per token id -100..100,
+    # and ``logprobs`` = how many alternatives to report per token (None: no logprobs).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Sequence[tuple[int, float]] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -87,6 +94,13 @@ class GenerationRequest:
             raise InvalidRequest("top_k must be >= 0 (0 disables it)")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequest("stop must be a list of non-empty strings")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequest(f"{name} must be between -2 and 2")
+        if any(not isinstance(t, int) or t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias):
+            raise InvalidRequest("logit_bias maps token ids (>= 0) to values between -100 and 100")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidRequest("logprobs (alternatives per token) must be between 0 and 20")
 
     def chat(self) -> list[dict[str, str]]:
         if self.messages is not None:
@@ -108,6 +122,8 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    passages_below_floor: int = 0  # retrieved but left out: under retrieval.relevance_floor
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when requested
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +134,7 @@ class GenerationResult:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "finish_reason": self.finish_reason,
+            "passages_below_floor": self.passages_below_floor,
         }
 
 
@@ -144,6 +161,7 @@ class Engine:
         adapter: AdapterConfig | None = None,
         retrieve: Retrieve | None = None,
         retrieval_k: int = 4,
+        relevance_floor: float | None = None,
     ):
         self.serving = serving or ServingConfig()
         adapter = adapter or AdapterConfig()
@@ -165,6 +183,7 @@ class Engine:
         )
         self.retrieve = retrieve
         self.retrieval_k = retrieval_k
+        self.relevance_floor = relevance_floor  # None: every passage given reaches the prompt
         eos = self.model.generation_config.eos_token_id
         eos = list(eos) if isinstance(eos, list | tuple) else [eos]
         self.eos_ids = sorted({tokenizer.eos_token_id, *(e for e in eos if e is not None)} - {None})
@@ -183,6 +202,7 @@ class Engine:
             adapter=cfg.adapter,
             retrieve=retrieve,
             retrieval_k=cfg.retrieval.top_k,
+            relevance_floor=cfg.retrieval.relevance_floor,
         )
 
     def new_batch(self) -> DecodeBatch:
@@ -214,6 +234,7 @@ class Engine:
             passages=passages,
             system_prompt=self.serving.system_prompt,
             max_prompt_tokens=self.serving.max_prompt_tokens,
+            relevance_floor=self.relevance_floor,
         )
         if self.max_positions is not None and len(prompt.input_ids) + max_new > self.max_positions:
             raise InvalidRequest(
@@ -227,6 +248,10 @@ class Engine:
             top_k=request.top_k,
             seed=request.seed,
             stop=tuple(request.stop),
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            logit_bias=tuple(request.logit_bias),
+            logprobs=request.logprobs,
         )
         lease = self.adapters.acquire(request.client_id)
         row = Row(prompt_ids=prompt.input_ids, adapter_name=lease.name, params=params, on_text=on_text)
@@ -243,6 +268,8 @@ class Engine:
             prompt_tokens=len(job.prompt.input_ids),
             completion_tokens=len(job.row.token_ids),
             finish_reason=job.row.finish_reason or "length",
+            passages_below_floor=job.prompt.below_floor,
+            logprobs=None if job.row.params.logprobs is None else job.row.logprobs[: len(job.row.token_ids)],
         )
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
