@@ -17,7 +17,9 @@ from pfi_rag.privacy.accounting import noise_for_spend, sample_rate
 DOCUMENTS = [Document(id=f"d{i}", text=f"Note {i}: the code is {1000 + i}.") for i in range(6)]
 INSTRUCTIONS = [Instruction(prompt="Code?", response="It is 1000.")]
 RECORDS = len(DOCUMENTS) + len(INSTRUCTIONS)
-CFG = PrivacyConfig(batch_size=2, max_seq_len=16, epsilon_max=100.0)
+# RDP here: these tests check the ledger against Opacus's own accountant bit for bit
+# (tests/test_privacy_accounting.py checks both accountants against dp-accounting).
+CFG = PrivacyConfig(batch_size=2, max_seq_len=16, epsilon_max=100.0, accountant="rdp")
 
 
 def train(tiny_generator, ledger, **kwargs):
@@ -46,8 +48,8 @@ def independent_epsilon(history, delta) -> float:
 
 
 def test_epsilon_accumulates_across_calls_and_a_restart(tiny_generator, tmp_path):
-    # Prepare: q = 1/ceil(7/2) = 1/4; delta defaults to 1/(10 n)
-    q, delta = 1 / 4, 1 / (10 * RECORDS)
+    # Prepare: q = 1/ceil(7/2) = 1/4; delta is the configured constant, whatever n is
+    q, delta = 1 / 4, CFG.delta
 
     # Execute: two calls, then a "restart" (a new ledger object read from disk) and a third
     _, first = train(

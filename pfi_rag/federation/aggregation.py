@@ -82,12 +82,32 @@ def add_gaussian_noise(arrays: Arrays, std: float, rng: np.random.Generator) -> 
     return {n: (a + rng.normal(0.0, std, size=a.shape)).astype(np.float32) for n, a in arrays.items()}
 
 
-def client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
-    """Epsilon of DP-FedAvg with respect to one client's whole data (RDP accountant)."""
+def client_level_epsilon(
+    noise_multiplier: float, *, sampled: int, population: int, rounds: int, delta: float
+) -> float:
+    """Epsilon of DP-FedAvg with respect to one client's whole data, for the server's sampling.
+
+    The server samples a fixed number of clients per round without replacement (not Poisson), so
+    the neighbouring relation is replace-one-client and the sampled sum moves by up to twice the
+    clip norm: each round is a Gaussian of noise multiplier ``noise_multiplier / 2`` on a sample of
+    ``sampled`` out of ``population`` drawn without replacement, composed over ``rounds`` with
+    dp-accounting's RDP accountant (Wang, Balle & Kasiviswanathan 2019 for the sampling).
+    """
     if noise_multiplier <= 0:
         return float("inf")
-    from opacus.accountants import RDPAccountant
+    if rounds <= 0:
+        return 0.0
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
 
-    accountant = RDPAccountant()
-    accountant.history = [(noise_multiplier, sample_rate, rounds)]
-    return float(accountant.get_epsilon(delta=delta))
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2)
+    event = (
+        gaussian
+        if sampled >= population
+        else dp_accounting.SampledWithoutReplacementDpEvent(population, sampled, gaussian)
+    )
+    accountant = rdp_privacy_accountant.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(accountant.get_epsilon(delta))

@@ -9,9 +9,10 @@ Layout under ``<data_root>/federation/``::
 
 A round record: ``{"round", "strategy", "participants", "failures": [{"client", "error"}],
 "sat_out": [{"client", "reason"}], "updates": {client: {"norm", "cosine_to_mean",
-"num_examples", "epsilon"}}, "aggregate_norm", "metrics": {client: {"num_examples",
+"num_examples"}}, "aggregate_norm", "metrics": {client: {"num_examples",
 "loss_before", "loss_after", "noised", "loss_std"}}, "server_dp": {"noise_multiplier", "clip_norm",
-"epsilon", "delta"}, "seconds"}``.
+"epsilon", "delta"}, "seconds"}``. A failure's ``error`` and a sat-out's ``reason`` are codes from
+``federation.task.FAILURE_CODES`` (what a client sends), never exception text.
 """
 
 from __future__ import annotations

@@ -2,9 +2,17 @@
 
 A node learns which client it is from its node config: ``client-id`` (deployment, one
 SuperNode per client) or ``partition-id`` (simulation: the n-th client under the data root).
+
+A failing train handler never raises: Flower would forward ``str(exc)`` to the server, and an
+exception about a record may quote the record. It replies with a code from
+:data:`~pfi_rag.federation.task.FAILURE_CODES` and writes the traceback to the client's own log.
 """
 
 from __future__ import annotations
+
+import datetime as dt
+import logging
+import traceback
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,15 +27,18 @@ from pfi_rag.federation.server import (
     from_array_record,
     to_array_record,
 )
-from pfi_rag.federation.task import SatOut, train_round
-from pfi_rag.storage import list_clients, validate_client_id
+from pfi_rag.federation.task import SatOut, failure_code, train_round
+from pfi_rag.storage import client_dir, list_clients, validate_client_id
+
+logger = logging.getLogger(__name__)
+LOCAL_LOG = "logs/federation.log"
 
 
-def client_id_of(context: Context, cfg: Config) -> str:
+def client_id_of(context: Context, cfg: Config, participants: list[str] | None = None) -> str:
     node_config = context.node_config
     if "client-id" in node_config:
         return validate_client_id(str(node_config["client-id"]))
-    clients = list_clients(cfg.data_root)
+    clients = list_clients(cfg.data_root) if participants is None else participants
     partition = int(node_config["partition-id"])
     if partition >= len(clients):
         raise RuntimeError(f"partition {partition} has no client: {cfg.data_root} holds {len(clients)}")
@@ -44,11 +55,14 @@ def config_from_context(context: Context) -> Config:
     return load_config(config_file, overrides)
 
 
-def make_client_app(cfg: Config | None = None, mods: list | None = None) -> ClientApp:
+def make_client_app(
+    cfg: Config | None = None, mods: list | None = None, participants: list[str] | None = None
+) -> ClientApp:
     """A ClientApp bound to ``cfg`` (the launcher), or reading it from each run's context.
 
     ``mods`` are Flower client mods (they see every message in and reply out), e.g. Flower's
-    DP mods or an audit that records what leaves the client.
+    DP mods or an audit that records what leaves the client. ``participants``: the simulation's
+    clients in partition order (default: every client under the data root).
     """
     app = ClientApp(mods=mods or [])
 
@@ -57,17 +71,25 @@ def make_client_app(cfg: Config | None = None, mods: list | None = None) -> Clie
 
     @app.query()
     def identify(msg: Message, context: Context) -> Message:
-        client_id = client_id_of(context, resolve(context))
+        client_id = client_id_of(context, resolve(context), participants)
         return Message(RecordDict({CONFIG: ConfigRecord({"client-id": client_id})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        run_cfg = resolve(context)
-        client_id = client_id_of(context, run_cfg)
-        server_round = int(msg.content[CONFIG]["server-round"])
-        outcome = train_round(run_cfg, client_id, from_array_record(msg.content[ARRAYS]), server_round)
+        client_id = None
+        try:
+            run_cfg = resolve(context)
+            client_id = client_id_of(context, run_cfg, participants)
+            server_round = int(msg.content[CONFIG]["server-round"])
+            outcome = train_round(run_cfg, client_id, from_array_record(msg.content[ARRAYS]), server_round)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a code; details stay local
+            code = failure_code(exc)
+            where = log_locally(run_cfg if client_id else None, client_id, code)
+            logger.warning("this client's round failed (%s); details in %s", code, where)
+            content = RecordDict({PRIVACY: ConfigRecord({"status": "failed", "error": code})})
+            return Message(content, reply_to=msg)
         if isinstance(outcome, SatOut):
-            content = RecordDict({PRIVACY: ConfigRecord({"sat-out": True, "reason": outcome.reason})})
+            content = RecordDict({PRIVACY: ConfigRecord({"status": "sat_out", "error": outcome.reason})})
             return Message(content, reply_to=msg)
         content = RecordDict(
             {
@@ -79,6 +101,19 @@ def make_client_app(cfg: Config | None = None, mods: list | None = None) -> Clie
         return Message(content, reply_to=msg)
 
     return app
+
+
+def log_locally(cfg: Config | None, client_id: str | None, code: str) -> str:
+    """Append the current exception's traceback to the client's own log; returns where it went."""
+    text = f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} {code}\n{traceback.format_exc()}\n"
+    if cfg is None or client_id is None:
+        logger.debug("%s", text)  # no client directory known: the local process log only
+        return "this process's debug log"
+    path = client_dir(cfg.data_root, client_id) / LOCAL_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+    return str(path)
 
 
 app = make_client_app()

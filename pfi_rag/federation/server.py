@@ -29,6 +29,7 @@ from pfi_rag.federation.checkpoint import (
     write_round_record,
 )
 from pfi_rag.federation.strategies import shared_part
+from pfi_rag.federation.task import FAILURE_CODES
 from pfi_rag.models.adapters import global_adapter_dir
 from pfi_rag.privacy.round_metrics import released_loss_std
 
@@ -122,11 +123,18 @@ def collect_round(
         replied.add(node)
         client = names.get(node, f"node-{node}")
         if reply.has_error():
-            outcome.failures.append({"client": client, "error": reply.error.reason})
+            # Flower's error reason may quote a client's exception (and so its data): keep the code.
+            outcome.failures.append({"client": client, "error": f"flower_error_{reply.error.code}"})
             continue
         info = dict(reply.content[PRIVACY]) if PRIVACY in reply.content else {}
-        if info.get("sat-out"):
-            outcome.sat_out.append({"client": client, "reason": str(info.get("reason", ""))})
+        status = info.get("status", "ok")
+        if status != "ok":
+            code = str(info.get("error", ""))
+            code = code if code in FAILURE_CODES else "unknown"
+            if status == "sat_out":
+                outcome.sat_out.append({"client": client, "reason": code})
+            else:
+                outcome.failures.append({"client": client, "error": code})
             continue
         outcome.results[client] = {
             "update": from_array_record(reply.content[UPDATE]),
@@ -173,7 +181,6 @@ def aggregate(outcome: RoundOutcome, cfg: Config, rng: np.random.Generator) -> t
             "norm": norm,
             "cosine_to_mean": aggregation.cosine(update, mean),
             "num_examples": int(outcome.results[client]["metrics"].get("num-examples", 0)),
-            "epsilon": float(outcome.results[client]["privacy"].get("epsilon", float("nan"))),
         }
         for client, update, norm in zip(clients, updates, norms, strict=True)
     }
@@ -303,7 +310,7 @@ def server_dp_record(cfg: Config, sampled: int, population: int, rounds_done: in
         return {"noise_multiplier": 0.0, "clip_norm": fed.update_clip_norm, "epsilon": None}
     delta = 1.0 / max(population, 2) ** 1.1
     epsilon = aggregation.client_level_epsilon(
-        fed.update_noise_multiplier, sampled / population, rounds_done, delta
+        fed.update_noise_multiplier, sampled=sampled, population=population, rounds=rounds_done, delta=delta
     )
     return {
         "noise_multiplier": fed.update_noise_multiplier,

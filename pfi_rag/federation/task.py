@@ -1,8 +1,30 @@
 """One client's part of a round: load, DP-train on local data, return only the noisy shared update.
 
 Pure functions of (config, client id, global arrays): the Flower ClientApp is a thin wrapper
-around :func:`train_round`. Everything but the outgoing update stays on the client's disk:
-its documents, its personal adapter part, its privacy ledger.
+around :func:`train_round`. Everything but the reply below stays on the client's disk: its
+documents, its personal adapter part, its privacy ledger, its log.
+
+What a client's train reply carries, completely (``privacy.round_metrics = "private"``). Each field
+is DP-noised or fixed by configuration; none is computed from the client's records, so two clients
+that differ in one record send replies that differ only in the noised values:
+
+- ``update`` (ArrayRecord): the shared adapter part's delta after DP-SGD (record-level DP: clipped,
+  Poisson-sampled, noised steps); names, shapes and dtype fixed by the model and strategy;
+  optionally clipped to ``federation.client_clip_norm`` and noised again.
+- ``metrics`` (MetricRecord): ``num-examples``, ``loss-before``, ``loss-after``, released through the
+  Gaussian mechanism (:mod:`pfi_rag.privacy.round_metrics`) and charged to the ledger.
+- ``privacy`` (ConfigRecord), configuration only: ``status`` ("ok"); ``accountant`` and ``delta`` (the
+  ledger's, fixed constants); ``epsilon_per_round`` or, when the noise is configured instead,
+  ``noise_multiplier``; ``max_grad_norm``; ``local_steps``; ``round_metrics``,
+  ``round_metrics_noise``, ``round_metrics_loss_clip``; ``update_clip_norm``,
+  ``update_noise_multiplier``.
+
+Not sent: the record count, the training's sample rate, noise multiplier or epsilon spent (each
+solved from, or a function of, the record count), timings, and any exception text. A client that
+cannot take part sends only ``privacy`` = ``{status: "sat_out" | "failed", error: CODE}`` with a code
+from :data:`FAILURE_CODES`; the full exception goes to the client's own log
+(``clients/<id>/logs/federation.log``). With ``privacy.round_metrics = "exact"`` (a trusted server,
+not private) the metrics are exact and add ``train-seconds``.
 """
 
 from __future__ import annotations
@@ -17,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from pfi_rag.config import CLIENT_SETTINGS_FILE, Config, with_client_settings
-from pfi_rag.data.records import load_client_data
+from pfi_rag.data.corpus import load_corpus, require_training_data, too_little_data
 from pfi_rag.federation.strategies import shared_predicate
 from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
 from pfi_rag.models.lora import attach_lora, load_lora_arrays, lora_arrays
@@ -37,7 +59,33 @@ class RoundResult:
 
 @dataclass
 class SatOut:
-    reason: str
+    reason: str  # a code from FAILURE_CODES
+
+
+# The closed vocabulary of what a client may tell the server about why it has no update.
+FAILURE_CODES = (
+    "budget_exhausted",  # the round's spend would pass the client's budget: it sat out
+    "bad_local_data",  # its records could not be read
+    "bad_local_settings",  # its configuration or settings.toml is invalid
+    "privacy_refused",  # e.g. delta not below 1/n, an adapter its ledger does not account for
+    "training_failed",  # anything else
+)
+
+
+def failure_code(exc: BaseException) -> str:
+    """The code a client sends for ``exc``; the exception itself stays in the client's log."""
+    from pfi_rag.config import ConfigError
+    from pfi_rag.privacy import BudgetExceeded, PrivacyError
+
+    if isinstance(exc, BudgetExceeded):
+        return "budget_exhausted"
+    if isinstance(exc, ConfigError):
+        return "bad_local_settings"
+    if isinstance(exc, PrivacyError):
+        return "privacy_refused"
+    if isinstance(exc, (ValueError, OSError, UnicodeError)):
+        return "bad_local_data"
+    return "training_failed"
 
 
 @functools.lru_cache(maxsize=2)
@@ -115,8 +163,14 @@ def train_round(
     cfg = with_client_settings(cfg, client_dir(cfg.data_root, client_id) / CLIENT_SETTINGS_FILE)
     strategy = cfg.federation.strategy
     root = cfg.data_root
-    data = load_client_data(root, client_id)
+    # The client's store (current versions; its held-out share is never trained on).
+    data = load_corpus(root, client_id, held_out_share=cfg.data.held_out_share)
+    require_training_data(data)
+    if warning := too_little_data(data, cfg.privacy.batch_size):
+        logger.warning("%s", warning)  # the client's own log: what to change, locally
     ledger = PrivacyLedger.open(root, client_id, cfg.privacy)
+    adapter_info = read_adapter_info(client_adapter_dir(root, client_id))
+    ledger.check_absorbed(adapter_info.epsilon if adapter_info is not None else None)
     epsilon = cfg.privacy.epsilon_per_round / 2 if strategy == "ditto" else None
     private_metrics = cfg.privacy.round_metrics == "private"
 
@@ -125,7 +179,7 @@ def train_round(
         return train_adapter(
             model,
             tokenizer,
-            documents=data.documents,
+            documents=data.train,
             instructions=data.instructions,
             cfg=cfg.privacy,
             ledger=ledger,
@@ -143,8 +197,8 @@ def train_round(
     before = lora_arrays(model)
     try:
         result = dp_train(model, release_metrics=private_metrics)
-    except BudgetExceeded as exc:
-        return SatOut(reason=str(exc))
+    except BudgetExceeded:
+        return SatOut(reason="budget_exhausted")
     after = lora_arrays(model)
     save_personal = True
     if strategy == "ditto":
@@ -166,10 +220,16 @@ def train_round(
         clip_norm=cfg.federation.client_clip_norm,
         noise_multiplier=cfg.federation.client_noise_multiplier,
         rng=np.random.default_rng(),  # OS entropy, for the same reason as the training's
-        privacy_meta=ledger_meta(result, ledger),
+        trained=result,
     )
     if save_personal:
-        save_adapter(model, client_adapter_dir(root, client_id), round=server_round, source="federated")
+        save_adapter(
+            model,
+            client_adapter_dir(root, client_id),
+            round=server_round,
+            source="federated",
+            epsilon=ledger.epsilon_spent,
+        )
     if private_metrics:
         metrics = dict(result.released_metrics)
     else:  # privacy.round_metrics = "exact": the client chose to tell a trusted server
@@ -179,15 +239,27 @@ def train_round(
             "loss-after": float(result.loss_after),
             "train-seconds": time.perf_counter() - started,
         }
-    privacy = {key: value for key, value in outgoing.metadata.items() if value is not None}
-    privacy["round_metrics"] = "private" if private_metrics else "exact"
-    if private_metrics:
-        privacy["round_metrics_noise"] = cfg.privacy.round_metrics_noise
-        privacy["round_metrics_loss_clip"] = cfg.privacy.round_metrics_loss_clip
+    privacy = reply_privacy(cfg, ledger) | outgoing.metadata
     return RoundResult(update=outgoing.arrays, metrics=metrics, privacy=privacy)
 
 
-def ledger_meta(result, ledger) -> dict:
-    """The update's privacy metadata, with the client's epsilon as the ledger holds it now
-    (for Ditto, after both of the round's trainings)."""
-    return result.privacy_meta() | {"epsilon": ledger.epsilon_spent}
+def reply_privacy(cfg: Config, ledger) -> dict[str, float | int | str]:
+    """The reply's ``privacy`` record: configuration and the ledger's fixed terms only (see the
+    module docstring); nothing here may be computed from the client's records."""
+    privacy = cfg.privacy
+    record: dict[str, float | int | str] = {
+        "status": "ok",
+        "accountant": ledger.mechanism,
+        "delta": float(ledger.delta if ledger.delta is not None else privacy.delta),
+        "max_grad_norm": privacy.max_grad_norm,
+        "local_steps": privacy.local_steps,
+        "round_metrics": privacy.round_metrics,
+    }
+    if privacy.noise_multiplier is None:
+        record["epsilon_per_round"] = privacy.epsilon_per_round
+    else:
+        record["noise_multiplier"] = privacy.noise_multiplier
+    if privacy.round_metrics == "private":
+        record["round_metrics_noise"] = privacy.round_metrics_noise
+        record["round_metrics_loss_clip"] = privacy.round_metrics_loss_clip
+    return record

@@ -26,6 +26,10 @@ class AdapterInfo:
     round: int | None
     created_at: str
     source: str  # "local" (pfi-rag train), "federated" (a round), ...
+    # The client's composed epsilon (its privacy ledger's) when this version was saved: what the
+    # adapter has absorbed; None when not recorded. Training refuses an adapter whose epsilon is
+    # above its ledger's (a deleted or replaced ledger).
+    epsilon: float | None = None
 
     @classmethod
     def read(cls, directory: Path) -> AdapterInfo | None:
@@ -52,7 +56,13 @@ def read_adapter_info(directory: Path) -> AdapterInfo | None:
 
 
 def save_adapter(
-    model, directory: Path, *, round: int | None = None, source: str = "local", adapter_name: str = "default"
+    model,
+    directory: Path,
+    *,
+    round: int | None = None,
+    source: str = "local",
+    adapter_name: str = "default",
+    epsilon: float | None = None,
 ) -> AdapterInfo:
     """Save ``model``'s adapter ``adapter_name`` to ``directory`` as the next version, atomically."""
     previous = read_adapter_info(directory)
@@ -61,6 +71,7 @@ def save_adapter(
         round=round,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         source=source,
+        epsilon=epsilon,
     )
     with atomic_directory(directory) as staging:
         model.save_pretrained(staging, selected_adapters=[adapter_name])

@@ -1,13 +1,20 @@
 """Privacy accounting arithmetic: sample rates, epsilon of a spend history, noise for a spend.
 
-A history is Opacus's accountant history, a list of ``(noise_multiplier, sample_rate, steps)``.
-Epsilon is always computed by an Opacus accountant (``rdp`` by default) over the *whole*
-history, so spends compose as the mechanism does, not as a sum of per-call epsilons.
+A history is a list of ``(noise_multiplier, sample_rate, steps)``: ``steps`` compositions of a
+Gaussian mechanism with that noise multiplier, each on a Poisson sample of the records at that
+rate (rate 1: every record, as in a metric release). Epsilon is always computed over the *whole*
+history, so spends compose as the mechanisms do, not as a sum of per-call epsilons.
 
-For ``rdp`` the per-step RDP curve of each (noise multiplier, sample rate) is cached: Opacus
-recomputes it for every history entry on every call (~0.3 s each, in pure Python), and a
-history repeats the same few entries. The sum and the conversion are Opacus's own, in Opacus's
-order, so the epsilon is bit-for-bit what ``RDPAccountant.get_epsilon`` returns.
+Two accountants, both valid upper bounds for add/remove-one-record neighbours:
+
+- ``pld`` (default): Google's ``dp-accounting`` privacy-loss-distribution accountant
+  (pessimistic discretisation, interval ``PLD_DISCRETIZATION``). The tightest of the two: on the
+  demo's ledgers about 25-30% below RDP for the same noise, or 5-8% less noise at equal epsilon.
+- ``rdp``: Opacus's Renyi-DP accountant. Per-step RDP curves are cached (Opacus recomputes each
+  one per history entry per call, ~0.3 s in pure Python); the sum and the conversion are Opacus's
+  own, in Opacus's order, so the epsilon is bit-for-bit what ``RDPAccountant.get_epsilon`` gives.
+
+Opacus's GDP accountant was dropped: it uses only the last history entry, so it does not compose.
 """
 
 from __future__ import annotations
@@ -17,12 +24,16 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 History = list[tuple[float, float, int]]
+MECHANISMS = ("pld", "rdp")
 # Noise multipliers searched when a spend is given as epsilon; beyond this, refuse.
 MAX_NOISE_MULTIPLIER = 1e4
+# Width of the PLD's privacy-loss grid. Pessimistic rounding keeps every grid a valid bound; at
+# 1e-3 epsilon differs from 1e-4 in the 5th digit here and a composition is ~10x faster.
+PLD_DISCRETIZATION = 1e-3
 
 
 def sample_rate(records: int, batch_size: int) -> float:
@@ -38,24 +49,33 @@ def sample_rate(records: int, batch_size: int) -> float:
     return 1 / int(1 / (1 / batches))
 
 
+def check_mechanism(mechanism: str) -> str:
+    if mechanism not in MECHANISMS:
+        raise ValueError(
+            f"unknown accountant {mechanism!r}: choose one of {', '.join(MECHANISMS)} "
+            "(gdp was dropped: it does not compose a history)"
+        )
+    return mechanism
+
+
 def epsilon_of(history: Sequence[tuple[float, float, int]], *, delta: float, mechanism: str) -> float:
     """Epsilon of the composed history at ``delta``; 0 for no steps, inf if any step had no noise."""
-    history = [tuple(entry) for entry in history if entry[2] > 0]
+    history = _clean(history)
     if not history:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in history):
         return math.inf
-    if mechanism == "rdp":
-        # Opacus: sum(compute_rdp(q, sigma, steps, orders) for each entry), where compute_rdp
-        # returns the per-step curve times steps.
-        curve = sum([_rdp_per_step(float(sigma), float(rate)) * steps for sigma, rate, steps in history])
-        epsilon, _ = rdp_analysis.get_privacy_spent(
-            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta
-        )
-        return float(epsilon)
-    accountant = create_accountant(mechanism=mechanism)
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta=delta))
+    if check_mechanism(mechanism) == "pld":
+        return _pld_epsilon(_pld_of(tuple(history)), delta)
+    # Opacus: sum(compute_rdp(q, sigma, steps, orders) for each entry), where compute_rdp
+    # returns the per-step curve times steps.
+    curve = sum([_rdp_per_step(float(sigma), float(rate)) * steps for sigma, rate, steps in history])
+    epsilon, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta)
+    return float(epsilon)
+
+
+def _clean(history) -> History:
+    return [(float(sigma), float(rate), int(steps)) for sigma, rate, steps in history if steps > 0]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -65,6 +85,35 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     )
     curve.setflags(write=False)  # shared by every caller through the cache
     return curve
+
+
+@functools.lru_cache(maxsize=256)
+def _pld_entry(noise_multiplier: float, sample_rate: float, steps: int):
+    """The PLD of ``steps`` Poisson-subsampled Gaussian steps (dp-accounting's own construction)."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    if sample_rate >= 1:  # steps Gaussians on everything compose to one with sigma / sqrt(steps)
+        return pld.from_gaussian_mechanism(
+            noise_multiplier / math.sqrt(steps), value_discretization_interval=PLD_DISCRETIZATION
+        )
+    single = pld.from_gaussian_mechanism(
+        noise_multiplier, sampling_prob=sample_rate, value_discretization_interval=PLD_DISCRETIZATION
+    )
+    return single.self_compose(steps) if steps > 1 else single
+
+
+@functools.lru_cache(maxsize=64)
+def _pld_of(history: tuple[tuple[float, float, int], ...]):
+    """The composed PLD of a history; a prefix's is cached, so a ledger that grows by one entry
+    (or a solver trying sigmas after a fixed history) composes only what is new."""
+    last = _pld_entry(*history[-1])
+    if len(history) == 1:
+        return last
+    return _pld_of(history[:-1]).compose(last)
+
+
+def _pld_epsilon(distribution, delta: float) -> float:
+    return float(distribution.get_epsilon_for_delta(delta))
 
 
 def noise_for_spend(

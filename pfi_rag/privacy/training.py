@@ -41,7 +41,7 @@ from pfi_rag.privacy.dataset import (
     sequence_losses,
 )
 from pfi_rag.privacy.errors import PrivacyError
-from pfi_rag.privacy.ledger import PrivacyLedger, resolve_delta
+from pfi_rag.privacy.ledger import PrivacyLedger, check_delta
 from pfi_rag.privacy.round_metrics import noised_round_metrics, release_entry
 
 logger = logging.getLogger(__name__)
@@ -81,20 +81,6 @@ class TrainResult:
     @property
     def private(self) -> bool:
         return self.noise_multiplier is not None and self.noise_multiplier > 0
-
-    def privacy_meta(self) -> dict[str, float | int | str]:
-        """The privacy metadata an outgoing update carries (see :mod:`pfi_rag.privacy.update`)."""
-        if not self.private:
-            raise PrivacyError("a non-private training run has no privacy metadata to release")
-        return {
-            "epsilon": self.epsilon_total,
-            "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "max_grad_norm": self.max_grad_norm,
-            "steps": self.steps,
-            "sample_rate": self.sample_rate,
-            "accountant": self.accountant,
-        }
 
     def to_json(self) -> dict:
         return asdict(self) | {"private": self.private}
@@ -162,7 +148,7 @@ def train_adapter(
         return train(ledger=None, plan=None)
 
     history = ledger.history if ledger is not None else []
-    delta = ledger.delta_for(records) if ledger is not None else resolve_delta(None, cfg.delta, records)
+    delta = ledger.delta_for(records) if ledger is not None else check_delta(cfg.delta, records)
     if noise_multiplier is None and epsilon is None:
         noise_multiplier = cfg.noise_multiplier
         epsilon = cfg.epsilon_per_round if noise_multiplier is None else None
@@ -175,7 +161,7 @@ def train_adapter(
             sample_rate=rate,
             steps=steps,
             delta=delta,
-            mechanism=cfg.accountant,
+            mechanism=ledger.mechanism if ledger is not None else cfg.accountant,
             also=release,
         )
     plan = {
@@ -212,7 +198,7 @@ def _train(
     started = time.perf_counter()
     device = next(model.parameters()).device
     cfg = cfg.model_copy(update={"grad_sample_mode": grad_sample_mode_for(cfg.grad_sample_mode, device)})
-    examples = build_examples(tokenizer, documents, instructions, max_len=cfg.max_seq_len)
+    examples = build_examples(tokenizer, documents, instructions, max_len=cfg.max_seq_len, seed=seed)
     collate = Collate(tokenizer.pad_token_id)
     losses_before = record_losses(model, examples, collate, cfg.batch_size)
 
@@ -232,7 +218,7 @@ def _train(
             examples, batch_size=cfg.batch_size, collate_fn=collate, shuffle=True, generator=sampler_rng
         )
     else:
-        delta = ledger.delta_for(len(examples)) if ledger else resolve_delta(None, cfg.delta, len(examples))
+        delta = ledger.delta_for(len(examples)) if ledger else check_delta(cfg.delta, len(examples))
         engine, hooks, optimizer, criterion, loader = _make_private(
             model, optimizer, loader, cfg, ledger, plan, mechanism, seed, device
         )
@@ -328,13 +314,15 @@ def grad_sample_mode_for(mode: str, device: torch.device) -> str:
 
 def _make_private(model, optimizer, loader, cfg, ledger, plan, mechanism, seed, device):
     """A fresh PrivacyEngine per call (no Opacus state outlives it), its accountant loaded from
-    the ledger so the DP optimizer's step hook extends the client's history."""
+    the ledger so the DP optimizer's step hook extends the client's history. Opacus's RDP
+    accountant only keeps that history here; the ledger's accountant (``mechanism``) computes
+    every epsilon from it."""
     with warnings.catch_warnings():
         # secure_mode needs torchcsprng; the pseudo-RNG warning is known and documented.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=mechanism)
+        engine = PrivacyEngine(accountant="rdp")
     if ledger is not None and ledger.history:
-        engine.accountant.load_state_dict({"history": ledger.history, "mechanism": mechanism})
+        engine.accountant.load_state_dict({"history": ledger.history, "mechanism": "rdp"})
     # Poisson sampling, built here rather than by make_private so its generator is seeded:
     # each record joins each batch independently with rate q (what the accountant assumes).
     poisson = DPDataLoader.from_data_loader(loader, generator=loader.generator)

@@ -2,10 +2,12 @@
 
 An outgoing update is ``after - before`` over the shared weight names only (fedavg: every LoRA
 weight; fedsa: only ``lora_A``), where ``after`` came from DP-SGD training (record-level DP,
-carried in the metadata). Optionally the delta is clipped to L2 norm ``clip_norm`` and Gaussian
-noise of std ``noise_multiplier * clip_norm`` is added (client-level DP, DP-FedAvg, McMahan et
-al. 2018). The metadata holds only configured or accounted values, never a data-dependent one
-such as the delta's norm before clipping, which would itself leak.
+recorded in the client's ledger). Optionally the delta is clipped to L2 norm ``clip_norm`` and
+Gaussian noise of std ``noise_multiplier * clip_norm`` is added (client-level DP, DP-FedAvg,
+McMahan et al. 2018). The metadata holds only configured values, never one computed from the
+client's records: not the delta's norm before clipping, nor the training's sample rate, delta,
+noise multiplier or epsilon, each of which would tell the server the record count
+(:mod:`pfi_rag.federation.task` lists everything a reply carries).
 """
 
 from __future__ import annotations
@@ -13,21 +15,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pfi_rag.privacy.errors import PrivacyError
 
-REQUIRED_META = (
-    "epsilon",
-    "delta",
-    "noise_multiplier",
-    "max_grad_norm",
-    "steps",
-    "sample_rate",
-    "accountant",
-)
-
+if TYPE_CHECKING:
+    from pfi_rag.privacy.training import TrainResult
 
 @dataclass(frozen=True)
 class OutgoingUpdate:
@@ -45,17 +40,15 @@ def build_outgoing_update(
     clip_norm: float | None,
     noise_multiplier: float,
     rng: np.random.Generator,
-    privacy_meta: Mapping[str, float | int | str],
+    trained: TrainResult,
 ) -> OutgoingUpdate:
     """Build the outgoing update; refuses anything not produced by noised DP training.
 
-    ``privacy_meta`` is :meth:`TrainResult.privacy_meta` of the training that produced ``after``.
-    ``noise_multiplier > 0`` needs ``clip_norm``: the noise is calibrated to it.
+    ``trained`` is the result of the training that produced ``after``; only its being private
+    is checked, nothing of it is sent. ``noise_multiplier > 0`` needs ``clip_norm``: the noise is
+    calibrated to it.
     """
-    missing = [key for key in REQUIRED_META if key not in privacy_meta]
-    if missing:
-        raise PrivacyError(f"privacy metadata lacks {missing}: pass TrainResult.privacy_meta()")
-    if not float(privacy_meta["noise_multiplier"]) > 0 or not math.isfinite(float(privacy_meta["epsilon"])):
+    if not trained.private or not math.isfinite(trained.epsilon_total):
         raise PrivacyError("only the result of noised DP training may leave a client (noise_multiplier 0)")
     if noise_multiplier < 0 or (noise_multiplier > 0 and clip_norm is None):
         raise PrivacyError("update noise needs a clip_norm > 0 to be calibrated to")
@@ -83,8 +76,7 @@ def build_outgoing_update(
         std = noise_multiplier * clip_norm
         delta = {name: d + rng.normal(0.0, std, size=d.shape) for name, d in delta.items()}
 
-    metadata: dict[str, float | int | str] = {key: privacy_meta[key] for key in REQUIRED_META}
-    metadata |= {
+    metadata: dict[str, float | int | str] = {
         "update_clip_norm": float(clip_norm) if clip_norm is not None else 0.0,  # 0: not clipped
         "update_noise_multiplier": float(noise_multiplier),
     }

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pfi_rag.privacy.errors import BudgetExceeded
 from pfi_rag.probes.base import (
     FLAGGED_CLIENTS,
     ClientProbe,
@@ -32,7 +33,7 @@ from pfi_rag.probes.base import (
 )
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.registry import probes_for
-from pfi_rag.probes.release import TOLERANCE_Z, Release, distribution, record_release, release_metrics
+from pfi_rag.probes.release import TOLERANCE_Z, Release, distribution, release_metrics
 from pfi_rag.storage import atomic_write_json, client_dir
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,10 @@ def run_suite(
     if missing:
         raise ValueError(f"no data for client(s) {', '.join(missing)} under {ctx.data_root}/clients")
     if not clients:
-        raise ValueError(f"no client data under {ctx.data_root}/clients: run `pfi-rag data synth` first")
+        raise ValueError(
+            f"no client documents under {ctx.data_root}/clients: add some with "
+            "`pfi-rag ingest --client NAME DIR/` (or `pfi-rag data synth` for a synthetic world)"
+        )
     step = on_step or (lambda label: None)
 
     client_probes = [p for p in probes if p.scope == Scope.CLIENT]
@@ -264,9 +268,9 @@ def run_suite(
         cfg = ctx.config.probes
         privacy = {
             "mode": "private: each client released one clipped, Gaussian-noised metric vector",
-            "mechanism": "Gaussian (analytic calibration, Balle & Wang 2018), client-level sensitivity",
+            "mechanism": "Gaussian, client-level sensitivity, charged to each client's privacy ledger",
             "epsilon_per_client": cfg.release_epsilon,
-            "delta_per_client": cfg.release_delta,
+            "delta_per_client": {c: r.delta for c, r in releases.items()},
             "sigma_unit": {c: r.sigma_unit for c, r in releases.items()},
             "epsilon_spent_total": {c: r.epsilon_spent_total for c, r in releases.items()},
             "tolerance_z": TOLERANCE_Z,
@@ -325,8 +329,10 @@ def _release_all(
         atomic_write_json(client_dir(ctx.data_root, client) / "probes" / "latest.json", {"results": local})
         if not exact:
             continue
-        release, _ = release_metrics(
-            client, exact, bounds, epsilon=cfg.release_epsilon, delta=cfg.release_delta, rng=rng
-        )
-        releases[client] = record_release(ctx.data_root, release)
+        try:  # the privacy package charges the client's ledger; the probes only read
+            releases[client] = release_metrics(
+                ctx.data_root, client, ctx.config.privacy, exact, bounds, epsilon=cfg.release_epsilon, rng=rng
+            )
+        except BudgetExceeded as exc:
+            logger.warning("client %s releases nothing: %s", client, exc)
     return releases
