@@ -12,6 +12,11 @@ from rich.table import Table
 from pfi_rag.cli.common import config_from, console, err_console, fail, print_json
 from pfi_rag.config import Config
 
+GENERATE_ROUTE = (
+    "curl -s {base}/v1/generate -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' "
+    "-d '{\"client_id\": \"{client}\", \"prompt\": \"...\"}'"
+)
+
 
 def _retrieve(cfg: Config, client: str, question: str, k: int) -> tuple[list[Any], str]:
     """The client's top-k passages and a note on where they came from (or why there are none)."""
@@ -23,12 +28,16 @@ def _retrieve(cfg: Config, client: str, question: str, k: int) -> tuple[list[Any
         from pfi_rag.retriever import ClientStore, RetrieverError, StoreBusy
     except ImportError:
         return [], "retrieval is unavailable in this installation (pfi_rag.retriever is missing)"
+    from pfi_rag.cli.retrieval import busy_message, fail_if_busy
     from pfi_rag.models.loading import load_embedder
 
+    fail_if_busy(cfg, client, GENERATE_ROUTE)  # before loading any model
     try:
         with ClientStore.open(cfg.data_root, client, cfg.retrieval, load_embedder(cfg.models)) as store:
             hits = store.search(question, k)
-    except (RetrieverError, StoreBusy) as exc:
+    except StoreBusy:
+        fail(busy_message(cfg, client, GENERATE_ROUTE))
+    except RetrieverError as exc:
         fail(str(exc))
     return hits, f"{len(hits)} passages from the client's index"
 
@@ -97,6 +106,7 @@ def register(app: typer.Typer) -> None:
         hits, note = _retrieve(cfg, client, question, cfg.retrieval.top_k if k is None else k)
         if not hits and not json_out:
             err_console.print(f"note: {note}")
+        err_console.print(f"loading the generator ({cfg.models.generator})", highlight=False)
         engine = Engine.from_config(cfg)
         try:
             result = engine.generate(dataclasses.replace(request, passages=hits))

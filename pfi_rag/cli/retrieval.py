@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -13,9 +15,14 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pfi_rag.cli.common import config_from, console, fail, print_json
+from pfi_rag.cli.common import config_from, console, err_console, fail, print_json
 from pfi_rag.config import Config
 
+SEARCH_ROUTE = (
+    "curl -s {base}/v1/clients/{client}/search -H \"Authorization: Bearer $KEY\" "
+    "-H 'Content-Type: application/json' -d '{\"query\": \"...\", \"k\": 5}'"
+)
+DOCUMENTS_ROUTE = "POST/GET/DELETE {base}/v1/clients/{client}/documents"
 CLIENT_HELP = "Client id (a-z, 0-9, '_', '-'; its store lives under <data_root>/clients/<id>/index/)."
 
 
@@ -26,18 +33,57 @@ class DocsAction(StrEnum):
 
 
 @contextmanager
-def _open_store(cfg: Config, client: str) -> Iterator[Any]:
-    """The client's store, with every expected failure turned into one line and exit 2."""
-    from pfi_rag.models.loading import load_embedder
-    from pfi_rag.retriever import ClientStore, RetrieverError, StoreBusy
+def _open_store(cfg: Config, client: str, route: str) -> Iterator[Any]:
+    """The client's store, with every expected failure turned into one line and exit 2.
+
+    ``route`` is the HTTP route that does the same job, named when a server holds the store.
+    """
+    from pfi_rag.retriever import RetrieverError, StoreBusy
 
     _check_client(client)
+    fail_if_busy(cfg, client, route)  # before loading a model for nothing
+    from pfi_rag.models.loading import load_embedder
+    from pfi_rag.retriever import ClientStore
+
+    err_console.print(f"loading the embedder ({cfg.models.embedder})", highlight=False)
     embedder = load_embedder(cfg.models)
     try:
         with ClientStore.open(cfg.data_root, client, cfg.retrieval, embedder) as store:
             yield store
-    except (RetrieverError, StoreBusy) as exc:
+    except StoreBusy:
+        fail(busy_message(cfg, client, route))
+    except RetrieverError as exc:
         fail(str(exc))
+
+
+def busy_message(cfg: Config, client: str, route: str) -> str:
+    """What to do when another process (usually `pfi-rag serve`) holds the client's store."""
+    base = f"http://{cfg.serving.host}:{cfg.serving.port}"
+    return (
+        f"client {client}'s store is held by another process, such as a running `pfi-rag serve` "
+        f"(a server keeps the stores it opened until it stops); while it runs, use its HTTP API "
+        f"with the client's key: {route.replace('{base}', base).replace('{client}', client)}"
+    )
+
+
+def fail_if_busy(cfg: Config, client: str, route: str) -> None:
+    """Exit 2 with :func:`busy_message` if another process holds the client's store lock now.
+
+    ClientStore.open takes the same flock (index/lock) and stays the authority; this only saves
+    loading a model first. The probe's own lock is released when its descriptor closes.
+    """
+    from pfi_rag.storage import client_dir
+
+    lock = client_dir(cfg.data_root, client) / "index" / "lock"
+    if not lock.is_file():
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(busy_message(cfg, client, route))
+    finally:
+        os.close(fd)
 
 
 def _check_client(client: str) -> None:
@@ -93,7 +139,7 @@ def register(app: typer.Typer) -> None:
             fail(str(exc))
         total_docs = sum(len(docs) for _, docs in batches)
         totals = {"added": 0, "unchanged": 0, "superseded": 0, "chunks": 0}
-        with _open_store(cfg, client) as store:
+        with _open_store(cfg, client, DOCUMENTS_ROUTE) as store:
             columns = (
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -134,7 +180,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = config_from(ctx)
         filters = _parse_where(where)
-        with _open_store(cfg, client) as store:
+        with _open_store(cfg, client, SEARCH_ROUTE) as store:
             try:
                 hits = store.search(query, k, filters or None)
             except RetrieverError as exc:
@@ -164,18 +210,24 @@ def register(app: typer.Typer) -> None:
                 f"`docs {action.value}` needs a document id: "
                 f"pfi-rag docs --client {client} {action.value} DOC"
             )
-        with _open_store(cfg, client) as store:
-            if action is DocsAction.list:
-                _print_list(store.list_documents(), json_out)
-            elif action is DocsAction.show:
-                versions = store.history(doc_id)
-                if not versions:
-                    fail(
-                        f"client {client!r} has no document {doc_id!r}; "
-                        f"see `pfi-rag docs --client {client} list`"
-                    )
-                _print_versions(versions, json_out)
-            elif not store.delete(doc_id):
+        _check_client(client)
+        if action is DocsAction.list:  # read-only: no lock, no model, works beside a server
+            from pfi_rag.retriever.reading import current_documents
+
+            _print_list(current_documents(cfg.data_root, client), json_out)
+            return
+        if action is DocsAction.show:
+            from pfi_rag.retriever.reading import document_versions
+
+            versions = document_versions(cfg.data_root, client, doc_id)
+            if not versions:
+                fail(
+                    f"client {client!r} has no document {doc_id!r}; see `pfi-rag docs --client {client} list`"
+                )
+            _print_versions(versions, json_out)
+            return
+        with _open_store(cfg, client, DOCUMENTS_ROUTE) as store:
+            if not store.delete(doc_id):
                 fail(
                     f"client {client!r} has no document {doc_id!r}; see `pfi-rag docs --client {client} list`"
                 )

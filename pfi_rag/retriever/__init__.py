@@ -12,7 +12,17 @@ from pfi_rag.retriever.records import (
     StoreBusy,
     StoredDocument,
 )
-from pfi_rag.retriever.store import ClientStore
+
+
+def __getattr__(name: str):
+    # Imported on first use: the records and the read-only queries are cheap, the store pulls in
+    # FAISS and the embedder's stack (seconds), which `pfi-rag docs list` does not need.
+    if name == "ClientStore":
+        from pfi_rag.retriever.store import ClientStore
+
+        return ClientStore
+    raise AttributeError(f"module 'pfi_rag.retriever' has no attribute {name!r}")
+
 
 __all__ = [
     "ClientStore",
