@@ -66,6 +66,10 @@ class RetrievalConfig(Section):
     chunk_tokens: int = Field(default=200, ge=16, le=4096)
     chunk_overlap: int = Field(default=32, ge=0)
     top_k: int = Field(default=4, ge=1, le=100)
+    # Passages whose cosine to the question is below this never reach the prompt: an off-topic
+    # question then gets no notes rather than the client's nearest (unrelated) secret. Chosen on
+    # the synthetic QA with bench/relevance.py (docs/serving.md); -1 turns the floor off.
+    relevance_floor: float = Field(default=0.3, ge=-1, le=1)
     index: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
     # With index = "auto", a client switches from exact flat search to HNSW past this size.
     auto_ann_threshold: int = Field(default=50_000, ge=1)
@@ -202,6 +206,10 @@ class ServingConfig(Section):
     # Loaded adapters stacked in slots, one gathered product per LoRA layer for a batch of many
     # adapters (docs/serving.md). False: PEFT's mixed-adapter path, which loops over the adapters.
     gathered_lora: bool = True
+    # Against small models' loops, over the generated tokens only (docs/serving.md "Answer
+    # quality"): CTRL's repetition penalty (1.0 = off) and a ban on repeating any n-gram (0 = off).
+    repetition_penalty: float = Field(default=1.0, ge=1.0, le=2.0)
+    no_repeat_ngram: int = Field(default=0, ge=0, le=16)
     # Most passages a request may ask retrieval for (the default is retrieval.top_k).
     max_passages: int = Field(default=16, ge=0, le=100)
     # Open every existing client's store at start-up (they stay open, as a lazily opened one

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -11,7 +10,7 @@ from rich.table import Table
 
 from pfi_rag.cli.common import config_from, console, fail, print_json
 
-CLIENT_HELP = "Client id (its data lives under <data_root>/clients/<id>/data/)."
+CLIENT_HELP = "Client id (its documents are its store under <data_root>/clients/<id>/, see `pfi-rag ingest`)."
 
 
 def _check_client(client: str) -> None:
@@ -21,17 +20,6 @@ def _check_client(client: str) -> None:
         validate_client_id(client)
     except InvalidClientId as exc:
         fail(f"--client: {exc}")
-
-
-def _count_records(directory: Path) -> int:
-    """Records in the training files, counted by line: the budget check needs n, not the text."""
-    total = 0
-    for name in ("documents.jsonl", "instructions.jsonl"):
-        path = directory / name
-        if path.is_file():
-            with open(path, "rb") as handle:
-                total += sum(1 for line in handle if line.strip())
-    return total
 
 
 def _show(value: float | None, digits: int = 4) -> str:
@@ -61,7 +49,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """DP-train a client's LoRA adapter on its local data."""
-        from pfi_rag.data.records import client_data_dir
+        from pfi_rag.data.corpus import CorpusError, load_corpus, require_training_data, too_little_data
         from pfi_rag.privacy import PrivacyError, PrivacyLedger
         from pfi_rag.privacy.accounting import sample_rate
 
@@ -75,10 +63,15 @@ def register(app: typer.Typer) -> None:
         if steps is not None and steps < 1:
             fail("--steps must be at least 1")
         cfg = config_from(ctx)
-        data_dir = client_data_dir(cfg.data_root, client)
-        records = _count_records(data_dir) if data_dir.is_dir() else 0
-        if records == 0:
-            fail(f"client {client!r} has no training data in {data_dir}: run `pfi-rag data synth` first")
+        try:
+            corpus = load_corpus(cfg.data_root, client, held_out_share=cfg.data.held_out_share)
+            require_training_data(corpus)
+        except CorpusError as exc:
+            fail(str(exc))
+        records = corpus.records
+        warning = too_little_data(corpus, cfg.privacy.batch_size)
+        if warning:
+            typer.echo(f"warning: {warning}", err=True)
         try:
             ledger = PrivacyLedger.open(cfg.data_root, client, cfg.privacy)
             # Refuse before loading the model or parsing a record when the spend cannot fit.
@@ -96,12 +89,14 @@ def register(app: typer.Typer) -> None:
         except PrivacyError as exc:
             fail(str(exc))
 
-        result = _train_client(cfg, client, ledger, epsilon, noise_multiplier, steps, seed, json_out)
+        result = _train_client(cfg, corpus, ledger, epsilon, noise_multiplier, steps, seed, json_out)
         if json_out:
             print_json(result)
             return
         console.print(
-            f"trained {client}: loss {result['loss_before']:.4f} -> {result['loss_after']:.4f}, "
+            f"trained {client} on {result['documents']} documents ({result['held_out_documents']} held out) "
+            f"and {result['instructions']} instructions: "
+            f"loss {result['loss_before']:.4f} -> {result['loss_after']:.4f}, "
             f"epsilon +{_show(result['epsilon'])} (total {_show(result['epsilon_total'])} of "
             f"{cfg.privacy.epsilon_max:g}, delta {result['delta']:.3g}), sigma "
             f"{result['noise_multiplier']:.4g}, {result['steps']} steps; adapter "
@@ -163,17 +158,17 @@ def register(app: typer.Typer) -> None:
         )
 
 
-def _train_client(cfg, client, ledger, epsilon, noise_multiplier, steps, seed, quiet: bool) -> dict:
-    """Load the model (continuing the client's adapter if it has one), train, save; a dict result."""
+def _train_client(cfg, corpus, ledger, epsilon, noise_multiplier, steps, seed, quiet: bool) -> dict:
+    """Load the model (continuing the client's adapter if it has one), train on the corpus's
+    training side (never its held-out documents), save; a dict result."""
     from peft import PeftModel
 
-    from pfi_rag.data.records import load_client_data
     from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
     from pfi_rag.models.loading import load_generator
     from pfi_rag.models.lora import attach_lora
     from pfi_rag.privacy import PrivacyError, train_adapter
 
-    data = load_client_data(cfg.data_root, client)
+    client = corpus.client_id
     model, tokenizer, _ = load_generator(cfg.models)
     adapter_dir = client_adapter_dir(cfg.data_root, client)
     if read_adapter_info(adapter_dir) is not None:
@@ -202,8 +197,8 @@ def _train_client(cfg, client, ledger, epsilon, noise_multiplier, steps, seed, q
             result = train_adapter(
                 model,
                 tokenizer,
-                documents=data.documents,
-                instructions=data.instructions,
+                documents=corpus.train,
+                instructions=corpus.instructions,
                 cfg=cfg.privacy,
                 ledger=ledger,
                 seed=seed,
@@ -217,6 +212,9 @@ def _train_client(cfg, client, ledger, epsilon, noise_multiplier, steps, seed, q
     info = save_adapter(model, adapter_dir, source="local")
     return result.to_json() | {
         "client": client,
+        "documents": len(corpus.train),
+        "held_out_documents": len(corpus.held_out),
+        "instructions": len(corpus.instructions),
         "adapter_dir": str(adapter_dir),
         "adapter_version": info.version,
     }

@@ -46,6 +46,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
     logprobs: int | None = None  # record each token's logprob and this many alternatives
+    # Server-side answer quality (sampling.repetition_adjusted): 1.0 / 0 are off.
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -242,6 +245,7 @@ class DecodeBatch:
 
     def _sample(self, rows: Sequence[Row], raw: torch.Tensor) -> torch.Tensor:
         logits = sampling.adjusted(rows, raw)  # (B, V): logit bias and penalties
+        logits = sampling.repetition_adjusted(rows, logits)  # (B, V): repetition penalty, n-gram block
         tokens = logits.argmax(dim=-1)  # (B,)
         for i, row in enumerate(rows):
             p = row.params

@@ -252,6 +252,8 @@ class Engine:
             presence_penalty=request.presence_penalty,
             logit_bias=tuple(request.logit_bias),
             logprobs=request.logprobs,
+            repetition_penalty=self.serving.repetition_penalty,
+            no_repeat_ngram=self.serving.no_repeat_ngram,
         )
         lease = self.adapters.acquire(request.client_id)
         row = Row(prompt_ids=prompt.input_ids, adapter_name=lease.name, params=params, on_text=on_text)

@@ -52,6 +52,7 @@ class Prompt:
     text: str
     passages: list[UsedPassage]  # in prompt order, numbered from 1
     dropped: int  # passages left out to fit the budget
+    below_floor: int = 0  # passages left out as not relevant enough (score under the floor)
 
 
 def format_passages(passages: Sequence[UsedPassage]) -> str:
@@ -70,6 +71,13 @@ def render(tokenizer, messages: list[dict[str, str]]) -> str:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
     return "\n\n".join(lines) + "\n\nAssistant:"
+
+
+def relevant(passages: Sequence[PassageLike], floor: float | None) -> list[PassageLike]:
+    """The passages scoring at least ``floor`` (all of them without a floor)."""
+    if floor is None:
+        return list(passages)
+    return [p for p in passages if float(p.score) >= floor]
 
 
 def rank(passages: Sequence[PassageLike]) -> list[UsedPassage]:
@@ -94,16 +102,20 @@ def build_prompt(
     passages: Sequence[PassageLike],
     system_prompt: str,
     max_prompt_tokens: int,
+    relevance_floor: float | None = None,
 ) -> Prompt:
     """The prompt for ``messages`` (the last one is the user's question) grounded on ``passages``.
 
-    Keeps the largest prefix of the ranked passages that fits ``max_prompt_tokens``.
+    Passages scoring under ``relevance_floor`` are left out; of the rest, keeps the largest
+    prefix of the ranked passages that fits ``max_prompt_tokens``.
     """
     if not messages or messages[-1].get("role") != "user":
         raise ValueError("messages must end with a 'user' message (the question)")
     history = [dict(m) for m in messages[:-1] if m.get("role") != "system"]
     question = messages[-1]["content"]
-    ranked = rank(passages)
+    kept_relevant = relevant(passages, relevance_floor)
+    below_floor = len(passages) - len(kept_relevant)
+    ranked = rank(kept_relevant)
 
     def encode(kept: list[UsedPassage]) -> tuple[str, list[int]]:
         turns = [{"role": "system", "content": system_prompt}, *history]
@@ -115,7 +127,8 @@ def build_prompt(
     for keep in range(len(ranked), -1, -1):
         text, ids = encode(ranked[:keep])
         if len(ids) <= max_prompt_tokens:
-            return Prompt(input_ids=ids, text=text, passages=ranked[:keep], dropped=len(ranked) - keep)
+            kept = ranked[:keep]
+            return Prompt(ids, text, kept, dropped=len(ranked) - keep, below_floor=below_floor)
     raise PromptTooLong(
         f"the question needs {len(ids)} prompt tokens without any passage, over the limit of "
         f"{max_prompt_tokens} (serving.max_prompt_tokens): shorten the question or raise the limit"

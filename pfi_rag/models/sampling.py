@@ -74,3 +74,44 @@ def record_logprobs(rows: Sequence, logits: torch.Tensor, tokens: torch.Tensor) 
     for i, row in enumerate(rows):
         if row.params.logprobs is not None:
             row.logprobs.append(token_logprob(logits[i], int(tokens[i]), row.params.logprobs))
+
+
+# -- repetition control (server-side defaults for answer quality, serving.repetition_penalty and
+# serving.no_repeat_ngram) -------------------------------------------------------------------------
+
+
+def repeated_ngram_tokens(generated: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an ``n``-gram already in ``generated`` (HF's no_repeat_ngram_size).
+
+    Small models loop ("I said, "I said, ..."); banning a repeated n-gram breaks the loop at its
+    second turn. Only generated tokens count, so copying a phrase from the notes stays possible.
+    """
+    if n < 1 or len(generated) < n:
+        return []
+    prefix = tuple(generated[len(generated) - n + 1 :])
+    starts = range(len(generated) - n + 1)
+    return [generated[i + n - 1] for i in starts if tuple(generated[i : i + n - 1]) == prefix]
+
+
+def repetition_adjusted(rows: Sequence, logits: torch.Tensor) -> torch.Tensor:
+    """The batch's logits (B, V) with each row's repetition penalty and n-gram block applied.
+
+    The penalty is CTRL's (Keskar et al. 2019, HF's ``repetition_penalty``): a generated token's
+    positive logit is divided by it, a negative one multiplied, over the generated tokens only.
+    """
+    out = logits
+    for i, row in enumerate(rows):
+        penalty = getattr(row.params, "repetition_penalty", 1.0)
+        ngram = getattr(row.params, "no_repeat_ngram", 0)
+        if not row.token_ids or (penalty == 1.0 and ngram < 1):
+            continue
+        if out is logits:
+            out = logits.clone()
+        if penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.token_ids)), device=out.device)
+            scores = out[i, seen]
+            out[i, seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+        banned = repeated_ngram_tokens(row.token_ids, ngram)
+        if banned:
+            out[i, torch.tensor(banned, device=out.device)] = float("-inf")
+    return out

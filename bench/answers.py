@@ -1,0 +1,139 @@
+"""Answer quality on the synthetic QA with the default model: citations, exact answers, loops.
+
+    .venv/bin/python bench/answers.py [--questions 20] [--tokens 48] [--json out.json]
+
+Synthetic clients (``pfi-rag data synth``) get their documents indexed in real stores; their
+held-out questions are answered with retrieval (top k, relevance floor), each answer decoded
+greedily by the serving engine, all questions of a setting in one batch. Settings compared in
+the same run, same passages:
+
+- ``before``: the earlier prompt (passages shown with their document ids, the earlier system
+  prompt) and no repetition control;
+- ``prompt``: the current prompt only;
+- ``repetition``: the earlier prompt with the current repetition defaults only;
+- ``after``: both (today's defaults).
+
+Per setting: citation rate (the answer cites some [n] it was given), right citation (it cites
+the passage from the document that holds the answer), exact answer (the planted value appears
+in the answer), and loops (a word 3-gram repeated three times or more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from unittest import mock
+
+from pfi_rag.config import ModelsConfig, RetrievalConfig, ServingConfig
+from pfi_rag.data.records import load_client_data
+from pfi_rag.data.synth import synthesize
+from pfi_rag.models import Engine, GenerationRequest, prompting
+from pfi_rag.models.loading import load_embedder, load_generator
+from pfi_rag.retriever import ClientStore
+
+EARLIER_SYSTEM_PROMPT = (
+    "You are a helpful personal assistant. Answer from the user's notes below and cite "
+    "them as [n]. If the notes do not contain the answer, say so."
+)
+
+
+def earlier_format(passages) -> str:
+    return "\n".join(f"[{p.number}] ({p.doc_id}) {p.text.strip()}" for p in passages)
+
+
+def loops(text: str) -> bool:
+    words = re.findall(r"\w+", text.lower())
+    grams = Counter(zip(words, words[1:], words[2:], strict=False))
+    return bool(grams) and max(grams.values()) >= 3
+
+
+def answer_all(engine: Engine, requests: list[GenerationRequest]) -> list:
+    jobs = [engine.prepare(r) for r in requests]
+    batch = engine.new_batch()
+    batch.add([job.row for job in jobs])
+    while len(batch):
+        batch.step()
+    return [engine.finish(job) for job in jobs]
+
+
+def score(results, questions) -> dict:
+    n = len(results)
+    cited = right = exact = looped = 0
+    for result, qa in zip(results, questions, strict=True):
+        numbers = {int(m) for m in re.findall(r"\[(\d+)\]", result.text)}
+        given = {p.number: p.doc_id for p in result.passages}
+        cited += bool(numbers & set(given))
+        right += any(given.get(m) == qa.doc_id for m in numbers)
+        exact += qa.answer.lower() in result.text.lower()
+        looped += loops(result.text)
+    return {"citation_rate": cited / n, "right_citation_rate": right / n, "exact_answer_rate": exact / n,
+            "loop_rate": looped / n}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--questions", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--show", type=int, default=3, help="Print this many answers per setting.")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="pfi-answers-"))
+    synthesize(root, clients=args.clients, seed=0)
+    models, retrieval = ModelsConfig(), RetrievalConfig()
+    embedder = load_embedder(models)
+    questions, requests = [], []
+    per_client = -(-args.questions // args.clients)
+    for i in range(args.clients):
+        client = f"client-{i:02d}"
+        data = load_client_data(root, client)
+        with ClientStore.open(root, client, retrieval, embedder) as store:
+            store.add_documents(data.documents)
+            for qa in data.qa[:per_client]:
+                hits = store.search(qa.question, retrieval.top_k)
+                questions.append(qa)
+                request = GenerationRequest(client, qa.question, passages=hits, max_new_tokens=args.tokens)
+                requests.append(request)
+    questions, requests = questions[: args.questions], requests[: args.questions]
+    model, tokenizer, _ = load_generator(models)
+    engine = Engine(model, tokenizer, data_root=root, relevance_floor=retrieval.relevance_floor)
+    now = ServingConfig(max_new_tokens=args.tokens)
+    earlier = {"system_prompt": EARLIER_SYSTEM_PROMPT}
+    no_repetition = {"repetition_penalty": 1.0, "no_repeat_ngram": 0}
+    settings = {
+        "before": (now.model_copy(update={**earlier, **no_repetition}), earlier_format),
+        "prompt": (now.model_copy(update=no_repetition), prompting.format_passages),
+        "repetition": (now.model_copy(update=earlier), earlier_format),
+        "after": (now, prompting.format_passages),
+    }
+    print(
+        f"{len(requests)} synthetic questions from {args.clients} clients, {args.tokens} new tokens, greedy, "
+        f"relevance floor {retrieval.relevance_floor}; defaults now: repetition_penalty "
+        f"{now.repetition_penalty}, no_repeat_ngram {now.no_repeat_ngram}"
+    )
+    out = {}
+    for name, (serving, fmt) in settings.items():
+        engine.serving = serving
+        with mock.patch.object(prompting, "format_passages", fmt):
+            results = answer_all(engine, requests)
+        out[name] = score(results, questions)
+        print(
+            f"{name:<10} citation {out[name]['citation_rate']:5.0%}  right citation "
+            f"{out[name]['right_citation_rate']:5.0%}  exact answer {out[name]['exact_answer_rate']:5.0%}  "
+            f"loops {out[name]['loop_rate']:5.0%}"
+        )
+        for result, qa in list(zip(results, questions, strict=True))[: args.show]:
+            print(f"    Q: {qa.question} (answer: {qa.answer}) -> {result.text.strip()[:160]!r}")
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
