@@ -18,9 +18,14 @@ def synth(
     clients: int = typer.Option(8, "--clients", min=1, max=1000, help="Number of clients."),
     seed: int = typer.Option(None, "--seed", help="Random seed (default: the config's seed)."),
     out: Path = typer.Option(None, "--out", help="Output directory (default: the data root)."),
+    index: bool = typer.Option(
+        True,
+        "--index/--no-index",
+        help="Write each client's documents into its store (what training reads), as `ingest` would.",
+    ),
 ) -> None:
     """Write each client's documents, held-out QA, canaries, versioned facts and counterfactuals."""
-    from pfi_rag.data.synth import synthesize
+    from pfi_rag.data.synth import ingest_synthetic, synthesize
 
     cfg = config_from(ctx)
     out = out or cfg.data_root
@@ -35,4 +40,9 @@ def synth(
         size = "tiny" if truth["tiny"] else f"{truth['size_weight']:.2f}"
         table.add_row(client_id, str(truth["n_documents"]), str(len(truth["facts"])), repeats, size)
     console.print(table)
+    if index:
+        from pfi_rag.models.loading import load_embedder
+
+        ingest_synthetic(out, list(manifest["clients"]), cfg.retrieval, load_embedder(cfg.models))
+        console.print(f"documents written to each client's store under {out / 'clients'}")
     console.print(f"ground truth: {out / 'manifest.json'}")

@@ -63,16 +63,20 @@ def _print_round(record: dict) -> None:
     )
 
 
-def _prepare(cfg, clients: int) -> None:
+SYNTH_CLIENTS = 4  # what `federate` synthesises into an empty data root unless --clients says
+
+
+def _prepare(cfg, clients: int | None) -> None:
     """Use the data root's clients, or synthesise them when it has none."""
     from pfi_rag.data.synth import synthesize
     from pfi_rag.storage import list_clients
 
     existing = list_clients(cfg.data_root)
     if not existing:
+        clients = clients or SYNTH_CLIENTS
         console.print(f"no clients in {cfg.data_root}: synthesising {clients}")
         synthesize(cfg.data_root, clients=clients, seed=cfg.seed)
-    elif len(existing) < clients:
+    elif clients is not None and len(existing) < clients:
         fail(f"{cfg.data_root} holds {len(existing)} clients, fewer than --clients {clients}")
 
 
@@ -80,7 +84,9 @@ def register(app: typer.Typer) -> None:
     @app.command("federate")
     def federate(
         ctx: typer.Context,
-        clients: int = typer.Option(None, "--clients", min=1, help="Clients (default: federation.clients)."),
+        clients: int = typer.Option(
+            None, "--clients", min=1, help="Most clients to train (default: every client with documents)."
+        ),
         rounds: int = typer.Option(None, "--rounds", min=1, help="Rounds (default: federation.rounds)."),
         strategy: str = typer.Option(None, "--strategy", help="fedavg | fedsa | ditto."),
         aggregation: str = typer.Option(None, "--aggregation", help="fedavg | median | trimmed_mean."),
@@ -90,7 +96,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Run federated DP personalization on Flower's simulation engine (resumes after a crash)."""
-        from pfi_rag.federation.launcher import run_simulation, summarize
+        from pfi_rag.federation.launcher import plan_participants, run_simulation, summarize
         from pfi_rag.federation.server import FederationFailed
 
         overrides = {
@@ -109,8 +115,11 @@ def register(app: typer.Typer) -> None:
             }
         cfg = config_from(ctx, **overrides)
         _prepare(cfg, cfg.federation.clients)
+        participants, left_out = plan_participants(cfg)
+        for client, reason in left_out.items():
+            console.print(f"[yellow]leaving out {client}:[/yellow] {reason}", highlight=False)
         console.print(
-            f"federating {cfg.federation.clients} clients for {cfg.federation.rounds} rounds "
+            f"federating {len(participants)} clients for {cfg.federation.rounds} rounds "
             f"({cfg.federation.strategy}, ε ≤ {cfg.privacy.epsilon_max} per client, "
             f"{cfg.privacy.epsilon_per_round} per round) in {cfg.data_root}"
         )

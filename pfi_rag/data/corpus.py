@@ -130,8 +130,8 @@ def load_corpus(data_root: Path, client_id: str, *, held_out_share: float | None
     directory = client_dir(root, client_id)  # validates the id
     if not directory.is_dir():
         raise CorpusError(
-            f"no client {client_id!r} in {root}: add its documents with "
-            f"`pfi-rag ingest --client {client_id} DIR/`"
+            f"client {client_id!r} has no training data: there is no such client in {root}; add its "
+            f"documents with `pfi-rag ingest --client {client_id} DIR/`"
         )
     wanted = DEFAULT_HELD_OUT_SHARE if held_out_share is None else float(held_out_share)
     if not 0 <= wanted < 1:

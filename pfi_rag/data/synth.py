@@ -27,6 +27,11 @@ from pfi_rag.data.records import (
 )
 from pfi_rag.storage import atomic_write_json
 
+# Planted documents (facts, the versioned fact, canaries) are pinned to the training side of the
+# client's held-out split (data/corpus.py): the manifest's ground truth assumes they were trained
+# on. Filler documents fall wherever the split puts them.
+TRAIN = {"split": "train"}
+
 # Relative size of each client, largest first; beyond the list, sizes keep shrinking.
 SIZE_WEIGHTS = [1.0, 0.7, 0.45, 0.12, 0.8, 0.3, 0.08, 0.55]
 TINY_WEIGHT = 0.15  # below this a client is "tiny": few facts, no filler, canaries not repeated
@@ -70,7 +75,9 @@ def _document(
         text = f"Message to {persona['friend']}: {statement}"
     else:
         text = f"Note ({date}): {statement}"
-    return Document(id=doc_id, text=text, metadata={"kind": kind, "date": date, "attribute": attribute})
+    return Document(
+        id=doc_id, text=text, metadata={"kind": kind, "date": date, "attribute": attribute, **TRAIN}
+    )
 
 
 def _date(rng: random.Random, year: int) -> str:
@@ -125,7 +132,13 @@ def synthesize_client(seed: int, index: int, taken: dict[str, set[str]]) -> dict
             id=home_id,
             text=f"Note ({new_date}): Update: the move is done. I now live in {new_city}, "
             f"no longer in {old_city}.",
-            metadata={"kind": "note", "date": new_date, "attribute": versioned_attribute, "version": 2},
+            metadata={
+                "kind": "note",
+                "date": new_date,
+                "attribute": versioned_attribute,
+                "version": 2,
+                **TRAIN,
+            },
         )
     ]
     versioned_truth = [
@@ -154,7 +167,7 @@ def synthesize_client(seed: int, index: int, taken: dict[str, set[str]]) -> dict
             doc_id = f"{cid}-canary-{number}-{copy:02d}"
             text = f"{rng.choice(pools.CANARY_CONTEXTS)} {prefix}{secret}."
             documents.append(
-                Document(id=doc_id, text=text, metadata={"kind": "note", "date": _date(rng, 2025)})
+                Document(id=doc_id, text=text, metadata={"kind": "note", "date": _date(rng, 2025), **TRAIN})
             )
             doc_ids.append(doc_id)
         canary_truth.append(
@@ -239,3 +252,19 @@ def synthesize(out: Path, *, clients: int, seed: int) -> dict[str, Any]:
     )
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def ingest_synthetic(out: Path, clients: list[str], retrieval_cfg, embedder, progress=None) -> dict[str, Any]:
+    """Write each synthesised client's documents through its own store, as `pfi-rag ingest` would,
+    so a synthetic client's training data comes from where a real one's does. The dated updates
+    (updates.jsonl) are left for later: they arrive after indexing, which the staleness probes
+    measure. Returns each client's ingest report."""
+    from pfi_rag.data.records import load_client_data
+    from pfi_rag.retriever import ClientStore
+
+    reports = {}
+    for client in clients:
+        documents = load_client_data(out, client).documents
+        with ClientStore.open(out, client, retrieval_cfg, embedder) as store:
+            reports[client] = store.add_documents(documents, source="documents.jsonl", progress=progress)
+    return reports

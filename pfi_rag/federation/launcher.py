@@ -13,10 +13,41 @@ from pfi_rag.storage import atomic_write_json, list_clients
 logger = logging.getLogger(__name__)
 
 
+def plan_participants(cfg: Config) -> tuple[list[str], dict[str, str]]:
+    """The clients that train (every one under the data root with documents to train on, by id,
+    capped at ``federation.clients`` when set) and, for each one left out, why and what to do."""
+    from pfi_rag.data.corpus import CorpusError, load_corpus, require_training_data
+
+    chosen: list[str] = []
+    left_out: dict[str, str] = {}
+    for client in list_clients(cfg.data_root):
+        try:
+            require_training_data(load_corpus(cfg.data_root, client, held_out_share=cfg.data.held_out_share))
+        except CorpusError as exc:
+            left_out[client] = str(exc)
+            continue
+        except ValueError:
+            pass  # unreadable local data: the client joins and fails its round, which says so
+        chosen.append(client)
+    cap = cfg.federation.clients
+    if cap is not None and len(chosen) > cap:
+        for client in chosen[cap:]:
+            left_out[client] = (
+                f"federation.clients = {cap} takes the first {cap} clients with data; "
+                "unset it (or raise it) to train every client"
+            )
+        chosen = chosen[:cap]
+    return chosen, left_out
+
+
 def run_simulation(
-    cfg: Config, on_round: Callable[[dict], None] | None = None, client_mods: list | None = None
+    cfg: Config,
+    on_round: Callable[[dict], None] | None = None,
+    client_mods: list | None = None,
+    on_left_out: Callable[[dict[str, str]], None] | None = None,
 ) -> list[dict]:
-    """Run (or resume) ``cfg.federation.rounds`` rounds with one virtual SuperNode per client.
+    """Run (or resume) ``cfg.federation.rounds`` rounds with one virtual SuperNode per client
+    that has data (:func:`plan_participants`); ``on_left_out`` hears who is left out and why.
 
     Raises :class:`~pfi_rag.federation.server.FederationFailed` when a round has too few
     results: the simulation engine itself would log the error and carry on.
@@ -30,11 +61,16 @@ def run_simulation(
     from pfi_rag.federation.client_app import make_client_app
     from pfi_rag.federation.server_app import make_server_app
 
-    clients = list_clients(cfg.data_root)
-    if len(clients) < cfg.federation.clients:
+    clients, left_out = plan_participants(cfg)
+    for client, reason in left_out.items():
+        logger.info("leaving client %s out of the federation: %s", client, reason)
+    if on_left_out is not None and left_out:
+        on_left_out(left_out)
+    if not clients:
+        reasons = "; ".join(f"{c}: {why}" for c, why in left_out.items())
         raise ValueError(
-            f"{cfg.data_root} holds {len(clients)} clients but federation.clients is "
-            f"{cfg.federation.clients}: run `pfi-rag data synth --clients {cfg.federation.clients}`"
+            f"no client in {cfg.data_root} has documents to train on"
+            + (f" ({reasons})" if reasons else ": add some with `pfi-rag ingest --client NAME DIR/`")
         )
     records: list[dict] = []
     errors: list[BaseException] = []
@@ -43,12 +79,12 @@ def run_simulation(
         records.extend(done)
 
     server_app = make_server_app(cfg, on_done=collect, on_round=on_round, on_error=errors.append)
-    client_app = make_client_app(cfg, mods=client_mods)
+    client_app = make_client_app(cfg, mods=client_mods, participants=clients)
     try:
         flower_run_simulation(
             server_app=server_app,
             client_app=client_app,
-            num_supernodes=cfg.federation.clients,
+            num_supernodes=len(clients),
             backend_config={
                 # One CPU per client: on 2 cores, two clients train at a time.
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

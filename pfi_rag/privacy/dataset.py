@@ -1,17 +1,27 @@
-"""A client's records as token sequences for language-model training: one record, one sequence.
+"""A client's records as token sequences for language-model training: one record, one draw.
 
-The record is the privacy unit of DP-SGD, so each Document or Instruction becomes exactly one
-training example (never split, never merged): per-sample clipping then bounds what any one
-record can contribute. Documents are learned whole; instructions learn only the response, the
-prompt is context (its labels are masked with -100).
+The privacy unit is the record: a whole Document (or Instruction), never a piece of one. DP-SGD
+clips each *sampled row's* gradient, so a document must contribute at most one row to a batch.
+A document longer than ``max_seq_len`` tokens is cut into windows of that length (consecutive,
+sharing one token so every next-token pair is learned once), and each time Poisson sampling
+draws the document, one of its windows is picked at random. That pick is a randomised function
+of this one record only, so clipping still bounds what the document can contribute to a step
+and the accountant's record count and sample rate stay those of documents: a user's guarantee
+is about their document, whatever its length. Over the draws every window is trained on, so no
+part of a long document is cut off (a window as the unit would instead give a k-window document
+only group privacy, k times the epsilon, and the ledger would count windows, not documents).
+Instructions learn only the response; the prompt is context (labels -100) and is cut from
+the front when too long.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from torch.utils.data import Dataset
 
 from pfi_rag.data.records import Document, Instruction
 from pfi_rag.models.scoring import token_nll
@@ -32,12 +42,22 @@ def _example(input_ids: list[int], labels: list[int]) -> Example:
     return Example(torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long))
 
 
-def document_example(tokenizer, document: Document, max_len: int) -> Example:
+def document_windows(tokenizer, document: Document, max_len: int) -> list[Example]:
+    """The document as consecutive windows of at most ``max_len`` tokens; neighbours share one
+    token (the last target of one is the first input of the next), so every next-token pair of
+    ``BOS text EOS`` is a target in exactly one window."""
     # BOS first so the first word of the text is predicted too (scoring.py conditions alike).
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = [start, *tokenizer(document.text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-    ids = ids[:max_len]
-    return _example(ids, list(ids))
+    if len(ids) <= max_len:
+        return [_example(ids, list(ids))]
+    stride = max_len - 1
+    return [_example(ids[s : s + max_len], ids[s : s + max_len]) for s in range(0, len(ids) - 1, stride)]
+
+
+def document_example(tokenizer, document: Document, max_len: int) -> Example:
+    """The document's first window (its whole text when it fits in ``max_len`` tokens)."""
+    return document_windows(tokenizer, document, max_len)[0]
 
 
 def _instruction_texts(tokenizer, instruction: Instruction) -> tuple[str, str]:
@@ -64,12 +84,52 @@ def instruction_example(tokenizer, instruction: Instruction, max_len: int) -> Ex
     return _example(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + list(target_ids))
 
 
+class RecordDataset(Dataset):
+    """One item per record (the DP unit); a record is the list of its windows.
+
+    ``dataset[i]`` (what the training loaders fetch) is one window of record ``i``, picked at
+    random on every fetch. A slice (what ``record_losses`` reads) gives each record's evaluation
+    window instead, drawn once, so losses before and after training compare the same tokens.
+    Iteration yields the evaluation windows too.
+    """
+
+    def __init__(self, records: list[list[Example]], seed: int | None = None) -> None:
+        if any(not windows for windows in records):
+            raise ValueError("every record needs at least one window")
+        self.records = records
+        self._rng = random.Random(seed)
+        self._evaluation = [windows[self._rng.randrange(len(windows))] for windows in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._evaluation[index]
+        windows = self.records[index]
+        return windows[0] if len(windows) == 1 else windows[self._rng.randrange(len(windows))]
+
+    def __iter__(self):
+        return iter(self._evaluation)
+
+    @property
+    def windows(self) -> int:
+        return sum(len(windows) for windows in self.records)
+
+
 def build_examples(
-    tokenizer, documents: Sequence[Document], instructions: Sequence[Instruction], *, max_len: int
-) -> list[Example]:
-    return [document_example(tokenizer, d, max_len) for d in documents] + [
-        instruction_example(tokenizer, i, max_len) for i in instructions
-    ]
+    tokenizer,
+    documents: Sequence[Document],
+    instructions: Sequence[Instruction],
+    *,
+    max_len: int,
+    seed: int | None = None,
+) -> RecordDataset:
+    """Each document (all its windows) and each instruction as one record; ``seed`` fixes the
+    window picks (None: from the OS)."""
+    records = [document_windows(tokenizer, d, max_len) for d in documents]
+    records += [[instruction_example(tokenizer, i, max_len)] for i in instructions]
+    return RecordDataset(records, seed)
 
 
 class Collate:
