@@ -1,0 +1,104 @@
+"""Start-up time of the `pfi-rag` commands that need no model.
+
+    .venv/bin/python bench/cli.py [--repeats 7] [--out bench/results/cli.txt]
+
+Each command runs as a fresh process (the way a user runs it) in a scratch data root, ``repeats``
+times; the median, minimum and maximum wall time are printed. A second table lists which heavy
+libraries each command imported (read from ``python -X importtime``), so a regression shows its
+cause. Wall times depend on the machine's load: measure on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HEAVY = (
+    "torch",
+    "transformers",
+    "faiss",
+    "flwr",
+    "sentence_transformers",
+    "fastapi",
+    "peft",
+    "opacus",
+    "ray",
+)
+
+
+def commands(data_root: Path) -> list[list[str]]:
+    root = ["--data-root", str(data_root)]
+    return [
+        ["--help"],
+        [*root, "config", "show"],
+        [*root, "clients", "create", "{client}"],
+        [*root, "docs", "--client", "client-00", "list"],
+    ]
+
+
+def run(args: list[str], *, importtime: bool = False) -> tuple[float, str]:
+    python = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "pfi_rag"]
+    start = time.perf_counter()
+    done = subprocess.run([*python, *args], capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"pfi-rag {shlex.join(args)} failed ({done.returncode}): {done.stderr[-500:]}")
+    return elapsed, done.stderr
+
+
+def heavy_imports(stderr: str) -> list[str]:
+    top = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip().split(".")[0]
+            if name in HEAVY:
+                top.add(name)
+    return sorted(top)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=None, help="Also write the report here.")
+    args = parser.parse_args()
+
+    lines = [
+        f"Command: {shlex.join(['python', 'bench/cli.py', *sys.argv[1:]])}",
+        f"Machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}; "
+        f"each command a fresh process, {args.repeats} runs",
+        "",
+        "| command | median s | min s | max s | heavy libraries imported |",
+        "|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as scratch:
+        data_root = Path(scratch) / "pfi-data"
+        # A client with a real store to list (this ingest loads the embedder once; not timed).
+        run(["--data-root", str(data_root), "ingest", "--client", "client-00", "--text", "I live in Bergen."])
+        for template in commands(data_root):
+            times = []
+            for i in range(args.repeats):
+                cmd = [part.replace("{client}", f"bench-{i}") for part in template]
+                times.append(run(cmd)[0])
+            cmd = [part.replace("{client}", "bench-imports") for part in template]
+            heavy = heavy_imports(run(cmd, importtime=True)[1])
+            kept = [p for p in template if p not in ("--data-root", str(data_root))]
+            shown = "pfi-rag " + " ".join(kept).replace("{client}", "ID")
+            lines.append(
+                f"| `{shown}` | {statistics.median(times):.2f} | {min(times):.2f} | {max(times):.2f} | "
+                f"{', '.join(heavy) or 'none'} |"
+            )
+    report = "\n".join(lines) + "\n"
+    print(report, end="")
+    if args.out is not None:
+        args.out.write_text(report, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
