@@ -98,64 +98,100 @@ def register(app: typer.Typer) -> None:
             f"and {result['instructions']} instructions: "
             f"loss {result['loss_before']:.4f} -> {result['loss_after']:.4f}, "
             f"epsilon +{_show(result['epsilon'])} (total {_show(result['epsilon_total'])} of "
-            f"{cfg.privacy.epsilon_max:g}, delta {result['delta']:.3g}), sigma "
+            f"{ledger.epsilon_max:g}, {result['accountant']} accountant, delta {result['delta']:.3g}), sigma "
             f"{result['noise_multiplier']:.4g}, {result['steps']} steps; adapter "
             f"v{result['adapter_version']} in {result['adapter_dir']}",
             highlight=False,
         )
 
-    @app.command("privacy")
+    privacy_app = typer.Typer(
+        help="A client's privacy ledger: show it, or change its budget on purpose.",
+        invoke_without_command=True,
+        no_args_is_help=False,
+    )
+    app.add_typer(privacy_app, name="privacy")
+
+    @privacy_app.callback()
     def privacy(
         ctx: typer.Context,
-        client: str = typer.Option(..., "--client", help=CLIENT_HELP),
+        client: str = typer.Option(None, "--client", help=CLIENT_HELP),
         json_out: bool = typer.Option(False, "--json", help="Print the ledger as JSON."),
     ) -> None:
-        """Show a client's privacy ledger (every spend and the epsilon left)."""
+        """Show a client's privacy ledger: every spend (DP-SGD, metric and probe releases), the
+        budget and its changes, and the epsilon left."""
+        if ctx.invoked_subcommand is not None:
+            return
+        if client is None:
+            fail("--client is required: whose ledger to show")
+        _show_ledger(ctx, client, json_out)
+
+    @privacy_app.command("set-budget")
+    def set_budget(
+        ctx: typer.Context,
+        epsilon_max: float = typer.Argument(..., help="The client's new total budget (epsilon)."),
+        client: str = typer.Option(..., "--client", help=CLIENT_HELP),
+        reason: str = typer.Option(..., "--reason", help="Why; kept in the ledger and shown by audits."),
+    ) -> None:
+        """Change a client's privacy budget deliberately; the change and its reason are recorded.
+
+        The budget is fixed in the ledger when the client first spends; privacy.epsilon_max and
+        --set only seed new ledgers. This is the one way to change it afterwards."""
         from pfi_rag.privacy import PrivacyError, PrivacyLedger
 
         _check_client(client)
         cfg = config_from(ctx)
         try:
             ledger = PrivacyLedger.open(cfg.data_root, client, cfg.privacy)
+            before = ledger.epsilon_max
+            ledger.set_budget(epsilon_max, reason=reason)
         except (PrivacyError, ValueError) as exc:
             fail(str(exc))
-        if json_out:
-            print_json(ledger.to_json() | {"remaining": ledger.remaining})
-            return
-        table = Table(title=f"privacy ledger of {client}")
-        for column in (
-            "when",
-            "what",
-            "sigma",
-            "sample rate",
-            "steps",
-            "records",
-            "C",
-            "epsilon spent",
-            "epsilon after",
-        ):
-            table.add_column(
-                column, justify="left" if column == "when" else "right", no_wrap=column == "when"
-            )
-        for spend in ledger.spends:
-            table.add_row(
-                spend.at,
-                spend.kind,
-                f"{spend.noise_multiplier:.4g}",
-                f"{spend.sample_rate:.4g}",
-                str(spend.steps),
-                str(spend.records),
-                "-" if spend.max_grad_norm is None else f"{spend.max_grad_norm:g}",
-                _show(spend.epsilon_spent),
-                _show(spend.epsilon_after),
-            )
-        console.print(table)
-        delta = f"{ledger.delta:.3g}" if ledger.delta is not None else "set at the first spend"
         console.print(
-            f"spent epsilon {_show(ledger.epsilon_spent)} of {cfg.privacy.epsilon_max:g} "
-            f"(delta {delta}, {ledger.mechanism} accountant); {_show(ledger.remaining)} left",
+            f"{client}: budget {before:g} -> {epsilon_max:g} (spent {_show(ledger.epsilon_spent)}); "
+            "recorded in the ledger's history",
             highlight=False,
         )
+
+
+def _show_ledger(ctx: typer.Context, client: str, json_out: bool) -> None:
+    from pfi_rag.privacy import PrivacyError, PrivacyLedger
+
+    _check_client(client)
+    cfg = config_from(ctx)
+    try:
+        ledger = PrivacyLedger.open(cfg.data_root, client, cfg.privacy)
+    except (PrivacyError, ValueError) as exc:
+        fail(str(exc))
+    if json_out:
+        print_json(ledger.to_json() | {"remaining": ledger.remaining})
+        return
+    table = Table(title=f"privacy ledger of {client}")
+    columns = ("when", "what", "sigma", "sample rate", "steps", "records", "C", "epsilon spent")
+    columns += ("epsilon after",)
+    for column in columns:
+        table.add_column(column, justify="left" if column == "when" else "right", no_wrap=column == "when")
+    for spend in ledger.spends:
+        table.add_row(
+            spend.at,
+            spend.kind,
+            f"{spend.noise_multiplier:.4g}",
+            f"{spend.sample_rate:.4g}",
+            str(spend.steps),
+            str(spend.records) if spend.records else "-",
+            "-" if spend.max_grad_norm is None else f"{spend.max_grad_norm:g}",
+            _show(spend.epsilon_spent),
+            _show(spend.epsilon_after),
+        )
+    console.print(table)
+    for number, entry in enumerate(ledger.budget_history):
+        what = "budget set" if number == 0 else "budget changed"
+        console.print(f"{entry.at or '-'}  {what} to {entry.epsilon_max:g}: {entry.reason}", highlight=False)
+    delta = f"{ledger.delta if ledger.delta is not None else cfg.privacy.delta:.3g}"
+    console.print(
+        f"spent epsilon {_show(ledger.epsilon_spent)} of {ledger.epsilon_max:g} "
+        f"(delta {delta}, {ledger.mechanism} accountant); {_show(ledger.remaining)} left",
+        highlight=False,
+    )
 
 
 def _train_client(cfg, corpus, ledger, epsilon, noise_multiplier, steps, seed, quiet: bool) -> dict:
@@ -171,7 +207,12 @@ def _train_client(cfg, corpus, ledger, epsilon, noise_multiplier, steps, seed, q
     client = corpus.client_id
     model, tokenizer, _ = load_generator(cfg.models)
     adapter_dir = client_adapter_dir(cfg.data_root, client)
-    if read_adapter_info(adapter_dir) is not None:
+    previous = read_adapter_info(adapter_dir)
+    try:  # an adapter that absorbed more than its ledger records: the ledger was deleted or replaced
+        ledger.check_absorbed(previous.epsilon if previous is not None else None)
+    except PrivacyError as exc:
+        fail(str(exc))
+    if previous is not None:
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     else:
         model = attach_lora(model, cfg.adapter, seed=cfg.seed)
@@ -209,7 +250,7 @@ def _train_client(cfg, corpus, ledger, epsilon, noise_multiplier, steps, seed, q
             )
         except PrivacyError as exc:
             fail(str(exc))
-    info = save_adapter(model, adapter_dir, source="local")
+    info = save_adapter(model, adapter_dir, source="local", epsilon=ledger.epsilon_spent)
     return result.to_json() | {
         "client": client,
         "documents": len(corpus.train),
