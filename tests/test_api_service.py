@@ -50,7 +50,9 @@ def api(tmp_path_factory, tiny_models_config, embedder):
     app = create_app(cfg, embedder=embedder)
     with ServerThread(app) as server:
         client = Api(server.url, app, keys, root)
-        assert client.call("POST", "/v1/clients/bob/documents", "bob", json={"documents": [BOB_DOC]}).is_success
+        assert client.call(
+            "POST", "/v1/clients/bob/documents", "bob", json={"documents": [BOB_DOC]}
+        ).is_success
         yield client
         client.http.close()
     torch.set_num_threads(threads)
@@ -63,7 +65,9 @@ def test_a_huge_token_upload_does_not_stall_health_or_other_clients(api):
 
     def store_it() -> None:
         upload["start"] = time.monotonic()
-        response = api.call("POST", "/v1/clients/alice/documents", json={"documents": [{"id": "blob", "text": token}]})
+        response = api.call(
+            "POST", "/v1/clients/alice/documents", json={"documents": [{"id": "blob", "text": token}]}
+        )
         upload["status"], upload["end"] = response.status_code, time.monotonic()
 
     writer = threading.Thread(target=store_it)
@@ -72,7 +76,10 @@ def test_a_huge_token_upload_does_not_stall_health_or_other_clients(api):
     while writer.is_alive():
         for what, call in (
             ("health", lambda: api.call("GET", "/healthz", None)),
-            ("search", lambda: api.call("POST", "/v1/clients/bob/search", "bob", json={"query": "boathouse key"})),
+            (
+                "search",
+                lambda: api.call("POST", "/v1/clients/bob/search", "bob", json={"query": "boathouse key"}),
+            ),
         ):
             sent = time.monotonic()
             status = call().status_code
@@ -81,7 +88,11 @@ def test_a_huge_token_upload_does_not_stall_health_or_other_clients(api):
     writer.join()
 
     assert upload["status"] == 201
-    during = [(what, status) for what, sent, done, status in answered if upload["start"] < sent and done < upload["end"]]
+    during = [
+        (what, status)
+        for what, sent, done, status in answered
+        if upload["start"] < sent and done < upload["end"]
+    ]
     assert ("health", 200) in during and ("search", 200) in during  # answered while the upload was stored
     assert all(status == 200 for _, status in during)
     doc = api.call("GET", "/v1/clients/alice/documents").json()["documents"]

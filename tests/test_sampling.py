@@ -1,4 +1,4 @@
-"""OpenAI's sampling extras: logit bias, frequency/presence penalties and logprobs, by hand and in the decoder."""
+"""OpenAI's sampling extras: logit bias, penalties and logprobs, by hand and in the decoder."""
 
 from __future__ import annotations
 

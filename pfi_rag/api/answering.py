@@ -55,7 +55,10 @@ def passages_wanted(services: Services, requested: int | None) -> int:
     return min(k, services.cfg.serving.max_passages)
 
 
-async def _prepared(services: Services, request: GenerationRequest, k: int) -> GenerationRequest:
+async def prepared(services: Services, request: GenerationRequest, k: int) -> GenerationRequest:
+    """``request`` with its passages retrieved (unless it has them already)."""
+    if request.passages is not None:
+        return request
     hits = await run_in_threadpool(retrieve, services, request.client_id, request.query, k)
     return dataclasses.replace(request, passages=hits)
 
@@ -73,7 +76,7 @@ async def answer(
 ) -> Answer:
     """Decode one answer; with ``disconnected``, stop decoding (ClientGone) once the client left."""
     started = time.perf_counter()
-    request = await _prepared(services, request, k)
+    request = await prepared(services, request, k)
     # Submitted as a stream, whose close() takes the row out of its batch: a client that leaves
     # stops costing decode steps (a plain future cannot be cancelled once decoding started).
     tokens = await run_in_threadpool(services.scheduler.submit_stream, request)  # bad input raises here
@@ -90,7 +93,7 @@ async def stream(
     services: Services, request: GenerationRequest, *, k: int
 ) -> tuple[TokenStream, GenerationRequest]:
     """Start a streamed answer; bad input raises here, before any response byte is sent."""
-    request = await _prepared(services, request, k)
+    request = await prepared(services, request, k)
     return await run_in_threadpool(services.scheduler.submit_stream, request), request
 
 

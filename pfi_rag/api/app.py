@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from pfi_rag.api import errors
 from pfi_rag.api.limits import BodyLimit
 from pfi_rag.api.metrics import Metrics, MetricsMiddleware
-from pfi_rag.api.routes import chat, documents, generate, health, keys, privacy
+from pfi_rag.api.routes import chat, documents, generate, health, keys, models, privacy
 from pfi_rag.api.schemas import DocumentsCreate
 from pfi_rag.api.services import Services
 from pfi_rag.config import Config
@@ -51,7 +51,7 @@ def create_app(cfg: Config, *, embedder=None, engine=None) -> FastAPI:
     app.state.services = None
     app.state.startup_error = None
     errors.install(app)
-    for module in (documents, generate, chat, privacy, keys, health):
+    for module in (documents, generate, chat, models, privacy, keys, health):
         app.include_router(module.router)
     # Outermost first: count every request, then refuse oversized bodies before parsing them.
     app.add_middleware(BodyLimit, max_bytes=cfg.serving.max_body_bytes)

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pfi_rag.api.answering import ClientGone
+from pfi_rag.api.compat import is_openai_path, openai_error
 from pfi_rag.api.schemas import ErrorResponse
 from pfi_rag.models import AdapterLoadError, InvalidRequest, PromptTooLong, SchedulerStopped
 from pfi_rag.privacy.errors import PrivacyError
@@ -24,9 +25,18 @@ logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error_type: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        *,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.type, self.message, self.headers = status, error_type, message, headers
+        self.param = param  # the request field at fault (OpenAI's error shape names it)
 
 
 def not_found(what: str = "client") -> ApiError:
@@ -35,8 +45,18 @@ def not_found(what: str = "client") -> ApiError:
 
 
 def error_response(
-    status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    error_type: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    request: Request | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
+    """The product's error shape; OpenAI's on the OpenAI routes (see :mod:`pfi_rag.api.compat`)."""
+    if request is not None and is_openai_path(request.url.path):
+        status, body = openai_error(status, error_type, message, param)
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse(
         {"error": {"type": error_type, "message": message}}, status_code=status, headers=headers
     )
@@ -74,7 +94,9 @@ ERROR_RESPONSES = {
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        # Union members' tags ("constrained-str", "list[ContentPart]") name no field: left out.
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        where = ".".join(p for p in loc if p not in ("str", "constrained-str") and "[" not in p) or "body"
         parts.append(f"{where}: {error.get('msg', 'invalid')}")
     return "; ".join(parts)
 
@@ -82,24 +104,29 @@ def _validation_message(exc: RequestValidationError) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.type, exc.message, exc.headers)
+        return error_response(
+            exc.status, exc.type, exc.message, exc.headers, request=request, param=exc.param
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "validation_error", _validation_message(exc))
+        return error_response(422, "validation_error", _validation_message(exc), request=request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return error_response(exc.status_code, kind, str(exc.detail), headers, request=request)
 
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         for cls, status, error_type in DOMAIN_ERRORS:
             if isinstance(exc, cls):
                 message = "text must be valid Unicode" if isinstance(exc, UnicodeError) else str(exc)
-                return error_response(status, error_type, message)
+                if isinstance(exc, PromptTooLong) and is_openai_path(request.url.path):
+                    message = "messages: the messages are longer than this model's prompt limit; shorten them"
+                return error_response(status, error_type, message, request=request)
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal_error", "internal server error (logged)")
+        return error_response(500, "internal_error", "internal server error (logged)", request=request)
 
     for cls, _, _ in DOMAIN_ERRORS:
         app.add_exception_handler(cls, domain_error)

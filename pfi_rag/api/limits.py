@@ -10,9 +10,14 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pfi_rag.api.compat import is_openai_path, openai_error
 
-async def _send_error(send: Send, status: int, error_type: str, message: str) -> None:
-    body = json.dumps({"error": {"type": error_type, "message": message}}).encode()
+
+async def _send_error(send: Send, status: int, error_type: str, message: str, path: str = "") -> None:
+    shaped = {"error": {"type": error_type, "message": message}}
+    if is_openai_path(path):
+        status, shaped = openai_error(status, error_type, message)
+    body = json.dumps(shaped).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -43,10 +48,12 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                await _send_error(send, 400, "invalid_request", "Content-Length is not a number")
+                await _send_error(
+                    send, 400, "invalid_request", "Content-Length is not a number", scope["path"]
+                )
                 return
             if int(length) > self.max_bytes:
-                await _send_error(send, 413, "body_too_large", too_big)
+                await _send_error(send, 413, "body_too_large", too_big, scope["path"])
                 return
         chunks: list[bytes] = []
         size = 0
@@ -57,14 +64,14 @@ class BodyLimit:
                     message = await receive()
             except TimeoutError:
                 message = f"the request body did not arrive within {self.timeout_s:g} s; send it at once"
-                await _send_error(send, 408, "request_timeout", message)
+                await _send_error(send, 408, "request_timeout", message, scope["path"])
                 return
             if message["type"] == "http.disconnect":
                 return  # nothing to answer; the metrics count a disconnect
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _send_error(send, 413, "body_too_large", too_big)
+                await _send_error(send, 413, "body_too_large", too_big, scope["path"])
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -52,6 +53,20 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _route_of(scope: Scope, routes=None):
+    """The route a request was for when it never reached routing (refused or abandoned mid-body)."""
+    if routes is None:
+        routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # FastAPI keeps included routers nested
+        found = _route_of(scope, inner.routes) if inner is not None else None
+        if found is None and inner is None and route.matches(scope)[0] == Match.FULL:
+            found = route
+        if found is not None:
+            return found
+    return None
+
+
 DISCONNECTED = "499"  # the client left before a response was sent (nginx's code for it)
 
 
@@ -86,7 +101,7 @@ class MetricsMiddleware:
                 status = 500
             raise
         finally:
-            route = scope.get("route")
+            route = scope.get("route") or _route_of(scope)
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(scope["method"], path, str(status)).inc()
             self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - start)

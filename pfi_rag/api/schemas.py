@@ -6,9 +6,9 @@ them gets a 422 with the field named, before any handler runs.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TEXT_CHARS = 1_000_000
 MAX_PROMPT_CHARS = 100_000
@@ -25,6 +25,19 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The error shape of the OpenAI routes (``/v1/chat/completions``, ``/v1/models``)."""
+
+    error: OpenAIErrorDetail
 
 
 # -- documents ----------------------------------------------------------------------------------
@@ -179,34 +192,106 @@ class GeneratePublic(BaseModel):
 # -- chat (OpenAI-compatible) --------------------------------------------------------------------
 
 
-class ContentPart(BaseModel):
+MAX_CHOICES = 8  # n
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+# Accepted and ignored: bookkeeping that does not change the answer. Any other field OpenAI
+# knows (tools, response_format, audio, ...) is refused with a 400 naming it, never ignored.
+IGNORED_FIELDS = frozenset(
+    {
+        "user",
+        "store",
+        "metadata",
+        "service_tier",
+        "parallel_tool_calls",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
+
+
+class ContentPart(Strict):
     type: Literal["text"]
     text: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: (
+        Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+        | Annotated[list[ContentPart], Field(max_length=64)]
+    )
+    name: str | None = Field(default=None, max_length=64)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCreate(SamplingBase):
-    """OpenAI's chat completion request; fields this server does not use are accepted and ignored."""
+class ChatCreate(BaseModel):
+    """OpenAI's chat completion request, with OpenAI's defaults (temperature 1).
 
-    model_config = ConfigDict(extra="ignore")
+    Every field changes the answer or is refused: ``tools``, ``response_format`` other than
+    text, and the other OpenAI fields this server cannot honour get a 400 naming them.
+    """
+
+    model_config = ConfigDict(extra="allow")
     model: str = Field(max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    temperature: float | None = Field(default=None, ge=0, le=2, description="Default 1; 0 is greedy.")
+    top_p: float | None = Field(default=None, ge=0, le=1, description="Default 1 (no nucleus cut).")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
-    stop: str | list[str] | None = None
-    stream: bool = False
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES, description="Answers to decode (default 1).")
+    stop: str | list[str] | None = Field(default=None)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=300)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _total_length(self) -> ChatCreate:
+        total = sum(len(m.text()) for m in self.messages)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages hold {total} characters; at most {MAX_PROMPT_CHARS} in all")
+        return self
+
+
+class ModelPublic(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelPublic]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobPublic(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobPublic]
 
 
 class ChatChoiceMessage(BaseModel):
@@ -218,6 +303,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
     finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatUsage(BaseModel):
@@ -239,7 +325,8 @@ class ChatPublic(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: ChatUsage
-    pfi_rag: PfiRagExtras
+    pfi_rag: PfiRagExtras  # the first choice's citations, adapter and probes
+    pfi_rag_choices: list[PfiRagExtras] | None = None  # with n > 1: every choice's, in order
 
 
 # -- privacy, health, keys ----------------------------------------------------------------------

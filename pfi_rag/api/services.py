@@ -9,7 +9,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pfi_rag.api.auth import KeyStore, keys_path
@@ -64,6 +65,7 @@ class Services:
     metrics: Metrics
     probes: ServeProbes
     root_lock: int | None = None  # the data root's server lock (see hold_data_root)
+    started_at: int = field(default_factory=lambda: int(time.time()))
     running: bool = True  # False once close() began: readiness fails first
 
     @classmethod

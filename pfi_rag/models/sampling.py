@@ -63,8 +63,12 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     """The chosen token's log-probability under ``logits`` (V,) and the ``top`` most likely tokens'."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     best = torch.topk(logp, min(top, logp.numel())) if top > 0 else None
-    alternatives = () if best is None else tuple(
-        (int(i), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+    alternatives = (
+        ()
+        if best is None
+        else tuple(
+            (int(i), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+        )
     )
     return TokenLogprob(token_id=int(token), logprob=float(logp[token]), top=alternatives)
 
