@@ -167,3 +167,16 @@ def test_pfi_rag_serve_starts_the_service_and_stops_cleanly(isolated_env, model_
         output, _ = server.communicate(timeout=60)
     assert server.returncode == 0, output
     assert f"serving on http://127.0.0.1:{port}" in output
+
+
+def test_a_second_serve_on_the_same_data_root_refuses_with_a_clear_line(isolated_env):
+    from pfi_rag.api.services import hold_data_root
+
+    root = isolated_env / "data"
+    held = hold_data_root(root)  # what a running server holds
+    try:
+        result = run_cli(root, "serve", "--port", "1")
+    finally:
+        os.close(held)
+
+    assert result.exit_code == 2 and "already serving" in result.output

@@ -24,9 +24,17 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
     ) -> None:
         """Serve personalized generation over HTTP (OpenAPI at /docs; OpenAI-compatible chat)."""
+        import os
+
         from pfi_rag.api.server import serve as run
+        from pfi_rag.api.services import DataRootBusy, hold_data_root
 
         cfg = config_from(ctx, **{"serving.host": host, "serving.port": port})
+        try:  # refuse before loading any model; the server takes the lock again as it starts
+            os.close(hold_data_root(cfg.data_root))
+        except DataRootBusy as exc:
+            fail(str(exc))
+        os.umask(0o077)  # every file the server writes (documents, keys, adapters) is owner-only
         err_console.print(
             f"pfi-rag: serving on http://{cfg.serving.host}:{cfg.serving.port} "
             f"(generator {cfg.models.generator}); keys: `pfi-rag clients create ID`"
