@@ -220,36 +220,22 @@ def test_a_killed_server_resumes_at_the_next_round(tmp_path, model_cache):
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     checkpoint = tmp_path / "federation" / "checkpoint" / "state.json"
-    while not checkpoint.exists() and first.poll() is None:
+    deadline = time.monotonic() + 900
+    while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)  # the whole launcher: server, Ray and its workers
     first.wait()
-    assert load_checkpoint(tmp_path).round in (1, 2)
+    assert checkpoint.exists(), "the first launcher wrote no checkpoint before it was killed"
     resumed_from = load_checkpoint(tmp_path).round
+    assert resumed_from in (1, 2)
 
     second = subprocess.run(command, capture_output=True, text=True, check=False)
     assert second.returncode == 0, second.stderr[-2000:]
-    if resumed_from == 1:
-        assert "round 2:" in second.stdout and "round 1:" not in second.stdout
+    # A finished round is never run again; round 2 runs only if the kill came before it finished.
+    assert "round 1:" not in second.stdout
+    assert ("round 2:" in second.stdout) == (resumed_from == 1), second.stdout[-2000:]
     assert [r["round"] for r in read_round_records(tmp_path)] == [1, 2]
     ledger = PrivacyLedger.open(tmp_path, "client-00", load_config().privacy)
     # One DP-SGD spend per finished round; a round cut short by the kill may have spent too (its noise
     # was drawn from the client's data), and that spend stays counted.
     assert [s.kind for s in ledger.spends].count("dp-sgd") in (2, 3)
-
-
-def test_deployment_runs_superlink_and_supernodes_as_processes(tmp_path, model_cache):
-    from pfi_rag.federation.deploy import run_deployment
-
-    synthesize(tmp_path, clients=2, seed=0)
-    cfg = tiny_federation_config(tmp_path, model_cache, **{"federation.rounds": 1})
-    status = run_deployment(cfg, clients=2, timeout_s=600)
-    assert status["status"] == "finished:completed"
-    (record,) = read_round_records(tmp_path)
-    assert sorted(record["results"]) == ["client-00", "client-01"]
-    logs = Path(status["logs"])
-    assert (logs / "superlink.log").is_file()
-    assert {p.name for p in logs.glob("supernode-*.log")} == {
-        "supernode-client-00.log",
-        "supernode-client-01.log",
-    }
