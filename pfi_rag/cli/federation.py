@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.table import Table
 
@@ -144,6 +146,9 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         clients: int = typer.Option(3, "--clients", min=1, help="SuperNodes to start, one per client."),
         rounds: int = typer.Option(None, "--rounds", min=1, help="Rounds (default: federation.rounds)."),
+        tls: bool = typer.Option(
+            False, "--tls", help="TLS on every connection and SuperNode authentication (fresh CA, node keys)."
+        ),
     ) -> None:
         """Start a SuperLink and one SuperNode per client on loopback, run the federation, stop them."""
         from pfi_rag.federation.deploy import DeploymentFailed, run_deployment
@@ -151,9 +156,10 @@ def register(app: typer.Typer) -> None:
 
         cfg = config_from(ctx, **{"federation.rounds": rounds})
         _prepare(cfg, clients)
-        console.print(f"starting a SuperLink and {clients} SuperNodes on 127.0.0.1")
+        security = "TLS, SuperNode authentication" if tls else "plaintext"
+        console.print(f"starting a SuperLink and {clients} SuperNodes on 127.0.0.1 ({security})")
         try:
-            status = run_deployment(cfg, clients)
+            status = run_deployment(cfg, clients, tls=tls)
         except DeploymentFailed as exc:
             fail(str(exc), code=EXIT_FEDERATION_FAILED)
         except ValueError as exc:
@@ -162,3 +168,27 @@ def register(app: typer.Typer) -> None:
             f"run {status['run-id']} {status['status']} in {status['elapsed']:.1f} s; logs: {status['logs']}"
         )
         print_summary(summarize(cfg))
+
+    @deploy_app.command("keys")
+    def deploy_keys(
+        out: Path = typer.Option(..., "--out", help="Folder to create (one sub-folder per host to copy)."),
+        superlink_host: list[str] = typer.Option(
+            ..., "--superlink-host", help="Name or IP the SuperNodes reach the SuperLink at (repeatable)."
+        ),
+        clients: str = typer.Option(..., "--clients", help="Comma-separated client ids, one SuperNode each."),
+        port: int = typer.Option(9092, "--port", min=1, max=65535, help="The SuperLink's port."),
+    ) -> None:
+        """Make a CA, the SuperLink's TLS certificate and each SuperNode's key pair for a multi-host run."""
+        from pfi_rag.federation.deploy import write_operator_kit
+        from pfi_rag.storage import InvalidClientId
+
+        ids = [c.strip() for c in clients.split(",") if c.strip()]
+        try:
+            keys = write_operator_kit(out, superlink_hosts=superlink_host, clients=ids, port=port)
+        except (ValueError, InvalidClientId, FileExistsError) as exc:
+            fail(str(exc))
+        console.print(f"certificate authority: {keys.root / 'ca'} (keep ca.key offline; copy none of it)")
+        console.print(f"copy to the SuperLink host: {keys.superlink_dir()}")
+        for client in ids:
+            console.print(f"copy to {client}'s host: {keys.supernode_dir(client)}")
+        console.print("each folder's README.txt holds the commands for that host")
