@@ -4,7 +4,9 @@
 2. DP-SGD steps (Opacus) on its LoRA adapter for each grad_sample_mode ("auto" picks one per
    device), against non-private steps on the same data: step times, their ratio, the adapter moved.
 3. Batched generation for 8 clients, each with its own adapter, against the same 8 requests one
-   at a time: tokens/s of each, and whether the greedy tokens are identical.
+   at a time: tokens/s of each, and whether the greedy tokens are identical; then prefill and
+   decode timed apart for gathered LoRA and PEFT's mixed-adapter path (target: batched decode at
+   least 4x one at a time on one GPU), and a batch of 8 adapters vs 8 rows on one adapter.
 
 Runs on cpu too (``--device cpu``), which is how it is checked without a GPU.
 """
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from generate import concurrent_clients, make_adapters  # bench/generate.py, beside this file
+from generate import batch_shapes, concurrent_clients, make_adapters  # bench/generate.py, beside this file
 
 from pfi_rag.config import AdapterConfig, ModelsConfig, PrivacyConfig, ServingConfig
 from pfi_rag.data.records import load_client_data
@@ -112,6 +114,7 @@ def main() -> None:
 
     clients = [f"client-{i:02d}" for i in range(CLIENTS)]
     make_adapters(base, root, clients)
+    peft_base = copy.deepcopy(base)
     engine = Engine(base, tokenizer, data_root=root, serving=ServingConfig(), adapter=AdapterConfig())
     requests = [
         GenerationRequest(c, load_client_data(root, c).qa[0].question, max_new_tokens=args.tokens, stop=[])
@@ -123,6 +126,18 @@ def main() -> None:
         f"{batched['batched_tok_s']:.1f} tok/s vs one at a time {batched['one_at_a_time_tok_s']:.1f} tok/s "
         f"= {batched['speedup']:.2f}x; greedy tokens identical: {batched['batched_equals_alone']}"
     )
+    serving = ServingConfig(gathered_lora=False)
+    peft = Engine(peft_base, tokenizer, data_root=root, serving=serving, adapter=AdapterConfig())
+    shapes = batch_shapes({"gathered": engine, "peft": peft}, requests, args.repeats)
+    for name, row in shapes.items():
+        batch, alone, one = row["batch"], row["alone"], row["one_adapter_batch"]
+        print(
+            f"3. {name:<8} decode: batch of 8 adapters {batch['decode_tok_s']:.1f} tok/s vs one at a time "
+            f"{alone['decode_tok_s']:.1f} = {row['decode_speedup']:.2f}x (target >= 4x); 8 rows on one "
+            f"adapter {one['decode_tok_s']:.1f}, mixed/one {row['mixed_vs_one_adapter']:.2f}x; prefill "
+            f"batch/alone {row['prefill_speedup']:.2f}x; greedy identical: {row['batched_equals_alone']}"
+        )
+    batched["shapes"] = shapes
     report = {"device": gpu, "load_s": loaded, "train": {"plain": plain, **private}, "generate": batched}
     print(json.dumps(report, default=str))
     print(f"total {time.perf_counter() - started:.0f} s")

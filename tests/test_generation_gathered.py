@@ -131,3 +131,29 @@ def test_adapter_of_another_rank_takes_a_slot_too(tiny_generator, tmp_path, rank
         batch.step()
     assert engine.finish(jobs[0]).token_ids == expected
     assert engine.gathered.rank == max(rank, 8)
+
+
+def test_preallocated_cache_gives_dynamic_cache_logits_across_reallocations(tiny_generator):
+    from transformers.cache_utils import DynamicCache
+
+    from pfi_rag.models.kv_cache import PreallocatedLayer, preallocated_cache
+
+    model = tiny_generator[0]
+    ids = torch.randint(5, 1000, (2, 5), generator=torch.Generator().manual_seed(0))
+    caches = {
+        "dynamic": DynamicCache(config=model.config),
+        "preallocated": preallocated_cache(model.config, headroom=4),
+    }
+    logits = {}
+    with torch.inference_mode():
+        for name, cache in caches.items():
+            steps, token = [], ids
+            for _ in range(12):  # past 4 positions of headroom twice: two reallocations on the way
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                steps.append(out.logits[:, -1])
+                token = out.logits[:, -1:].argmax(-1)
+            logits[name] = torch.stack(steps)
+    layer = caches["preallocated"].layers[0]
+    assert isinstance(layer, PreallocatedLayer) and layer.get_seq_length() == 5 + 11
+    assert layer._buffers["keys"].shape[-2] > layer.get_seq_length()  # room left: no copy per step
+    torch.testing.assert_close(logits["preallocated"], logits["dynamic"], rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ rows pick the same tokens, sampled rows draw from their own seeded generator.
 
 Layout of a running batch (B rows, T cached positions, left padded)::
 
-    cache        DynamicCache, keys/values (B, heads, T, head_dim)
+    cache        DynamicCache of PreallocatedLayer, keys/values (B, heads, T, head_dim)
     mask         (B, T)  1 where a real token is cached
     next_tokens  (B,)    the token each row feeds at the next step
     row.length           real tokens cached for that row (= the next token's position id)
@@ -28,6 +28,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from pfi_rag.models import sampling
+from pfi_rag.models.kv_cache import PreallocatedLayer, preallocated_cache
 from pfi_rag.models.sampling import TokenLogprob
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -140,7 +141,8 @@ class DecodeBatch:
 
     def can_join(self) -> bool:
         """Rows can join a running batch only when every cache layer is a plain growing one."""
-        return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        joinable = (DynamicLayer, PreallocatedLayer)
+        return self.cache is None or all(type(layer) in joinable for layer in self.cache.layers)
 
     def _forward(self, input_ids, mask, positions, cache, rows: Sequence[Row]) -> torch.Tensor:
         slots = [row.slot for row in rows]
@@ -205,7 +207,8 @@ class DecodeBatch:
                     row._generator.manual_seed(row.params.seed)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L): left padding keeps positions 0..n-1
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        cache = DynamicCache(config=getattr(self.model, "config", None))
+        # Keys and values preallocated with headroom: a step writes in place (kv_cache.py).
+        cache = preallocated_cache(getattr(self.model, "config", None))
         logits = self._forward(ids, mask, positions, cache, rows)
         tokens = self._sample(rows, logits)
         if self.cache is None:
