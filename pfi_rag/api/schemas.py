@@ -338,10 +338,10 @@ class SpendPublic(BaseModel):
     sample_rate: float
     steps: int
     records: int
-    max_grad_norm: float | None  # None for a round's metric release
+    max_grad_norm: float | None  # None for a release (round metrics, private probes)
     epsilon_spent: float
     epsilon_after: float
-    kind: Literal["dp-sgd", "round-metrics"]
+    kind: Literal["dp-sgd", "round-metrics", "probe-release"]
 
 
 class PrivacyPublic(BaseModel):

@@ -102,7 +102,7 @@ class PrivacyLedger:
         self._cfg = cfg
         self._load(state or {})
 
-    def _load(self, state: dict) -> None:
+    def _load(self, state: dict, *, warn: bool = True) -> None:
         cfg = self._cfg
         if state and state.get("format") not in (1, FORMAT):
             raise PrivacyError(f"{self.path}: unknown ledger format {state.get('format')!r}")
@@ -122,7 +122,7 @@ class PrivacyLedger:
             budget = [{"at": "", "epsilon_max": state["epsilon_max"], "reason": "format-1 ledger"}]
         self._budget = [BudgetEntry(**entry) for entry in budget or []]
         self.exists = bool(state)
-        if self.exists:
+        if self.exists and warn:
             self._warn_if_config_differs()
 
     def _warn_if_config_differs(self) -> None:
@@ -256,7 +256,7 @@ class PrivacyLedger:
                     f"client {self.client_id!r} is already training in another process"
                 ) from None
             try:
-                self._load(read_json(self.path) or {})
+                self._load(read_json(self.path) or {}, warn=False)  # warned at open
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)

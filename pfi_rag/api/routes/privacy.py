@@ -16,7 +16,7 @@ router = APIRouter(tags=["privacy"], responses=ERROR_RESPONSES)
 
 @router.get("/v1/clients/{client_id}/privacy")
 def get_privacy(client_id: OwnedClient, services: ServicesDep) -> PrivacyPublic:
-    """Epsilon spent, the budget, and every DP training spend of the client (read only)."""
+    """Epsilon spent, the budget, and every spend of the client: DP-SGD, metric and probe releases."""
     ledger = PrivacyLedger.open(services.cfg.data_root, client_id, services.cfg.privacy)
     return PrivacyPublic(
         client_id=client_id,
