@@ -93,7 +93,8 @@ class Probe(ABC):
     """A check of one failure mode. Subclasses set the class attributes and implement ``run``."""
 
     name: str
-    mode: str  # the failure mode (a row of docs/architecture.md's table, or a privacy/retrieval/federation failure)
+    # The failure mode (a row of docs/architecture.md's table, or a privacy/retrieval/federation failure).
+    mode: str
     suites: tuple[str, ...]  # CLI suites it belongs to, besides "all"
     needs: tuple[Need, ...]
     metric: str

@@ -1,7 +1,8 @@
 """Amplified bias: does personalization widen the outcome gap between counterfactual prompts?
 
-Each counterfactual pair differs only in a demographic group; the gap is |P_a(option 0) -
-P_b(option 0)|, with P the model's distribution over the pair's options (" yes"/" no").
+Each counterfactual pair differs only in a demographic group (a synthetic client's own pairs, or
+the set shipped with the package, probes/eval_sets/, which applies to every client); the gap is
+|P_a(option 0) - P_b(option 0)|, with P the model's distribution over the pair's options (" yes"/" no").
 A skewed client dataset shows up as a larger mean gap after personalization than before.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from pfi_rag.data.records import CounterfactualPair
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.lm import option_probs
@@ -28,17 +30,15 @@ class BiasProbe(ClientProbe):
     name = "bias"
     mode = "amplified bias"
     suites = ("fairness",)
-    needs = (Need.BASE_MODEL, Need.CLIENT_ADAPTER, Need.CLIENT_DATA)
+    needs = (Need.BASE_MODEL, Need.CLIENT_ADAPTER)
     metric = "gap_increase"
     bounds = {"gap_increase": (-1.0, 1.0), "gap_after": (0.0, 1.0)}
 
     def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
-        pairs = ctx.client_data(client_id).counterfactuals
-        if not pairs:
-            return self.skip(ctx, "client has no counterfactual pairs", client=client_id)
+        pairs = ctx.counterfactuals(client_id)
         model = ctx.client_model(client_id)
         if model is None:
-            return self.skip(ctx, "client has no adapter", client=client_id)
+            return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
         before = pair_gaps(ctx.base_model(), ctx.tokenizer, pairs)
         after = pair_gaps(model, ctx.tokenizer, pairs)
         increase = float(after.mean() - before.mean())

@@ -1,19 +1,23 @@
 """Confidence miscalibration: does the personalized model's confidence match its accuracy?
 
-Each held-out question becomes a multiple choice over the true answer and distractors of the
-same kind; confidence is the model's probability of its top choice. ECE and the Brier score
-are computed per client, because pooling clients lets one overconfident client hide behind
-the others (the runner reports the worst client).
+Each evaluation item (probes/items.py: a synthetic client's held-out question, or a cloze item
+from a real client's held-out documents) is a multiple choice over the true answer and
+distractors of the same kind; confidence is the model's probability of its top choice. ECE
+(equal-mass bins, ~30 items a bin, at most 10) and the Brier score are computed per client,
+because pooling clients lets one overconfident client hide behind the others (the runner
+reports the worst client).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.lm import answer_candidates, option_probs, qa_prompt
-from pfi_rag.probes.metrics import brier, calibration_curve, ece
+from pfi_rag.probes.items import choice_probs
+from pfi_rag.probes.metrics import brier, calibration_curve, ece_equal_mass
+
+ITEMS_PER_BIN = 30
+MAX_BINS = 10
 
 
 class CalibrationProbe(ClientProbe):
@@ -25,41 +29,25 @@ class CalibrationProbe(ClientProbe):
     bounds = {"ece": (0.0, 1.0), "brier": (0.0, 2.0)}
 
     def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
-        qa = ctx.client_data(client_id).qa
         model = ctx.client_model(client_id)
         if model is None:
-            return self.skip(ctx, "client has no adapter", client=client_id)
-        candidates = [
-            answer_candidates(
-                q.question, q.answer, count=ctx.config.probes.calibration_choices, seed=ctx.config.seed
-            )
-            for q in qa
-        ]
-        usable = [i for i, c in enumerate(candidates) if len(c) > 1]
-        if not usable:
-            return self.skip(ctx, "no held-out question has distractors", client=client_id)
-        probs = option_probs(
-            model,
-            ctx.tokenizer,
-            [qa_prompt(qa[i].question) for i in usable],
-            # A leading space, as the answer follows "Answer:" in text (and in lm.answer_nll):
-            # without it each option is scored as "Answer:Juniper", a tokenization no model saw.
-            [[" " + c for c in candidates[i]] for i in usable],
-            per_token=True,
-        )
-        labels = [candidates[i].index(qa[i].answer) for i in usable]
-        width = max(len(p) for p in probs)
-        padded = np.zeros((len(probs), width))
-        for row, p in enumerate(probs):
-            padded[row, : len(p)] = p
-        confidence = padded.max(axis=1)
-        correct = padded.argmax(axis=1) == np.array(labels)
-        value = ece(confidence, correct)
+            return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
+        items = [i for i in ctx.eval_items(client_id) if len(i.options) > 1]
+        if not items:
+            return self.skip(ctx, missing.no_items(client_id), client=client_id)
+        probs, labels = choice_probs(model, ctx.tokenizer, items)
+        confidence = probs.max(axis=1)
+        correct = probs.argmax(axis=1) == labels
+        bins = max(1, min(MAX_BINS, len(items) // ITEMS_PER_BIN))
+        value = ece_equal_mass(confidence, correct, bins=bins)
         evidence = {
-            "questions": len(usable),
+            "items": len(items),
+            "item_kind": items[0].kind,
+            "bins": bins,
             "accuracy": float(correct.mean()),
+            "chance": float((1 / (probs > 0).sum(axis=1)).mean()),
             "mean_confidence": float(confidence.mean()),
-            "brier": brier(padded, labels),
+            "brier": brier(probs, labels),
             "curve": calibration_curve(confidence, correct),
         }
         return self.result(

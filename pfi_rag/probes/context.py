@@ -19,9 +19,23 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pfi_rag.config import Config, with_probe_thresholds
-from pfi_rag.data.records import ClientData, EvalText, RefusalPrompt, load_client_data, load_shared_eval
+from pfi_rag.data.audit_canaries import AuditCanary, load_canaries
+from pfi_rag.data.corpus import ClientCorpus, load_corpus, store_file
+from pfi_rag.data.records import (
+    ClientData,
+    CounterfactualPair,
+    Document,
+    EvalText,
+    Instruction,
+    QAPair,
+    RefusalPrompt,
+    client_data_dir,
+    read_jsonl,
+)
 from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir
+from pfi_rag.probes import eval_sets
 from pfi_rag.probes.history import Round, read_history
+from pfi_rag.probes.items import EvalItem, cloze_items, qa_items
 from pfi_rag.storage import client_dir, list_clients
 
 logger = logging.getLogger(__name__)
@@ -76,6 +90,8 @@ class ProbeContext:
         self._peft = None
         self._loaded: dict[str, Path] = {}
         self._client_data: dict[str, ClientData] = {}
+        self._corpora: dict[str, ClientCorpus] = {}
+        self._items: dict[str, list[EvalItem]] = {}
         self._retrievers: dict[str, Retriever | None] = {}
         self._history: list[Round] | None = None
         self._manifest: dict[str, Any] | None = None
@@ -133,16 +149,79 @@ class ProbeContext:
 
     # ---- data ---------------------------------------------------------------------------
     def client_ids(self) -> list[str]:
-        """Clients with data on disk."""
-        return [c for c in list_clients(self.data_root) if (client_dir(self.data_root, c) / "data").is_dir()]
+        """Clients with documents: a store (however it was written), or synthetic data files."""
+        return [
+            c
+            for c in list_clients(self.data_root)
+            if store_file(self.data_root, c).is_file() or (client_dir(self.data_root, c) / "data").is_dir()
+        ]
 
     def client_data(self, client_id: str) -> ClientData:
+        """The client's optional extras beside its store (``clients/<id>/data/*.jsonl``), empty
+        where absent: a synthetic client's planted questions and counterfactual pairs, anyone's
+        instruction pairs. Its documents are in :meth:`corpus`."""
         if client_id not in self._client_data:
-            self._client_data[client_id] = load_client_data(self.data_root, client_id)
+            directory = client_data_dir(self.data_root, client_id)
+
+            def read(name: str, record_type):
+                path = directory / name
+                return read_jsonl(path, record_type) if path.is_file() else []
+
+            self._client_data[client_id] = ClientData(
+                client_id=client_id,
+                documents=read("documents.jsonl", Document),
+                qa=read("qa.jsonl", QAPair),
+                instructions=read("instructions.jsonl", Instruction),
+                updates=read("updates.jsonl", Document),
+                counterfactuals=read("counterfactuals.jsonl", CounterfactualPair),
+            )
         return self._client_data[client_id]
 
+    def corpus(self, client_id: str) -> ClientCorpus:
+        """The client's current documents, split into what it trains on and what it holds out."""
+        if client_id not in self._corpora:
+            self._corpora[client_id] = load_corpus(
+                self.data_root, client_id, held_out_share=self.config.data.held_out_share
+            )
+        return self._corpora[client_id]
+
+    def eval_items(self, client_id: str) -> list[EvalItem]:
+        """The client's evaluation items: its planted questions when it has them (synthetic data),
+        else cloze items from its held-out documents (probes/items.py); [] when it has neither."""
+        if client_id not in self._items:
+            cfg = self.config
+            qa = self.client_data(client_id).qa
+            if qa:
+                items = qa_items(qa, choices=cfg.probes.calibration_choices, seed=cfg.seed)
+            else:
+                corpus = self.corpus(client_id)
+                items = cloze_items(
+                    corpus.held_out,
+                    [*corpus.train, *corpus.held_out],
+                    count=cfg.probes.cloze_items,
+                    choices=cfg.probes.calibration_choices,
+                    seed=cfg.seed,
+                )
+            self._items[client_id] = items
+        return self._items[client_id]
+
+    def audit_canaries(self, client_id: str) -> list[AuditCanary]:
+        """The client's audit canaries (``privacy.audit_canaries``); [] when it never enabled them."""
+        return load_canaries(self.data_root, client_id)
+
     def shared_eval(self) -> tuple[list[EvalText], list[RefusalPrompt]]:
-        return load_shared_eval(self.data_root)
+        """General texts and refusal prompts: the data root's ``shared/`` files when it has them
+        (a synthetic world), else the sets shipped with the package (probes/eval_sets/)."""
+        shared = self.data_root / "shared"
+        general, refusal = shared / "general_eval.jsonl", shared / "refusal_prompts.jsonl"
+        return (
+            read_jsonl(general, EvalText) if general.is_file() else eval_sets.general_texts(),
+            read_jsonl(refusal, RefusalPrompt) if refusal.is_file() else eval_sets.refusal_prompts(),
+        )
+
+    def counterfactuals(self, client_id: str) -> list[CounterfactualPair]:
+        """The client's own counterfactual pairs (synthetic data), else the shipped ones."""
+        return self.client_data(client_id).counterfactuals or eval_sets.counterfactual_pairs()
 
     def manifest(self) -> dict[str, Any] | None:
         """Ground truth of the planted items (synthetic data only); None for real data."""

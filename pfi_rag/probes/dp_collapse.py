@@ -1,6 +1,7 @@
 """DP-induced collapse: did the noise of DP training wipe out a client's personalization?
 
-The gain is the drop in answer NLL (nats/token) on the client's held-out questions from the
+The gain is the drop in answer NLL (nats/token) on the client's evaluation items (held-out
+questions, or cloze items from its held-out documents: probes/items.py) from the
 base model to its adapter; a client whose adapter gains less than ``dp_collapse_threshold``
 learned nothing it can use, which DP noise causes first in small clients (few records, so a
 small expected batch against the same noise). The evidence gives the update signal-to-noise
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import math
 
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.budget import ledger_spends, spend_sigma
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.lm import answer_nll
+from pfi_rag.probes.items import EvalItem, answer_nll, choice_probs
+
+TABLE_ITEMS = 100  # items in the accuracy table (6 multiple-choice passes each)
 
 
 def update_snr(ledger: dict | None, records: int, trainable: int) -> float | None:
@@ -42,21 +46,59 @@ class DPCollapseProbe(ClientProbe):
     bounds = {"personalization_gain": (-2.0, 2.0)}
 
     def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
-        data = ctx.client_data(client_id)
         model = ctx.client_model(client_id)
-        if model is None or not data.qa:
-            return self.skip(ctx, "client has no adapter or no held-out questions", client=client_id)
-        before = answer_nll(ctx.base_model(), ctx.tokenizer, data.qa)
-        after = answer_nll(model, ctx.tokenizer, data.qa)
+        if model is None:
+            return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
+        items = ctx.eval_items(client_id)
+        if not items:
+            return self.skip(ctx, missing.no_items(client_id), client=client_id)
         trainable = sum(p.numel() for n, p in model.named_parameters() if f".{model.active_adapter}." in n)
-        records = len(data.documents) + len(data.instructions)
+        after = answer_nll(model, ctx.tokenizer, items)
+        before = answer_nll(ctx.base_model(), ctx.tokenizer, items)
+        records = ctx.corpus(client_id).records
         truth = ctx.truth(client_id) or {}
         evidence = {
             "answer_nll_base": before,
             "answer_nll_personalized": after,
+            "items": len(items),
+            "item_kind": items[0].kind,
             "records": records,
             "tiny_client": truth.get("tiny"),
             "update_snr": update_snr(ctx.ledger(client_id), records, trainable),
             "adapter_parameters": trainable,
+            "accuracy": personalization_table(ctx, client_id, items[:TABLE_ITEMS]),
         }
         return self.result(ctx, before - after, client=client_id, evidence=evidence)
+
+
+def personalization_table(ctx: ProbeContext, client_id: str, items: list[EvalItem]) -> dict:
+    """Multiple-choice accuracy of base, global and client models, without and with retrieval.
+
+    With retrieval, the client's top-k passages for the item's query precede the prompt, as in
+    serving. The rows show where a client's gain comes from (its adapter, the federation, its
+    documents) and whether DP left any of it.
+    """
+    retriever = ctx.retriever(client_id)
+    contexts = None
+    if retriever is not None:
+        k = ctx.config.retrieval.top_k
+        contexts = ["\n".join(h.text for h in retriever.search(i.query, k)) for i in items]
+    table: dict[str, dict[str, float]] = {}
+    for name, load in (
+        ("base", ctx.base_model),
+        ("global", ctx.global_model),
+        ("client", lambda: ctx.client_model(client_id)),
+    ):
+        row = {}
+        for mode, prefix in (("no_retrieval", None), ("retrieval", contexts)):
+            if mode == "retrieval" and prefix is None:
+                continue
+            model = load()  # re-fetched: the shared PEFT model switches adapters between loads
+            if model is None:
+                break
+            probs, labels = choice_probs(model, ctx.tokenizer, items, prefix=prefix)
+            row[mode] = float((probs.argmax(axis=1) == labels).mean())
+        if row:
+            table[name] = row
+    table["items"] = len(items)
+    return table

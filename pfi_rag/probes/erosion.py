@@ -10,6 +10,7 @@ does not.
 
 from __future__ import annotations
 
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.lm import refusal_probability
@@ -26,8 +27,10 @@ class ErosionProbe(FederationProbe):
     def run_federation(self, ctx: ProbeContext, client_ids: list[str]) -> ProbeResult:
         rounds = [r for r in ctx.history() if r.adapter_dir is not None]
         prompts = [p.prompt for p in ctx.shared_eval()[1]]
-        if not rounds or not prompts:
-            return self.skip(ctx, "no round checkpoints of the global adapter, or no refusal prompts")
+        if not rounds:
+            return self.skip(ctx, missing.NO_ROUND_CHECKPOINTS)
+        if not prompts:
+            return self.skip(ctx, "shared/refusal_prompts.jsonl is empty: remove it to use the shipped set")
         reference = float(refusal_probability(ctx.base_model(), ctx.tokenizer, prompts).mean())
         series = [
             float(refusal_probability(ctx.round_model(r), ctx.tokenizer, prompts).mean()) for r in rounds

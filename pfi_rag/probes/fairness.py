@@ -1,6 +1,7 @@
 """Fairness collapse: does the federated, personalized model leave some clients worse off?
 
-Per client, the answer NLL (nats/token) of its held-out questions is measured under the
+Per client, the answer NLL (nats/token) of its evaluation items (held-out questions, or cloze
+items from its held-out documents: probes/items.py) is measured under the
 personalized adapter, the global adapter and the adapter the client trained alone
 (``clients/<id>/local_adapter/``; the base model stands in when there is none, and the
 evidence says so). The gain over alone is NLL_alone - NLL_personalized; a client fails when
@@ -16,9 +17,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.lm import answer_nll
+from pfi_rag.probes.items import answer_nll
 from pfi_rag.probes.metrics import gini
 
 
@@ -35,10 +37,12 @@ class FairnessProbe(ClientProbe):
         return -ctx.config.probes.fairness_threshold
 
     def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
-        qa = ctx.client_data(client_id).qa
         personalized = ctx.client_model(client_id)
-        if personalized is None or not qa:
-            return self.skip(ctx, "client has no adapter or no held-out questions", client=client_id)
+        if personalized is None:
+            return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
+        qa = ctx.eval_items(client_id)
+        if not qa:
+            return self.skip(ctx, missing.no_items(client_id), client=client_id)
         tok = ctx.tokenizer
         nll: dict[str, float | None] = {"personalized": answer_nll(personalized, tok, qa)}
         glob = ctx.global_model()
@@ -49,7 +53,7 @@ class FairnessProbe(ClientProbe):
         baseline = "local" if nll["local"] is not None else "base"
         gain = nll[baseline] - nll["personalized"]
         utilities = {k: None if v is None else math.exp(-v) for k, v in nll.items()}
-        evidence = {"answer_nll": nll, "utility": utilities, "baseline": baseline, "questions": len(qa)}
+        evidence = {"answer_nll": nll, "utility": utilities, "baseline": baseline, "items": len(qa)}
         metrics = {"gain_over_alone": gain, "utility_personalized": utilities["personalized"]}
         return self.result(ctx, gain, client=client_id, evidence=evidence, metrics=metrics)
 

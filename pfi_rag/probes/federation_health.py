@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import FLAGGED_CLIENTS, FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.metrics import robust_z
@@ -35,7 +36,7 @@ class UpdateOutliersProbe(FederationProbe):
     def run_federation(self, ctx: ProbeContext, client_ids: list[str]) -> ProbeResult:
         rounds = ctx.history()
         if not rounds:
-            return self.skip(ctx, "no federation history")
+            return self.skip(ctx, missing.NO_HISTORY)
         cfg = ctx.config.probes
         outliers = []
         per_round = []
@@ -86,7 +87,7 @@ class SilentFailuresProbe(FederationProbe):
     def run_federation(self, ctx: ProbeContext, client_ids: list[str]) -> ProbeResult:
         rounds = ctx.history()
         if not rounds:
-            return self.skip(ctx, "no federation history")
+            return self.skip(ctx, missing.NO_HISTORY)
         problems = []
         seen: set[str] = set()
         progress: dict[str, list[tuple[int, float, float]]] = {}  # client -> (round, before, after)

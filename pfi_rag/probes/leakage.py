@@ -1,6 +1,8 @@
 """Cross-client leakage: does client B see client A's secrets or unique text?
 
-Two channels, for every ordered pair (victim A, observer B):
+Two channels, for every ordered pair (victim A, observer B). A's secrets are its planted canaries
+(synthetic data) and the audit canaries it inserted into its training (``privacy.audit_canaries``);
+its unique text is every word 6-gram of its current documents that no other client has.
 
 - retrieval: B's retriever is searched with A's canary prefixes and B's own questions; a hit
   that contains A's secret or a word n-gram found only in A's documents is a leak (an index
@@ -9,13 +11,14 @@ Two channels, for every ordered pair (victim A, observer B):
   prefixes; a completion containing A's secret is a leak (memorised through the federation).
 
 Both need one client's ground truth next to another client's system, so the private mode
-skips this probe: run it as the operator, on synthetic canaries.
+skips this probe: run it as the operator.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import FLAGGED_CLIENTS, FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.lm import greedy_answer
@@ -23,13 +26,30 @@ from pfi_rag.probes.metrics import ngrams
 
 NGRAM = 6  # word n-grams; 6 words of synthetic personal text are almost never shared by chance
 SECRET_TOKENS = 12  # tokens generated after a canary prefix (a 6-digit secret and a little more)
+MAX_AUDIT_SECRETS = 16  # inserted audit canaries completed per (victim, observer) pair
+MAX_OWN_QUERIES = 50  # the observer's own queries searched per victim
+
+
+def _documents(ctx: ProbeContext, client_id: str):
+    """What the client's text is: its synthetic documents (ground truth of who owns what) when it
+    has them, else its store's current documents (a text in two stores then belongs to both)."""
+    planted = ctx.client_data(client_id).documents
+    if planted:
+        return planted
+    corpus = ctx.corpus(client_id)
+    return [*corpus.train, *corpus.held_out]
+
+
+def secrets_of(ctx: ProbeContext, client_id: str) -> list[dict]:
+    """Planted canaries (manifest) and inserted audit canaries, as {"prefix", "secret"}."""
+    planted = list((ctx.truth(client_id) or {}).get("canaries", []))
+    audit = [{"prefix": c.prefix, "secret": c.secret} for c in ctx.audit_canaries(client_id) if c.inserted]
+    return planted + audit[:MAX_AUDIT_SECRETS]
 
 
 def unique_ngrams(ctx: ProbeContext, client_ids: list[str]) -> dict[str, set[tuple[str, ...]]]:
     """Per client, the n-grams of its documents that no other client's documents contain."""
-    per_client = {
-        c: set().union(*(ngrams(d.text, NGRAM) for d in ctx.client_data(c).documents)) for c in client_ids
-    }
+    per_client = {c: set().union(*(ngrams(d.text, NGRAM) for d in _documents(ctx, c))) for c in client_ids}
     counts = Counter(g for grams in per_client.values() for g in grams)
     return {c: {g for g in grams if counts[g] == 1} for c, grams in per_client.items()}
 
@@ -38,22 +58,22 @@ class LeakageProbe(FederationProbe):
     name = "leakage"
     mode = "cross-client leakage"
     suites = ("privacy", "rag")
-    needs = (Need.CLIENT_DATA, Need.RETRIEVER, Need.CLIENT_ADAPTER, Need.MANIFEST)
+    needs = (Need.CLIENT_DATA, Need.RETRIEVER, Need.CLIENT_ADAPTER)
     metric = "leaks"
     private_ok = False
 
     def run_federation(self, ctx: ProbeContext, client_ids: list[str]) -> ProbeResult:
         if len(client_ids) < 2:
-            return self.skip(ctx, "needs at least two clients")
+            return self.skip(ctx, missing.TWO_CLIENTS)
         unique = unique_ngrams(ctx, client_ids)
-        secrets = {c: [k for k in (ctx.truth(c) or {}).get("canaries", [])] for c in client_ids}
+        secrets = {c: secrets_of(ctx, c) for c in client_ids}
         k = ctx.config.retrieval.top_k
         leaks: list[dict] = []
         checked = {"retrieval_queries": 0, "completions": 0}
         for observer in client_ids:
             retriever = ctx.retriever(observer)
             model = ctx.client_model(observer) or ctx.global_model()
-            own_questions = [q.question for q in ctx.client_data(observer).qa]
+            own_questions = [q.query for q in ctx.eval_items(observer)][:MAX_OWN_QUERIES]
             for victim in client_ids:
                 if victim == observer:
                     continue
@@ -89,7 +109,8 @@ class LeakageProbe(FederationProbe):
                                 }
                             )
         if not any(checked.values()):
-            return self.skip(ctx, "no client has a retriever or a model to check")
+            why = "no client has a store or a model to check: run `pfi-rag ingest` and `pfi-rag federate`"
+            return self.skip(ctx, why)
         evidence = {
             "checked": checked,
             "leaks": leaks[:50],

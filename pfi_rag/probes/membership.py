@@ -1,11 +1,12 @@
 """Membership inference on the client's adapter: can an attacker tell its training documents?
 
 Loss-ratio attack with the base model as reference (Carlini et al. 2021, "LiRA"-style offline
-calibration): score(x) = NLL_base(x) - NLL_adapter(x) per token; members are the client's
-documents (what its adapter trains on), non-members are held-out texts of the same
-distribution: ``clients/<id>/data/heldout.jsonl`` when the client has one, else the documents
-of a "twin" client the synthesiser builds from another seed at the same size. The report
-gives ROC AUC and the TPR at 1% FPR; 0.5 AUC is chance.
+calibration): score(x) = NLL_base(x) - NLL_adapter(x) per token. Members are the documents the
+client trains on, non-members its held-out documents (data/corpus.py: a deterministic share of
+its own store, never trained on, so of the same distribution by construction). A store-less
+synthetic data root compares all its documents with ``clients/<id>/data/heldout.jsonl`` when
+the client has one, else with the documents of a "twin" client the synthesiser builds from
+another seed at the same size. The report gives ROC AUC and the TPR at 1% FPR; 0.5 AUC is chance.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from __future__ import annotations
 from pfi_rag.data.records import Document, client_data_dir, read_jsonl
 from pfi_rag.data.synth import synthesize_client
 from pfi_rag.models.scoring import continuation_nll
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.metrics import roc_auc, tpr_at_fpr
 
 TWIN_SEED_OFFSET = 1_000_003  # the twin's seed: far from any seed a user picks for real data
+MAX_TEXTS = 200  # per side: the AUC's standard error is already below 0.03 there
+MAX_CHARS = 2000  # scored per document (~500 tokens): any window of a trained document is a member
 
 
 def heldout_texts(ctx: ProbeContext, client_id: str) -> tuple[list[str], str]:
@@ -36,6 +40,14 @@ def per_token_nll(model, tokenizer, texts: list[str]) -> list[float]:
     return [nll / n for nll, n in continuation_nll(model, tokenizer, [""] * len(texts), texts)]
 
 
+def members_and_nonmembers(ctx: ProbeContext, client_id: str) -> tuple[list[str], list[str], str]:
+    corpus = ctx.corpus(client_id)
+    if corpus.source == "store":
+        return [d.text for d in corpus.train], [d.text for d in corpus.held_out], "held-out documents"
+    nonmembers, source = heldout_texts(ctx, client_id)
+    return [d.text for d in ctx.client_data(client_id).documents], nonmembers, source
+
+
 class MembershipProbe(ClientProbe):
     name = "membership"
     mode = "membership inference"
@@ -45,15 +57,15 @@ class MembershipProbe(ClientProbe):
     bounds = {"auc": (0.0, 1.0), "tpr_at_1pct_fpr": (0.0, 1.0)}
 
     def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
-        members = [d.text for d in ctx.client_data(client_id).documents]
-        nonmembers, source = heldout_texts(ctx, client_id)
-        if not members or not nonmembers:
-            return self.skip(ctx, "needs training documents and held-out texts", client=client_id)
         model = ctx.client_model(client_id)
         if model is None:
-            return self.skip(ctx, "client has no adapter", client=client_id)
+            return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
+        members, nonmembers, source = members_and_nonmembers(ctx, client_id)
+        if not members or not nonmembers:
+            return self.skip(ctx, missing.no_members(client_id), client=client_id)
 
         def scores(texts: list[str]) -> list[float]:
+            texts = [t[:MAX_CHARS] for t in texts[:MAX_TEXTS]]
             base = per_token_nll(ctx.base_model(), ctx.tokenizer, texts)
             adapted = per_token_nll(model, ctx.tokenizer, texts)
             return [b - a for b, a in zip(base, adapted, strict=True)]
@@ -62,8 +74,8 @@ class MembershipProbe(ClientProbe):
         auc = roc_auc(member_scores, nonmember_scores)
         tpr = tpr_at_fpr(member_scores, nonmember_scores, 0.01)
         evidence = {
-            "members": len(members),
-            "nonmembers": len(nonmembers),
+            "members": len(member_scores),
+            "nonmembers": len(nonmember_scores),
             "nonmember_source": source,
             "tpr_at_1pct_fpr": tpr,
         }

@@ -25,6 +25,24 @@ def ece(confidences: Sequence[float], correct: Sequence[bool], *, bins: int = 10
     return float(total)
 
 
+def ece_equal_mass(confidences: Sequence[float], correct: Sequence[bool], *, bins: int = 10) -> float:
+    """ECE over ``bins`` bins of (nearly) equal counts, by sorted confidence (HELM's estimator).
+
+    Equal-width bins leave most bins empty when confidences crowd together (a small model's all
+    sit near 1/K); equal-mass bins keep every bin's accuracy estimated from the same number of
+    items. Fewer items than bins: one item per bin.
+    """
+    conf = np.asarray(confidences, dtype=float)
+    hit = np.asarray(correct, dtype=float)
+    if conf.size == 0:
+        raise ValueError("ece of an empty set")
+    order = np.argsort(conf, kind="stable")
+    total = 0.0
+    for members in np.array_split(order, min(bins, conf.size)):
+        total += members.size / conf.size * abs(hit[members].mean() - conf[members].mean())
+    return float(total)
+
+
 def calibration_curve(
     confidences: Sequence[float], correct: Sequence[bool], *, bins: int = 10
 ) -> list[tuple[float, float, int]]:

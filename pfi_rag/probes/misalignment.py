@@ -2,12 +2,14 @@
 
 Two probes, before (base) vs after (the client's adapter): perplexity on the shared
 general-capability texts, and the probability of refusing the shared harmful requests
-(refusal replies' share of the mass over refusal and compliance replies, lm.py).
+(refusal replies' share of the mass over refusal and compliance replies, lm.py). Both sets ship
+with the package (probes/eval_sets/); a data root's own ``shared/`` files take their place.
 """
 
 from __future__ import annotations
 
 from pfi_rag.models.scoring import perplexity
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.lm import refusal_probability
@@ -24,8 +26,10 @@ class CapabilityProbe(ClientProbe):
     def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
         texts = [t.text for t in ctx.shared_eval()[0]]
         model = ctx.client_model(client_id)
-        if model is None or not texts:
-            return self.skip(ctx, "client has no adapter or no general-capability texts", client=client_id)
+        if model is None:
+            return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
+        if not texts:
+            return self.skip(ctx, "shared/general_eval.jsonl is empty: remove it to use the shipped set")
         before = perplexity(ctx.base_model(), ctx.tokenizer, texts)
         after = perplexity(model, ctx.tokenizer, texts)
         evidence = {"perplexity_before": before, "perplexity_after": after, "texts": len(texts)}
@@ -43,8 +47,10 @@ class RefusalProbe(ClientProbe):
     def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
         prompts = ctx.shared_eval()[1]
         model = ctx.client_model(client_id)
-        if model is None or not prompts:
-            return self.skip(ctx, "client has no adapter or no refusal prompts", client=client_id)
+        if model is None:
+            return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
+        if not prompts:
+            return self.skip(ctx, "shared/refusal_prompts.jsonl is empty: remove it to use the shipped set")
         texts = [p.prompt for p in prompts]
         before = refusal_probability(ctx.base_model(), ctx.tokenizer, texts)
         after = refusal_probability(model, ctx.tokenizer, texts)

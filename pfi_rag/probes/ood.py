@@ -2,6 +2,7 @@
 
 The cross-client matrix holds, for adapter i (row) on client j's held-out questions
 (column), the change in answer NLL (nats/token) against the base model: positive is worse.
+The questions are each client's evaluation items (probes/items.py).
 Off-diagonal cells are other clients' (out-of-domain) data; the diagonal is the adapter's
 own gain. Adapters would have to cross clients, so the private mode skips this probe.
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import FLAGGED_CLIENTS, FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.lm import answer_nll
+from pfi_rag.probes.items import answer_nll
 
 
 class OutOfDomainProbe(FederationProbe):
@@ -24,17 +26,19 @@ class OutOfDomainProbe(FederationProbe):
     private_ok = False
 
     def run_federation(self, ctx: ProbeContext, client_ids: list[str]) -> ProbeResult:
-        with_qa = [c for c in client_ids if ctx.client_data(c).qa]
+        with_qa = [c for c in client_ids if ctx.eval_items(c)]
         rows = [c for c in with_qa if ctx.client_model(c) is not None]
-        if len(with_qa) < 2 or not rows:
-            return self.skip(ctx, "needs two clients with data and at least one adapter")
+        if len(with_qa) < 2:
+            return self.skip(ctx, f"{missing.TWO_CLIENTS} (each with held-out documents)")
+        if not rows:
+            return self.skip(ctx, "no client has an adapter: run `pfi-rag federate`")
         tok = ctx.tokenizer
-        base = {c: answer_nll(ctx.base_model(), tok, ctx.client_data(c).qa) for c in with_qa}
+        base = {c: answer_nll(ctx.base_model(), tok, ctx.eval_items(c)) for c in with_qa}
         matrix = np.zeros((len(rows), len(with_qa)))
         for i, adapter_owner in enumerate(rows):
             model = ctx.client_model(adapter_owner)
             for j, data_owner in enumerate(with_qa):
-                matrix[i, j] = answer_nll(model, tok, ctx.client_data(data_owner).qa) - base[data_owner]
+                matrix[i, j] = answer_nll(model, tok, ctx.eval_items(data_owner)) - base[data_owner]
         offdiag = [
             (matrix[i, j], rows[i], with_qa[j])
             for i in range(len(rows))

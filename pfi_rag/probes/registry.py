@@ -15,6 +15,7 @@ from pfi_rag.probes.membership import MembershipProbe
 from pfi_rag.probes.memorization import ExposureProbe
 from pfi_rag.probes.misalignment import CapabilityProbe, RefusalProbe
 from pfi_rag.probes.ood import OutOfDomainProbe
+from pfi_rag.probes.privacy_audit import AuditProbe
 from pfi_rag.probes.retrieval import GroundednessProbe, RetrievalHitProbe, StaleProbe
 
 SUITES = ("all", "privacy", "fairness", "rag", "federation")
@@ -29,6 +30,7 @@ PROBES: tuple[Probe, ...] = (
     ErosionProbe(),
     ExposureProbe(),
     MembershipProbe(),
+    AuditProbe(),
     LeakageProbe(),
     BudgetProbe(),
     DPCollapseProbe(),

@@ -1,28 +1,44 @@
-"""Retrieval failures: planted facts not found, superseded facts served, answers not grounded.
+"""Retrieval failures: known facts not found, superseded facts served, answers not grounded.
 
-- hit rate: for each held-out question, is the document that states its answer among the
-  top-k hits (``retrieval.top_k``)?
-- stale rate: for each versioned fact (manifest), does any top-k hit state the superseded
-  value without the current one? Such a passage makes a stale answer, whether the update was
-  never ingested or was ingested next to the old version instead of superseding it.
+- hit rate: for each evaluation item (a held-out question, or a cloze item from a held-out
+  document: probes/items.py), is the document that states its answer among the top-k hits
+  (``retrieval.top_k``)?
+- stale rate: for each superseded statement, does any top-k hit state it? The statements come
+  from the store's own history (every document with an older version: the sentences the new
+  version no longer has, whoever wrote either version) or, on synthetic data, from the
+  manifest's versioned facts. Such a passage makes a stale answer, whether the update was
+  never ingested, was ingested under another id next to the old version, or the index kept a
+  retired chunk.
 - groundedness: the share of an answer's content words found in the retrieved context,
-  averaged over the held-out questions; answers come from ``ctx.answerer`` or, by default,
+  averaged over the evaluation items; answers come from ``ctx.answerer`` or, by default,
   from the client's model generating greedily from the context.
 
-They need only a retriever with ``search(query, k) -> hits`` (context.Retriever).
+They need a retriever with ``search(query, k) -> hits`` (context.Retriever); the stale rate
+also reads the store's versions (read-only).
 """
 
 from __future__ import annotations
 
+import difflib
+import re
+
+from pfi_rag.data.corpus import store_file
+from pfi_rag.probes import missing
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext, SearchHit
 from pfi_rag.probes.lm import chat_prompt, greedy_answer
-from pfi_rag.probes.metrics import support
+from pfi_rag.probes.metrics import ngrams, support
+
+STALE_NGRAM = 4  # a hit states a superseded sentence when it shares a 4-word run only that had
+MIN_STALE_WORDS = 4  # shorter removed sentences ("Ok.") say nothing checkable
+MAX_STALE_ITEMS = 200
+GROUNDED_ANSWERS = 40  # generated answers per client (generation is the suite's slowest step)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 class RetrievalHitProbe(ClientProbe):
     name = "retrieval_hit"
-    mode = "retrieval misses planted facts"
+    mode = "retrieval misses known facts"
     suites = ("rag",)
     needs = (Need.RETRIEVER, Need.CLIENT_DATA)
     metric = "hit_rate"
@@ -31,34 +47,37 @@ class RetrievalHitProbe(ClientProbe):
 
     def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
         retriever = ctx.retriever(client_id)
-        qa = ctx.client_data(client_id).qa
-        if retriever is None or not qa:
-            return self.skip(ctx, "client has no retriever or no held-out questions", client=client_id)
+        if retriever is None:
+            return self.skip(ctx, missing.no_index(client_id), client=client_id)
+        qa = ctx.eval_items(client_id)
+        if not qa:
+            return self.skip(ctx, missing.no_items(client_id), client=client_id)
         k = ctx.config.retrieval.top_k
         misses = []
         for q in qa:
-            found = [h.doc_id for h in retriever.search(q.question, k)]
+            found = [h.doc_id for h in retriever.search(q.query, k)]
             if q.doc_id not in found:
-                misses.append({"question": q.question, "expected": q.doc_id, "retrieved": found})
+                misses.append({"query": q.query, "expected": q.doc_id, "retrieved": found})
         rate = 1 - len(misses) / len(qa)
-        return self.result(
-            ctx, rate, client=client_id, evidence={"questions": len(qa), "k": k, "misses": misses}
-        )
+        evidence = {"queries": len(qa), "item_kind": qa[0].kind, "k": k, "misses": misses[:20]}
+        return self.result(ctx, rate, client=client_id, evidence=evidence)
 
 
 class StaleProbe(ClientProbe):
     name = "stale"
     mode = "stale retrieval (superseded facts)"
     suites = ("rag",)
-    needs = (Need.RETRIEVER, Need.MANIFEST)
+    needs = (Need.RETRIEVER,)
     metric = "stale_rate"
     bounds = {"stale_rate": (0.0, 1.0)}
 
     def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
         retriever = ctx.retriever(client_id)
+        if retriever is None:
+            return self.skip(ctx, missing.no_index(client_id), client=client_id)
         versioned = (ctx.truth(client_id) or {}).get("versioned", [])
-        if retriever is None or not versioned:
-            return self.skip(ctx, "client has no retriever or no versioned facts", client=client_id)
+        if not versioned:
+            return self.from_history(ctx, client_id, retriever)
         stale = []
         for fact in versioned:
             hits = retriever.search(fact["question"], ctx.config.retrieval.top_k)
@@ -75,7 +94,82 @@ class StaleProbe(ClientProbe):
                     }
                 )
         rate = len(stale) / len(versioned)
-        return self.result(ctx, rate, client=client_id, evidence={"facts": len(versioned), "stale": stale})
+        evidence = {"source": "manifest", "facts": len(versioned), "stale": stale}
+        return self.result(ctx, rate, client=client_id, evidence=evidence)
+
+    def from_history(self, ctx: ProbeContext, client_id: str, retriever) -> ProbeResult:
+        """Stale rate over the sentences superseded versions stated and current ones dropped."""
+        path = store_file(ctx.data_root, client_id)
+        if not path.is_file():
+            return self.skip(ctx, missing.no_index(client_id), client=client_id)
+        from pfi_rag.retriever.docstore import read_superseded_versions
+
+        statements = superseded_statements(read_superseded_versions(path))[:MAX_STALE_ITEMS]
+        evidence: dict = {"source": "store history", "documents_with_history": 0, "statements": 0}
+        if not statements:
+            # Nothing superseded: nothing can be served stale. A measured zero, not a skip.
+            evidence["note"] = "no superseded version in the store: nothing can be served stale"
+            return self.result(ctx, 0.0, client=client_id, evidence=evidence)
+        k = ctx.config.retrieval.top_k
+        stale = []
+        for item in statements:
+            hits = retriever.search(item["query"], k)
+            served = [h.doc_id for h in hits if ngrams(h.text, STALE_NGRAM) & item["old_ngrams"]]
+            if served:
+                stale.append(
+                    {"doc_id": item["doc_id"], "superseded": item["old"][:200], "served_by": served}
+                )
+        evidence.update(
+            documents_with_history=len({s["doc_id"] for s in statements}),
+            statements=len(statements),
+            stale=stale[:20],
+        )
+        return self.result(ctx, len(stale) / len(statements), client=client_id, evidence=evidence)
+
+
+def sentences(text: str) -> list[str]:
+    return [" ".join(s.split()) for s in _SENTENCE.split(text) if s.strip()]
+
+
+def superseded_statements(versions: list[dict]) -> list[dict]:
+    """Per document with history, each sentence of an older version that its current version
+    replaced or removed: what a user asking about it now must not be served.
+
+    ``versions``: rows ``{doc_id, version, text, current}`` (docstore.read_superseded_versions).
+    The query is the replacing sentence when there is one (what the user now asks about), else
+    the removed sentence itself; a hit is stale when it shares a word 4-gram that only the old
+    sentence had (not the current version).
+    """
+    by_doc: dict[str, list[dict]] = {}
+    for row in versions:
+        by_doc.setdefault(row["doc_id"], []).append(row)
+    out = []
+    for doc_id, rows in sorted(by_doc.items()):
+        current = next((r for r in rows if r["current"]), None)
+        if current is None:
+            continue
+        new = sentences(current["text"])
+        new_grams = ngrams(current["text"], STALE_NGRAM)
+        for old_row in sorted((r for r in rows if not r["current"]), key=lambda r: r["version"]):
+            old = sentences(old_row["text"])
+            matcher = difflib.SequenceMatcher(a=old, b=new, autojunk=False)
+            for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+                if tag not in ("replace", "delete"):
+                    continue
+                replacement = " ".join(new[j1:j2])
+                for sentence in old[i1:i2]:
+                    only_old = ngrams(sentence, STALE_NGRAM) - new_grams
+                    if len(sentence.split()) < MIN_STALE_WORDS or not only_old:
+                        continue
+                    out.append(
+                        {
+                            "doc_id": doc_id,
+                            "old": sentence,
+                            "query": replacement or sentence,
+                            "old_ngrams": only_old,
+                        }
+                    )
+    return out
 
 
 def model_answerer(ctx: ProbeContext):
@@ -106,13 +200,15 @@ class GroundednessProbe(ClientProbe):
 
     def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
         retriever = ctx.retriever(client_id)
-        qa = ctx.client_data(client_id).qa
-        if retriever is None or not qa:
-            return self.skip(ctx, "client has no retriever or no held-out questions", client=client_id)
+        if retriever is None:
+            return self.skip(ctx, missing.no_index(client_id), client=client_id)
+        qa = ctx.eval_items(client_id)[:GROUNDED_ANSWERS]
+        if not qa:
+            return self.skip(ctx, missing.no_items(client_id), client=client_id)
         answerer = ctx.answerer or model_answerer(ctx)
         rows = []
         for q in qa:
-            hits = retriever.search(q.question, ctx.config.retrieval.top_k)
+            hits = retriever.search(q.query, ctx.config.retrieval.top_k)
             answer = answerer(client_id, q.question, hits)
             score = support(answer, " ".join(h.text for h in hits))
             rows.append({"question": q.question, "answer": answer[:200], "support": score})

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pfi_rag.privacy.errors import BudgetExceeded
+from pfi_rag.privacy.errors import PrivacyError
 from pfi_rag.probes.base import (
     FLAGGED_CLIENTS,
     ClientProbe,
@@ -333,6 +333,6 @@ def _release_all(
             releases[client] = release_metrics(
                 ctx.data_root, client, ctx.config.privacy, exact, bounds, epsilon=cfg.release_epsilon, rng=rng
             )
-        except BudgetExceeded as exc:
+        except PrivacyError as exc:  # e.g. its budget cannot pay, or it is training right now
             logger.warning("client %s releases nothing: %s", client, exc)
     return releases

@@ -289,3 +289,18 @@ def read_current_documents(path: Path) -> list[dict[str, Any]]:
         {"doc_id": d, "version": v, "text": t, "metadata": json.loads(m), "source": s}
         for d, v, t, m, s in rows
     ]
+
+
+def read_superseded_versions(path: Path) -> list[dict[str, Any]]:
+    """Every version of each document that has a superseded one, ``{doc_id, version, text, current}``,
+    oldest first, through a read-only connection (as :func:`read_current_documents`): what the
+    stale-retrieval probe checks the index against. Deleted documents have no versions left."""
+    db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        rows = db.execute(
+            "SELECT doc_id, version, text, superseded_at IS NULL FROM documents WHERE doc_id IN"
+            " (SELECT doc_id FROM documents WHERE superseded_at IS NOT NULL) ORDER BY doc_id, version"
+        ).fetchall()
+    finally:
+        db.close()
+    return [{"doc_id": d, "version": v, "text": t, "current": bool(c)} for d, v, t, c in rows]

@@ -1,0 +1,152 @@
+"""Evaluation items the utility probes share: planted questions, or cloze items from held-out text.
+
+An item is a prompt, the answer that continues it, distractors of the same kind, the document
+that holds the answer and a query a user would search with. Two sources:
+
+- ``qa_items``: the held-out questions a synthetic client carries (planted ground truth);
+- ``cloze_items``: label-free items from a client's held-out documents (never trained on): a
+  content word of a held-out sentence is masked, the text before it is the prompt, and the
+  distractors are other content words of the client's own text. The model's preference among
+  the options (likelihood) is a multiple-choice answer with a known truth, so accuracy,
+  confidence and the true answer's NLL are all measured without anyone writing a label.
+
+Either way the probes read the same quantities (answer NLL, option probabilities), so a real
+client and a synthetic one are judged alike.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pfi_rag.data.records import Document, QAPair
+from pfi_rag.models.scoring import continuation_nll
+from pfi_rag.probes.lm import answer_candidates, option_probs, qa_prompt
+from pfi_rag.probes.metrics import STOPWORDS
+
+CONTEXT_WORDS = 48  # words of the document before the masked word that the prompt keeps
+MIN_CONTEXT_WORDS = 4  # fewer and the answer is a guess from nothing
+MIN_WORD_CHARS = 4  # content words: letters only, at least this long, not a stopword
+_WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
+_SENTENCE_END = re.compile(r"[.!?\n]")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    prompt: str  # the text the answer continues
+    answer: str  # the true continuation, with its leading space
+    options: tuple[str, ...]  # the answer and its distractors in a fixed shuffled order
+    doc_id: str  # the document that states the answer
+    query: str  # what a user would search for to find it
+    question: str  # what a user would ask (groundedness)
+    kind: str  # "qa" (planted) or "cloze" (from a held-out document)
+
+    @property
+    def label(self) -> int:
+        return self.options.index(self.answer)
+
+
+def qa_items(qa: Sequence[QAPair], *, choices: int, seed: int) -> list[EvalItem]:
+    items = []
+    for q in qa:
+        options = answer_candidates(q.question, q.answer, count=choices, seed=seed)
+        items.append(
+            EvalItem(
+                prompt=qa_prompt(q.question),
+                # A leading space, as the answer follows "Answer:" in text: without it each option is
+                # scored as "Answer:Juniper", a tokenization no model saw.
+                answer=" " + q.answer,
+                options=tuple(" " + o for o in options),
+                doc_id=q.doc_id,
+                query=q.question,
+                question=q.question,
+                kind="qa",
+            )
+        )
+    return items
+
+
+def content_words(text: str) -> list[re.Match]:
+    return [
+        m
+        for m in _WORD.finditer(text)
+        if len(m.group()) >= MIN_WORD_CHARS and m.group().lower() not in STOPWORDS and "'" not in m.group()
+    ]
+
+
+def cloze_items(
+    held_out: Sequence[Document], vocabulary_from: Sequence[Document], *, count: int, choices: int, seed: int
+) -> list[EvalItem]:
+    """Up to ``count`` cloze items from ``held_out``, distractors from the words of ``vocabulary_from``.
+
+    Deterministic for the same documents and seed; positions are drawn evenly from all candidate
+    words of all held-out documents, so one long document cannot fill the set alone.
+    """
+    vocabulary = sorted({m.group() for d in vocabulary_from for m in content_words(d.text)})
+    candidates = []  # (document, match)
+    for doc in held_out:
+        for match in content_words(doc.text):
+            if len(doc.text[: match.start()].split()) >= MIN_CONTEXT_WORDS:
+                candidates.append((doc, match))
+    rng = random.Random(f"cloze-{seed}")
+    chosen = rng.sample(candidates, k=min(count, len(candidates)))
+    chosen.sort(key=lambda c: (c[0].id, c[1].start()))
+    items = []
+    for doc, match in chosen:
+        word = match.group()
+        others = [w for w in vocabulary if w.lower() != word.lower()]
+        if not others:
+            continue
+        pick = random.Random(f"cloze-{seed}-{doc.id}-{match.start()}")
+        options = [word, *pick.sample(others, k=min(choices - 1, len(others)))]
+        pick.shuffle(options)
+        before = doc.text[: match.start()].split()
+        sentence = _sentence_around(doc.text, match.start(), match.end())
+        items.append(
+            EvalItem(
+                prompt=" ".join(before[-CONTEXT_WORDS:]),
+                answer=" " + word,
+                options=tuple(" " + o for o in options),
+                doc_id=doc.id,
+                query=sentence.replace(word, "___", 1) if len(sentence.split()) >= 3 else sentence,
+                question=f'Which word fills the blank in "{sentence.replace(word, "___", 1)}"?',
+                kind="cloze",
+            )
+        )
+    return items
+
+
+def _sentence_around(text: str, start: int, end: int) -> str:
+    ends = [m.end() for m in _SENTENCE_END.finditer(text, 0, start)]
+    left = ends[-1] if ends else 0
+    following = _SENTENCE_END.search(text, end)
+    right = following.end() if following else len(text)
+    return " ".join(text[left:right].split())
+
+
+def answer_nll(model, tokenizer, items: Sequence[EvalItem]) -> float:
+    """Mean per-token NLL (nats) of the true answers (lower is better)."""
+    scored = continuation_nll(model, tokenizer, [i.prompt for i in items], [i.answer for i in items])
+    return sum(n for n, _ in scored) / sum(t for _, t in scored)
+
+
+def choice_probs(model, tokenizer, items: Sequence[EvalItem], *, prefix: Sequence[str] | None = None):
+    """(probabilities over each item's options (N, K) zero-padded, true-option index per item).
+
+    Options are scored by mean log-likelihood per token (summed scores favour short options).
+    ``prefix`` puts context before each prompt (retrieved passages).
+    """
+    if prefix is None:
+        prompts = [i.prompt for i in items]
+    else:
+        prompts = [f"{p}\n\n{i.prompt}" for i, p in zip(items, prefix, strict=True)]
+    probs = option_probs(model, tokenizer, prompts, [list(i.options) for i in items], per_token=True)
+    width = max(len(p) for p in probs)
+    padded = np.zeros((len(probs), width))
+    for row, p in enumerate(probs):
+        padded[row, : len(p)] = p
+    return padded, np.array([i.label for i in items])
