@@ -72,6 +72,9 @@ def run_simulation(
             f"no client in {cfg.data_root} has documents to train on"
             + (f" ({reasons})" if reasons else ": add some with `pfi-rag ingest --client NAME DIR/`")
         )
+    # The server waits for this many nodes: the participants, one virtual SuperNode each.
+    cfg = cfg.model_copy(deep=True)
+    cfg.federation.clients = len(clients)
     records: list[dict] = []
     errors: list[BaseException] = []
 
