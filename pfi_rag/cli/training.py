@@ -199,6 +199,7 @@ def _train_client(cfg, corpus, ledger, epsilon, noise_multiplier, steps, seed, q
     training side (never its held-out documents), save; a dict result."""
     from peft import PeftModel
 
+    from pfi_rag.data.audit_canaries import audit_training_documents
     from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
     from pfi_rag.models.loading import load_generator
     from pfi_rag.models.lora import attach_lora
@@ -238,7 +239,8 @@ def _train_client(cfg, corpus, ledger, epsilon, noise_multiplier, steps, seed, q
             result = train_adapter(
                 model,
                 tokenizer,
-                documents=corpus.train,
+                # Audit canaries (privacy.audit_canaries, opt-in) join the DP stream, never the index.
+                documents=[*corpus.train, *audit_training_documents(cfg.data_root, client, cfg.privacy)],
                 instructions=corpus.instructions,
                 cfg=cfg.privacy,
                 ledger=ledger,

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from pfi_rag.config import CLIENT_SETTINGS_FILE, Config, with_client_settings
+from pfi_rag.data.audit_canaries import audit_training_documents
 from pfi_rag.data.corpus import load_corpus, require_training_data, too_little_data
 from pfi_rag.federation.strategies import shared_predicate
 from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
@@ -168,6 +169,8 @@ def train_round(
     require_training_data(data)
     if warning := too_little_data(data, cfg.privacy.batch_size):
         logger.warning("%s", warning)  # the client's own log: what to change, locally
+    # Audit canaries (privacy.audit_canaries, opt-in): extra DP training records, never indexed.
+    canaries = audit_training_documents(root, client_id, cfg.privacy)
     ledger = PrivacyLedger.open(root, client_id, cfg.privacy)
     adapter_info = read_adapter_info(client_adapter_dir(root, client_id))
     ledger.check_absorbed(adapter_info.epsilon if adapter_info is not None else None)
@@ -179,7 +182,7 @@ def train_round(
         return train_adapter(
             model,
             tokenizer,
-            documents=data.train,
+            documents=[*data.train, *canaries],
             instructions=data.instructions,
             cfg=cfg.privacy,
             ledger=ledger,
