@@ -33,7 +33,7 @@ def train_without_privacy(cfg: Config) -> dict[str, Any]:
     adapter, and the global adapter moves by the record-weighted mean of their changes, as
     the federation's ``fedavg`` does. Adapters are written where the federation writes them.
     Returns the clients' mean training loss before the first round and after the last."""
-    from pfi_rag.data.records import load_client_data
+    from pfi_rag.data.corpus import load_corpus
     from pfi_rag.federation.aggregation import weighted_mean
     from pfi_rag.federation.task import fresh_adapter
     from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir, save_adapter
@@ -47,12 +47,13 @@ def train_without_privacy(cfg: Config) -> dict[str, Any]:
     for round_number in range(1, cfg.federation.rounds + 1):
         deltas, weights = [], []
         for client in list_clients(cfg.data_root):
-            data = load_client_data(cfg.data_root, client)
+            # The same training data as the federation's clients: the store minus the held-out share.
+            data = load_corpus(cfg.data_root, client, held_out_share=cfg.data.held_out_share)
             load_lora_arrays(model, global_arrays)
             result = train_adapter(
                 model,
                 tokenizer,
-                documents=data.documents,
+                documents=data.train,
                 instructions=data.instructions,
                 cfg=cfg.privacy,
                 ledger=None,
