@@ -13,8 +13,9 @@ that answers it), every client's documents go into its real store (all-MiniLM + 
   templates, other facts), which retrieval cannot tell apart by topic.
 
 For each candidate floor it prints the share of right passages kept and the share of off-topic
-prompts and other-clients' questions that still get a passage, and proposes the highest floor
-that keeps at least ``--keep`` of the right passages.
+prompts and other-clients' questions that still get a passage, and proposes the floor that
+separates best (largest right-kept minus off-topic-passing, Youden's J) among those keeping at
+least ``--keep`` of the right passages.
 """
 
 from __future__ import annotations
@@ -58,14 +59,14 @@ OFF_TOPIC = [
     "Describe the colour blue to someone who cannot see.",
     "Tell me a secret.",
 ]
-FLOORS = [0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5]
+FLOORS = [0.0, 0.1, 0.15, 0.2, 0.22, 0.24, 0.26, 0.28, 0.3, 0.32, 0.34, 0.36, 0.4, 0.45, 0.5]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", type=float, default=0.95, help="Share of right passages the floor keeps.")
+    parser.add_argument("--keep", type=float, default=0.9, help="Least share of right passages to keep.")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -94,7 +95,8 @@ def main() -> None:
          "other_clients_passing": share(other, f)}
         for f in FLOORS
     ]  # fmt: skip
-    chosen = max((row for row in table if row["right_kept"] >= args.keep), key=lambda row: row["floor"])
+    candidates = [row for row in table if row["right_kept"] >= args.keep]
+    chosen = max(candidates, key=lambda row: (row["right_kept"] - row["off_topic_passing"], row["floor"]))
     found = [s for s in right if s > 0]
     print(
         f"{args.clients} synthetic clients, {len(right)} questions ({len(found)} with the right passage in "
@@ -112,7 +114,10 @@ def main() -> None:
             f"{row['floor']:5.2f}  {row['right_kept']:18.1%}  {row['off_topic_passing']:24.1%}  "
             f"{row['other_clients_passing']:33.1%}"
         )
-    print(f"proposed floor (highest keeping >= {args.keep:.0%} of right passages): {chosen['floor']:.2f}")
+    print(
+        f"proposed floor (best right-kept minus off-topic-passing, keeping >= {args.keep:.0%} of right "
+        f"passages): {chosen['floor']:.2f}"
+    )
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.write_text(

@@ -39,13 +39,15 @@ def test_generate_answers_with_passages_and_says_which_adapter(workdir, tiny_gen
         round=2,
     )
 
-    answered = run("generate", "--client", "client-00", "Where do I live?", "--k", "3", "--json")
-    table = run("generate", "--client", "client-00", "Where do I live?")
+    answered = run("generate", "--client", "client-00", "Which city do I live in?", "--k", "3", "--json")
+    table = run("generate", "--client", "client-00", "Which city do I live in?")
     no_index = run("generate", "--client", "client-01", "Where do I live?")
 
     assert answered.exit_code == 0, answered.output
     result = json.loads(answered.stdout)
-    assert len(result["passages"]) == 3 and result["passages"][0]["number"] == 1
+    # Of the 3 retrieved, only the note that answers is over the relevance floor (cosine 0.34 vs < 0.2).
+    assert [(p["number"], p["doc_id"]) for p in result["passages"]] == [(1, "client-00-doc-home")]
+    assert result["passages_below_floor"] == 2 and "below the relevance floor" in result["retrieval"]
     assert result["adapter"] == {"client": "client-00", "kind": "client", "version": 1, "round": 2}
     assert 0 < result["completion_tokens"] <= 8
     assert table.exit_code == 0 and "Served by:" in table.stdout and "client-00-doc" in table.stdout

@@ -112,6 +112,11 @@ def register(app: typer.Typer) -> None:
             result = engine.generate(dataclasses.replace(request, passages=hits))
         except (InvalidRequest, PromptTooLong, AdapterLoadError) as exc:
             fail(str(exc))
+        if result.passages_below_floor:
+            note += (
+                f"; {result.passages_below_floor} below the relevance floor "
+                f"({cfg.retrieval.relevance_floor}) left out of the prompt"
+            )
         if json_out:
             print_json({**result.as_dict(), "retrieval": note})
         else:
