@@ -18,6 +18,7 @@ from pfi_rag.data.corpus import (
     require_training_data,
     split_file,
     too_little_data,
+    warn_locally,
 )
 from pfi_rag.data.records import Document, Instruction
 from pfi_rag.data.synth import ingest_synthetic, synthesize
@@ -104,6 +105,8 @@ def test_too_little_data_is_named_with_what_to_change(tmp_path, embedder):
     message = too_little_data(corpus, batch_size=8)
     assert "3 training records" in message and "privacy.batch_size = 8" in message
     assert "pfi-rag ingest --client tiny" in message and too_little_data(corpus, batch_size=3) is None
+    warn_locally(tmp_path, "tiny", message)  # what a federated round does with it
+    assert message in (tmp_path / "clients" / "tiny" / "logs" / "federation.log").read_text()
     (tmp_path / "clients" / "empty").mkdir()
     with pytest.raises(CorpusError, match="ingest --client empty"):
         require_training_data(load_corpus(tmp_path, "empty"))

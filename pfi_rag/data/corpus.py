@@ -197,3 +197,15 @@ def require_training_data(corpus: ClientCorpus) -> None:
         f"client {cid!r} has no documents to train on: add them with `pfi-rag ingest --client {cid} DIR/` "
         "(or the HTTP API)"
     )
+
+
+def warn_locally(data_root: Path, client_id: str, text: str, log: str = "logs/federation.log") -> None:
+    """Tell the client (its process log and its own log file under ``clients/<id>/``), never the
+    server: what a warning about a client's data says is about its data."""
+    import datetime as dt
+
+    logger.warning("client %s: %s", client_id, text)
+    path = client_dir(Path(data_root), client_id) / log
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} warning: {text}\n")

@@ -40,7 +40,7 @@ import numpy as np
 
 from pfi_rag.config import CLIENT_SETTINGS_FILE, Config, with_client_settings
 from pfi_rag.data.audit_canaries import audit_training_documents
-from pfi_rag.data.corpus import load_corpus, require_training_data, too_little_data
+from pfi_rag.data.corpus import load_corpus, require_training_data, too_little_data, warn_locally
 from pfi_rag.federation.strategies import shared_predicate
 from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
 from pfi_rag.models.lora import attach_lora, load_lora_arrays, lora_arrays
@@ -168,7 +168,7 @@ def train_round(
     data = load_corpus(root, client_id, held_out_share=cfg.data.held_out_share)
     require_training_data(data)
     if warning := too_little_data(data, cfg.privacy.batch_size):
-        logger.warning("%s", warning)  # the client's own log: what to change, locally
+        warn_locally(root, client_id, warning)  # what to change, told on the client's side only
     # Audit canaries (privacy.audit_canaries, opt-in): extra DP training records, never indexed.
     canaries = audit_training_documents(root, client_id, cfg.privacy)
     ledger = PrivacyLedger.open(root, client_id, cfg.privacy)
