@@ -175,9 +175,14 @@ def test_budget_audit_flags_an_adapter_without_ledger_and_unaccounted_rounds(roo
 
 
 def test_private_report_matches_plain_within_stated_noise(root, tiny_models_config, tiny_generator):
+    from pfi_rag.config import PrivacyConfig
+    from pfi_rag.privacy import PrivacyLedger
+
     for client in CLIENTS:
         save(fresh_lora(tiny_generator), client_adapter_dir(root, client))
-        write_ledger(root, client, [spend(2.1014)])
+        # A real ledger (the release is charged to it): sigma 1, q 0.01, 1000 steps -> epsilon 2.10.
+        ledger = PrivacyLedger.open(root, client, PrivacyConfig(accountant="rdp"))
+        ledger.commit({"history": [(1.0, 0.01, 1000)], "mechanism": "rdp"}, records=1000, max_grad_norm=1.0)
     healthy_rounds(root, count=1)
     ctx = make_context(root, tiny_models_config, tiny_generator, config={"probes": {"exposure_samples": 32}})
 
@@ -203,9 +208,11 @@ def test_private_report_matches_plain_within_stated_noise(root, tiny_models_conf
         assert private_summary.tolerance == pytest.approx(TOLERANCE_Z * private_summary.sigma)
         compared += 1
     assert compared >= 3  # exposure, membership, budget, dp_collapse released
-    # Each client's release is on its own ledger, and its exact results stayed local.
-    ledger = json.loads((client_dir(root, "client-00") / "probes" / "releases.json").read_text())
-    assert ledger["epsilon_spent"] == 1.0
+    # Each client's release is charged to its privacy ledger, and its exact results stayed local.
+    ledger = PrivacyLedger.open(root, "client-00", PrivacyConfig())
+    assert [s.kind for s in ledger.spends] == ["dp-sgd", "probe-release"]
+    assert 0.99 <= ledger.spends[-1].epsilon_spent <= 1.0 + 1e-9
+    assert private.privacy["epsilon_spent_total"]["client-00"] == ledger.epsilon_spent
     assert (client_dir(root, "client-00") / "probes" / "latest.json").is_file()
 
 
