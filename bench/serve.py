@@ -1,6 +1,6 @@
 """The HTTP service under load, measured over loopback from this (separate) load-generating process.
 
-    .venv/bin/python bench/serve.py [--tokens 16] [--load-seconds 120] [--json out.json]
+    .venv/bin/python bench/serve.py [--tokens 16] [--load-seconds 120] [--json out.json] [--quick]
 
 Starts ``pfi-rag serve`` as a subprocess on the default models (SmolLM2-135M-Instruct,
 all-MiniLM-L6-v2) with 8 synthetic clients (each with its own key and documents, ingested over
@@ -14,7 +14,13 @@ HTTP), then measures:
     (query embedding + ``Engine.generate`` on the same passages, same greedy tokens), medians of
     interleaved runs (target <= 1.05x);
 (d) errors under a ``--load-seconds`` mixed load at 8 concurrent clients: generate, streamed
-    generate, chat completions, search, document listing (target 0).
+    generate, chat completions, search, document listing, plus a writer storing 1M-character
+    documents (target 0);
+(e) write time against document size: one document of 125k..1M characters without a space
+    (the worst case for the PII scan), stored over HTTP, with the slowest ``/healthz`` answer
+    during each write (linear: the seconds per MB stay flat; health answers in milliseconds).
+
+``--quick`` skips (a)-(c).
 
 Medians throughout; the machine is a shared, noisy 2-core box, so read ratios over absolutes.
 """
@@ -45,6 +51,8 @@ from pfi_rag.data.synth import synthesize
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = 8
 LEVELS = (1, 4, 8)
+WRITER = "writer"  # the client that stores large documents
+WRITE_SIZES = (125_000, 250_000, 500_000, 1_000_000)
 
 
 def free_port() -> int:
@@ -193,6 +201,50 @@ def http_overhead(load: Load, cfg: Config, client: str, question: str, repeats: 
     }
 
 
+def big_document(chars: int, i: int) -> dict:
+    """``chars`` characters without a space (an e-mail-looking run: the old scan's worst case)."""
+    prefix, suffix = f"{i}-", "@example.com"
+    return {"id": f"big-{i}", "text": prefix + "x" * (chars - len(prefix) - len(suffix)) + suffix}
+
+
+def write_scaling(load: Load) -> list[dict]:
+    """Store one document of each size; time it, and poll /healthz meanwhile (its slowest answer)."""
+    rows = []
+    for i, chars in enumerate(WRITE_SIZES):
+        done = threading.Event()
+        health: list[float] = []
+
+        def poll(done: threading.Event, health: list[float]) -> None:
+            while not done.is_set():
+                started = time.perf_counter()
+                load.http.get("/healthz").raise_for_status()
+                health.append(time.perf_counter() - started)
+                time.sleep(0.05)
+
+        poller = threading.Thread(target=poll, args=(done, health))
+        poller.start()
+        started = time.perf_counter()
+        response = load.http.post(
+            f"/v1/clients/{WRITER}/documents",
+            json={"documents": [big_document(chars, i)]},
+            headers=load.headers(WRITER),
+        )
+        seconds = time.perf_counter() - started
+        done.set()
+        poller.join()
+        response.raise_for_status()
+        rows.append(
+            {
+                "chars": chars,
+                "write_s": seconds,
+                "s_per_mb": seconds / (chars / 1e6),
+                "health_max_s": max(health, default=None),
+                "health_answers": len(health),
+            }
+        )
+    return rows
+
+
 def mixed_load(load: Load, seconds: float, concurrency: int) -> dict:
     """Every kind of request at once until the deadline; any non-2xx, exception or stream error counts."""
     deadline = time.monotonic() + seconds
@@ -241,7 +293,30 @@ def mixed_load(load: Load, seconds: float, concurrency: int) -> dict:
                     counts["errors"] += 1
                     examples.append(failed)
 
-    threads = [threading.Thread(target=worker, args=(c,)) for c in sorted(load.keys)[:concurrency]]
+    def writer() -> None:
+        """Large documents, stored (and replaced) back to back while the others read and generate."""
+        for i in itertools.count():
+            if time.monotonic() >= deadline:
+                return
+            try:
+                load.http.post(
+                    f"/v1/clients/{WRITER}/documents",
+                    json={"documents": [big_document(1_000_000 - i % 7, 100 + i % 3)]},
+                    headers=load.headers(WRITER),
+                ).raise_for_status()
+                failed = None
+            except Exception as exc:
+                failed = f"writer {type(exc).__name__}: {exc}"[:300]
+            with lock:
+                counts["requests"] += 1
+                counts["large_writes"] = counts.get("large_writes", 0) + 1
+                if failed:
+                    counts["errors"] += 1
+                    examples.append(failed)
+
+    readers = [c for c in sorted(load.keys) if c != WRITER][:concurrency]
+    threads = [threading.Thread(target=worker, args=(c,)) for c in readers]
+    threads.append(threading.Thread(target=writer))
     for t in threads:
         t.start()
     for t in threads:
@@ -267,6 +342,7 @@ def prepare(root: Path, url: str) -> tuple[dict[str, str], dict[str, list[str]]]
             )
             response.raise_for_status()
         questions[client] = [qa.question for qa in data.qa] or ["What do my notes say?"]
+    keys[WRITER] = store.create(WRITER)[0]
     return keys, questions
 
 
@@ -287,6 +363,7 @@ def main() -> None:
         "--cache-dir", type=Path, default=REPO / ".model-cache", help="Converted model cache."
     )
     parser.add_argument("--json", type=Path, help="Also write the results here.")
+    parser.add_argument("--quick", action="store_true", help="Skip latency levels and HTTP overhead.")
     args = parser.parse_args()
 
     cfg = Config(models=ModelsConfig(cache_dir=args.cache_dir, threads=args.threads))
@@ -301,9 +378,17 @@ def main() -> None:
             print(f"server ready in {startup_s:.1f} s; ingesting {CLIENTS} clients over HTTP", flush=True)
             keys, questions = prepare(root, url)
             load = Load(url, keys, questions, args.tokens)
-            load.generate(sorted(keys)[0], questions[sorted(keys)[0]][0])  # warm-up
-            levels = []
-            for concurrency in LEVELS:
+            first = sorted(questions)[0]
+            load.generate(first, questions[first][0])  # warm-up
+            writes = write_scaling(load)
+            for row in writes:
+                print(
+                    f"  write {row['chars']:>9,} chars: {row['write_s']:.2f} s ({row['s_per_mb']:.2f} s/MB), "
+                    f"slowest /healthz meanwhile {row['health_max_s'] or 0:.3f} s",
+                    flush=True,
+                )
+            levels, overhead = [], None
+            for concurrency in () if args.quick else LEVELS:
                 level = run_level(load, concurrency, args.per_worker)
                 levels.append(level)
                 print(
@@ -311,12 +396,12 @@ def main() -> None:
                     f"{level['requests_per_s']:.2f} req/s, {level['tokens_per_s']:.1f} tok/s",
                     flush=True,
                 )
-            first = sorted(keys)[0]
-            overhead = http_overhead(load, cfg, first, questions[first][0], args.repeats)
-            print(
-                f"  HTTP / in-process: {overhead['ratio']:.3f}x (same answer: {overhead['same_answer']})",
-                flush=True,
-            )
+            if not args.quick:
+                overhead = http_overhead(load, cfg, first, questions[first][0], args.repeats)
+                print(
+                    f"  HTTP / in-process: {overhead['ratio']:.3f}x (same answer: {overhead['same_answer']})",
+                    flush=True,
+                )
             stress = mixed_load(load, args.load_seconds, CLIENTS)
             print(f"  mixed load: {stress['requests']} requests, {stress['errors']} errors", flush=True)
             metrics = load.http.get("/metrics").text
@@ -324,8 +409,10 @@ def main() -> None:
             server.send_signal(signal.SIGINT)
             server.wait(60)
 
-    shares = [s for level in levels for s in level.pop("probe_share")]
+    shares = [s for level in levels for s in level.pop("probe_share")] or [float("nan")]
     results = {
+        "command": " ".join(sys.argv),
+        "writes": writes,
         "model": cfg.models.generator,
         "tokens_per_answer": args.tokens,
         "threads": args.threads,
@@ -340,24 +427,34 @@ def main() -> None:
         ],
         "bench_s": time.perf_counter() - bench_started,
     }
-    print()
-    print("| concurrent clients | requests | p50 latency | p95 latency | requests/s | tokens/s |")
-    print("|---|---|---|---|---|---|")
-    for lv in levels:
-        p50, p95, rps, tps = lv["p50_s"], lv["p95_s"], lv["requests_per_s"], lv["tokens_per_s"]
+    if levels:
+        print()
+        print("| concurrent clients | requests | p50 latency | p95 latency | requests/s | tokens/s |")
+        print("|---|---|---|---|---|---|")
+        for lv in levels:
+            p50, p95, rps, tps = lv["p50_s"], lv["p95_s"], lv["requests_per_s"], lv["tokens_per_s"]
+            cells = f"{p50:.2f} s | {p95:.2f} s | {rps:.2f} | {tps:.1f}"
+            print(f"| {lv['concurrency']} | {lv['requests']} | {cells} |")
+        print()
+        median, p95 = results["probe_share_median"], results["probe_share_p95"]
+        print(f"probe time / request time: median {median:.3%}, p95 {p95:.3%} (target <= 5%)")
+    o = overhead
+    if o is not None:
         print(
-            f"| {lv['concurrency']} | {lv['requests']} | {p50:.2f} s | {p95:.2f} s | {rps:.2f} | {tps:.1f} |"
+            f"HTTP vs in-process ({args.tokens} tokens, median of {args.repeats} pairs): {o['http_s']:.2f} s "
+            f"vs {o['in_process_s']:.2f} s = {o['ratio']:.3f}x (target <= 1.05x); same: {o['same_answer']}"
         )
     print()
-    median, p95 = results["probe_share_median"], results["probe_share_p95"]
-    print(f"probe time / request time: median {median:.3%}, p95 {p95:.3%} (target <= 5%)")
-    o = overhead
+    print("| document (chars, no space) | write | s per MB | slowest /healthz during it |")
+    print("|---|---|---|---|")
+    for row in writes:
+        print(
+            f"| {row['chars']:,} | {row['write_s']:.2f} s | {row['s_per_mb']:.2f} | "
+            f"{row['health_max_s'] or 0:.3f} s |"
+        )
     print(
-        f"HTTP vs in-process ({args.tokens} tokens, median of {args.repeats} pairs): {o['http_s']:.2f} s vs "
-        f"{o['in_process_s']:.2f} s = {o['ratio']:.3f}x (target <= 1.05x); same answer: {o['same_answer']}"
-    )
-    print(
-        f"mixed load, {CLIENTS} clients, {args.load_seconds:.0f} s: {stress['requests']} requests, "
+        f"mixed load, {CLIENTS} clients + a 1M-character writer, {args.load_seconds:.0f} s: "
+        f"{stress['requests']} requests ({stress.get('large_writes', 0)} large writes), "
         f"{stress['errors']} errors (target 0)"
     )
     print(f"whole bench: {results['bench_s']:.0f} s")

@@ -133,13 +133,14 @@ def test_streaming_with_usage_equals_the_plain_answer(server):
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),  # over the prompt limit
     ],
 )
 def test_unsupported_or_invalid_parameters_get_a_400_naming_them(server, extra, param):
     client, _, _ = server
 
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="m", messages=ASK, **{"max_tokens": 2, **extra})
+        client.chat.completions.create(**{"model": "m", "messages": ASK, "max_tokens": 2, **extra})
 
     error = refused.value.body
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"

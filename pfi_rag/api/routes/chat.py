@@ -223,7 +223,14 @@ async def create_chat_completion(
             pfi_rag=extras[0],
             pfi_rag_choices=extras if n > 1 else None,
         )
-    streams = [(await answering.stream(services, r, k=k))[0] for r in requests]
+    streams = []
+    try:
+        for r in requests:
+            streams.append((await answering.stream(services, r, k=k))[0])
+    except BaseException:  # bad input is found on the first; stop any already decoding
+        for tokens in streams:
+            tokens.close()
+        raise
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
     async def events():
