@@ -114,8 +114,8 @@ class PrivacyConfig(Section):
     # "auto": the fastest measured on the default model (docs/privacy.md): ghost clipping on
     # cuda (1.19x a non-private step on an H100, hooks 1.46x), hooks on cpu (0.96x, ghost 1.33x).
     grad_sample_mode: Literal["auto", "hooks", "functorch", "ghost"] = "auto"
-    # pld: dp-accounting's privacy-loss-distribution accountant, the tightest (about 25-30% lower
-    # epsilon than rdp for the same noise on the demo's ledgers); rdp: Opacus's. Both compose the
+    # pld: dp-accounting's privacy-loss-distribution accountant, the tightest (13% lower epsilon
+    # than rdp for the same noise in docs/privacy.md's example); rdp: Opacus's. Both compose the
     # whole history. Like the budget, fixed in a client's ledger when it is created.
     accountant: Literal["pld", "rdp"] = "pld"
     # Expected batch size: Poisson sampling includes each record with q = 1/ceil(n/batch_size).
