@@ -188,3 +188,20 @@ def test_delta_is_a_constant_checked_against_the_clients_own_n(tmp_path):
     assert ledger.delta_for(10) == 0.05  # the same for every n it is valid for
     with pytest.raises(PrivacyError, match="not below 1/20"):
         ledger.delta_for(20)
+
+
+def test_server_side_sampling_is_accounted_as_the_fixed_size_sample_it_is():
+    from pfi_rag.federation.aggregation import client_level_epsilon
+
+    # Everyone every round: replacing one client moves the clipped sum by 2C, so each round is a
+    # Gaussian of noise multiplier z/2 = 1; three rounds compose.
+    everyone = client_level_epsilon(2.0, sampled=10, population=10, rounds=3, delta=1e-5)
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(1.0), 3)
+    assert everyone == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    # 3 of 10 drawn without replacement: amplified, yet above what accounting it as Poisson sampling
+    # at q = 0.3 with noise z (add/remove one client) claimed, which under-reported it.
+    sampled = client_level_epsilon(2.0, sampled=3, population=10, rounds=3, delta=1e-5)
+    poisson = rdp_privacy_accountant.RdpAccountant()
+    poisson.compose(dp_accounting.PoissonSampledDpEvent(0.3, dp_accounting.GaussianDpEvent(2.0)), 3)
+    assert poisson.get_epsilon(1e-5) < sampled < everyone
