@@ -137,9 +137,12 @@ def register(app: typer.Typer) -> None:
         The budget is fixed in the ledger when the client first spends; privacy.epsilon_max and
         --set only seed new ledgers. This is the one way to change it afterwards."""
         from pfi_rag.privacy import PrivacyError, PrivacyLedger
+        from pfi_rag.storage import client_dir
 
         _check_client(client)
         cfg = config_from(ctx)
+        if not client_dir(cfg.data_root, client).is_dir():
+            fail(f"no client {client!r} under {cfg.data_root}/clients: check --client and --data-root")
         try:
             ledger = PrivacyLedger.open(cfg.data_root, client, cfg.privacy)
             before = ledger.epsilon_max
