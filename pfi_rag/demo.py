@@ -17,7 +17,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -426,13 +426,18 @@ def list_artefacts(cfg: Config, out: Console) -> dict[str, Path]:
     return artefacts
 
 
-def run_demo(cfg: Config, settings: DemoSettings, out: Console) -> DemoResult:
-    """Every step, in order, in a freshly replaced ``<data_root>/demo``."""
+def run_demo(
+    cfg: Config, settings: DemoSettings, out: Console, on_root: Callable[[Path], None] | None = None
+) -> DemoResult:
+    """Every step, in order, in a freshly replaced ``<data_root>/demo``; ``on_root`` hears that
+    directory once it exists (the CLI routes the libraries' log output into it)."""
     from pfi_rag.models.loading import load_embedder
 
     root = (Path(cfg.data_root) / DEMO_DIR).absolute()  # printed paths work from any directory
     with demo_lock(Path(cfg.data_root)):
         prepare_root(root)
+        if on_root is not None:
+            on_root(root)
         cfg = cfg.model_copy(deep=True)
         cfg.data_root = root
         out.print(

@@ -6,7 +6,6 @@ together and reads the global options (``--config``, ``--set``, ``--data-root``)
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import typer
@@ -18,6 +17,7 @@ from pfi_rag.cli import (
     demo,
     federation,
     generation,
+    output,
     probing,
     retrieval,
     serving,
@@ -45,16 +45,15 @@ def main_options(
     set_: list[str] = typer.Option(
         [], "--set", help="Override any config key, e.g. --set privacy.epsilon_max=4 (repeatable)."
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Log progress details and the libraries' own output (Flower, Ray...)."
+    ),
 ) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    output.configure(verbose=verbose)
     overrides = parse_set_flags(set_)
     if data_root is not None:
         overrides["data_root"] = str(data_root)
-    ctx.obj = {"config_path": config_path, "overrides": overrides}
+    ctx.obj = {"config_path": config_path, "overrides": overrides, "verbose": verbose}
 
 
 app.add_typer(config.app, name="config")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import typer
 
+from pfi_rag.cli import output
 from pfi_rag.cli.common import config_with_defaults, console, fail
 
 EXIT_FAILED = 1
@@ -28,10 +30,22 @@ def register(app: typer.Typer) -> None:
         # The demo's settings are defaults: an explicit --set of the same key wins.
         cfg = config_with_defaults(ctx, settings.overrides(), **{"models.generator": generator})
         started = time.perf_counter()
+        verbose = (ctx.find_root().obj or {}).get("verbose", False)
+        handlers = []
+
+        def log_libraries(root: Path) -> None:
+            # Flower's, Ray's and transformers' own output goes here instead of between the steps.
+            path = root / "logs" / "libraries.log"
+            handlers.append(output.log_libraries_to(path))
+            console.print(f"library log (Flower, Ray, transformers): {path}; --verbose prints it instead")
+
         try:
-            run_demo(cfg, settings, console)
+            run_demo(cfg, settings, console, on_root=None if verbose else log_libraries)
         except DemoError as exc:
             fail(str(exc))
         except FederationFailed as exc:
             fail(f"the federation failed: {exc}", code=EXIT_FAILED)
+        finally:
+            for handler in handlers:
+                output.stop_logging_to(handler)
         console.rule(f"[bold green]demo finished in {time.perf_counter() - started:.0f} s")

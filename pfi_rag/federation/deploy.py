@@ -92,6 +92,8 @@ def _env(flwr_home: Path) -> dict[str, str]:
     # The SuperLink spawns `flower-superexec` and `flwr-serverapp` by name.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # These processes write to log files: keep Flower's INFO there even when the CLI quiets the screen.
+    env["FLWR_LOG_LEVEL"] = "INFO"
     return env
 
 
