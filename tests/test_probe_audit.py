@@ -1,7 +1,7 @@
 """The one-run privacy audit: its arithmetic by hand, and its verdicts on real DP-SGD runs.
 
 The runs train the tiny Llama with LoRA on q/v and on ``lm_head``: on q/v alone the tiny random
-model cannot move its near-uniform logits enough to memorise anything (tests/test_probe_support
+model cannot move its near-uniform logits enough to memorise anything (tests/probe_support
 explains why), so an audit of it would show no power; ``lm_head`` lets a non-private run
 memorise the canaries in a few steps.
 """
@@ -25,7 +25,7 @@ from pfi_rag.probes.base import Verdict
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.privacy_audit import AuditProbe, audit_canaries, canary_scores
 from pfi_rag.storage import client_dir
-from tests.test_probe_support import one_torch_thread
+from tests.probe_support import one_torch_thread
 
 CLIENT = "alice"
 CANARIES = 64  # 16 guessed in, 16 out: all 32 right gives a bound of 2.32 at most

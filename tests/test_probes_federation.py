@@ -22,7 +22,7 @@ from pfi_rag.probes.history import HistoryError, read_history
 from pfi_rag.probes.registry import probe_named
 from pfi_rag.probes.release import TOLERANCE_Z, distribution
 from pfi_rag.storage import client_dir
-from tests.test_probe_support import fresh_lora, make_context, make_data, one_torch_thread, save
+from tests.probe_support import fresh_lora, make_context, make_data, one_torch_thread, save
 
 CLIENTS = ["client-00", "client-01", "client-02", "client-03"]
 

@@ -1,5 +1,5 @@
 """Model-based probes on the tiny random Llama: each flags a planted failure and stays quiet on a
-clean case. Failures are planted by a few plain-torch LoRA steps (test_probe_support.train_lora)."""
+clean case. Failures are planted by a few plain-torch LoRA steps (tests/probe_support.py, train_lora)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pfi_rag.probes.memorization import ExposureProbe
 from pfi_rag.probes.misalignment import CapabilityProbe, RefusalProbe
 from pfi_rag.probes.ood import OutOfDomainProbe
 from pfi_rag.storage import client_dir
-from tests.test_probe_support import fresh_lora, make_context, make_data, one_torch_thread, save, train_lora
+from tests.probe_support import fresh_lora, make_context, make_data, one_torch_thread, save, train_lora
 
 SMALL = "client-03"  # the synthesiser's tiny client: 6 documents, 1 canary, 4 facts
 OTHER = "client-02"

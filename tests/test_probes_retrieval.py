@@ -20,7 +20,7 @@ from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.leakage import LeakageProbe
 from pfi_rag.probes.retrieval import GroundednessProbe, RetrievalHitProbe, StaleProbe
 from pfi_rag.retriever import ClientStore
-from tests.test_probe_support import make_data
+from tests.probe_support import make_data
 
 CLIENT = "client-02"  # 36 documents, 10 held-out questions, 2 canaries
 VICTIM = "client-03"  # the tiny client: 6 documents, 1 canary
