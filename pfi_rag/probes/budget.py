@@ -102,6 +102,12 @@ class BudgetProbe(ClientProbe):
         spends = ledger_spends(ledger)
         violations = budget_violations(ledger) + history_violations(spends)
         budget = float(ledger.get("epsilon_max", privacy.epsilon_max))
+        entries = [e for e in ledger.get("budget") or [] if isinstance(e, dict)]
+        if entries and entries[-1].get("epsilon_max") is not None:
+            kept = float(entries[-1]["epsilon_max"])
+            if abs(kept - budget) > 1e-9:
+                violations.append(f"epsilon_max {budget:g} is not the budget history's {kept:g} (edited)")
+            budget = kept
         afters = [float(s["epsilon_after"]) for s in spends if s.get("epsilon_after") is not None]
         spent = afters[-1] if afters else float(ledger.get("epsilon_spent", ledger.get("epsilon", 0.0)))
         if spent > budget:
