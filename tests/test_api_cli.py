@@ -150,7 +150,8 @@ def test_pfi_rag_serve_starts_the_service_and_stops_cleanly(isolated_env, model_
     )
     try:
         ready = None
-        while server.poll() is None and ready is None:  # models load first; the socket opens after
+        deadline = time.monotonic() + 600
+        while server.poll() is None and ready is None and time.monotonic() < deadline:  # models load first
             try:
                 ready = httpx.get(f"http://127.0.0.1:{port}/readyz")
             except httpx.TransportError:

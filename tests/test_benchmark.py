@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import replace
 
+import pytest
 from typer.testing import CliRunner
 
 from pfi_rag.benchmark.report import JSON_FILE, MARKDOWN_FILE
@@ -67,6 +68,7 @@ def test_score_gives_tpr_fpr_auroc_and_whether_the_federation_saw_it():
     assert system_view([2.0, 2.02], [2.01], [{"system": {"failures": 1}}])["visible"] is True
 
 
+@pytest.mark.slow  # real Flower runs of three scenarios: minutes
 def test_a_small_matrix_on_flower_finds_what_was_planted(isolated_env, tmp_path, model_cache):
     """Clean, poisoned and stale runs through the real pipeline; the poisoned update and the
     stale index are found, named, and absent from the clean run. The non-private trade-off

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,11 +213,13 @@ def test_hot_swap_under_load_never_mixes_versions(engine_factory, tiny_generator
     thread = threading.Thread(target=writer)
     thread.start()
     served = []
-    while not done.is_set() or len(served) < 3:
+    deadline = time.monotonic() + 600
+    while (not done.is_set() or len(served) < 3) and time.monotonic() < deadline:
         result = engine.generate(request)
         served.append(result.adapter.version)
         assert result.text == expected[1 if result.adapter.version % 2 else 2]
-    thread.join()
+    thread.join(timeout=60)
+    assert done.is_set(), "the writer did not finish saving its adapter versions"
     last = engine.generate(request)
     assert (last.adapter.version, last.text) == (12, expected[2])
     assert len(set(served)) > 1
