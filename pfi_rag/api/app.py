@@ -11,7 +11,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from pfi_rag.api import errors
-from pfi_rag.api.limits import BodyLimit
+from pfi_rag.api.limits import BODY_TIMEOUT_S, BodyLimit
 from pfi_rag.api.metrics import Metrics, MetricsMiddleware
 from pfi_rag.api.routes import chat, documents, generate, health, keys, models, privacy
 from pfi_rag.api.schemas import DocumentsCreate
@@ -21,7 +21,7 @@ from pfi_rag.config import Config
 logger = logging.getLogger(__name__)
 
 
-def create_app(cfg: Config, *, embedder=None, engine=None) -> FastAPI:
+def create_app(cfg: Config, *, embedder=None, engine=None, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The service for ``cfg``; ``embedder``/``engine`` skip loading them (tests, benchmarks)."""
     metrics = Metrics()
 
@@ -54,7 +54,7 @@ def create_app(cfg: Config, *, embedder=None, engine=None) -> FastAPI:
     for module in (documents, generate, chat, models, privacy, keys, health):
         app.include_router(module.router)
     # Outermost first: count every request, then refuse oversized bodies before parsing them.
-    app.add_middleware(BodyLimit, max_bytes=cfg.serving.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.serving.max_body_bytes, timeout_s=body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.openapi = lambda: _openapi(app)
     return app
