@@ -31,7 +31,7 @@ import tomli_w
 from pfi_rag.config import Config
 from pfi_rag.federation.certificates import DeploymentKeys, write_deployment_keys
 from pfi_rag.federation.checkpoint import federation_dir
-from pfi_rag.storage import atomic_write_text, list_clients
+from pfi_rag.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -231,9 +231,18 @@ def run_deployment(cfg: Config, clients: int, timeout_s: float = 3600.0, *, tls:
     ``tls``: TLS on every connection and SuperNode authentication, with a fresh CA and node keys
     under ``federation/deploy/tls/`` (the files ``pfi-rag deploy keys`` makes for real hosts).
     """
-    client_ids = list_clients(cfg.data_root)[:clients]
+    from pfi_rag.federation.launcher import plan_participants
+
+    uncapped = cfg.model_copy(deep=True)
+    uncapped.federation.clients = None  # --clients is the cap here
+    ready, left_out = plan_participants(uncapped)  # clients with documents to train on, by id
+    client_ids = ready[:clients]
     if len(client_ids) < clients:
-        raise ValueError(f"{cfg.data_root} holds {len(client_ids)} clients; run `pfi-rag data synth` first")
+        why = "".join(f"; {client}: {reason}" for client, reason in left_out.items())
+        raise ValueError(
+            f"{cfg.data_root} holds {len(client_ids)} clients with documents to train on, fewer than "
+            f"{clients}{why}"
+        )
     cfg = cfg.model_copy(deep=True)
     cfg.data_root = Path(cfg.data_root).resolve()
     cfg.federation.clients = clients
