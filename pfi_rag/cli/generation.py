@@ -1,4 +1,4 @@
-"""`pfi-rag generate`: one personalized, retrieval-grounded answer (issue #4)."""
+"""`pfi-rag generate`: one personalized, retrieval-grounded answer."""
 
 from __future__ import annotations
 

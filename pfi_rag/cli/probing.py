@@ -1,4 +1,4 @@
-"""`pfi-rag probe`: the silent-failure probe suite (issue #8), a deployment gate.
+"""`pfi-rag probe`: the silent-failure probe suite, a deployment gate.
 
 Exit 0 when every probe passes (or is skipped for lack of what it needs), 1 when a probe
 flags a failure or crashes, 2 on bad input.

@@ -1,4 +1,4 @@
-"""`pfi-rag ingest|search|docs`: each client's local document index (issue #3)."""
+"""`pfi-rag ingest|search|docs`: each client's local document index."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`pfi-rag serve|clients`: the HTTP service and its per-client API keys (issue #7)."""
+"""`pfi-rag serve|clients`: the HTTP service and its per-client API keys."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`pfi-rag train|privacy`: local DP-SGD personalization and the privacy ledger (issue #5)."""
+"""`pfi-rag train|privacy`: local DP-SGD personalization and the privacy ledger."""
 
 from __future__ import annotations
 

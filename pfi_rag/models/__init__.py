@@ -1,6 +1,6 @@
 """Models: loading the base LM and embedder, LoRA adapters, likelihood scoring, and serving.
 
-The serving API (issue #4) is re-exported here, imported on first use so that importing
+The serving API is re-exported here, imported on first use so that importing
 ``pfi_rag.models.loading`` alone does not pull in peft and the serving stack.
 """
 
