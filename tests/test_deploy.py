@@ -171,3 +171,23 @@ def test_tls_deployment_runs_the_federation_with_authenticated_supernodes(tmp_pa
     assert "https://127.0.0.1" in link_log  # the SuperLink served TLS, not plaintext
     flwr_config = (tmp_path / "federation" / "deploy" / "flwr-home" / "config.toml").read_text()
     assert "root-certificates" in flwr_config and "insecure" not in flwr_config
+
+
+def test_deploy_keys_command_writes_the_kit_and_refuses_bad_input_with_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from pfi_rag.cli import app
+
+    args = ["deploy", "keys", "--out", str(tmp_path / "kit"), "--superlink-host", "10.0.0.5"]
+
+    made = CliRunner().invoke(app, [*args, "--clients", "alice,bob"])
+    again = CliRunner().invoke(app, [*args, "--clients", "alice"])
+    bad_id = CliRunner().invoke(
+        app, ["deploy", "keys", "--out", str(tmp_path / "k2"), "--superlink-host", "h", "--clients", "../etc"]
+    )
+
+    assert made.exit_code == 0, made.output
+    assert (tmp_path / "kit" / "supernode-bob" / "node.key").is_file()
+    assert again.exit_code == 2 and "already holds a certificate authority" in again.output
+    assert bad_id.exit_code == 2 and "invalid client id" in bad_id.output
+    assert not (tmp_path / "k2" / "ca").exists()  # refused before anything was written
