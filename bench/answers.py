@@ -7,8 +7,8 @@ held-out questions are answered with retrieval (top k, relevance floor), each an
 greedily by the serving engine, all questions of a setting in one batch. Settings compared in
 the same run, same passages:
 
-- ``before``: the earlier prompt (passages shown with their document ids, the earlier system
-  prompt) and no repetition control;
+- ``before``: the earlier prompt (passages shown with their document ids, no instruction after
+  the question) and no repetition control;
 - ``prompt``: the current prompt only;
 - ``repetition``: the earlier prompt with the current repetition defaults only;
 - ``after``: both (today's defaults).
@@ -42,8 +42,11 @@ EARLIER_SYSTEM_PROMPT = (
 )
 
 
-def earlier_format(passages) -> str:
-    return "\n".join(f"[{p.number}] ({p.doc_id}) {p.text.strip()}" for p in passages)
+def earlier_user_turn(question: str, passages) -> str:
+    if not passages:
+        return f"Notes: none found.\n\nQuestion: {question}"
+    notes = "\n".join(f"[{p.number}] ({p.doc_id}) {p.text.strip()}" for p in passages)
+    return f"Notes:\n{notes}\n\nQuestion: {question}"
 
 
 def loops(text: str) -> bool:
@@ -81,6 +84,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--show", type=int, default=3, help="Print this many answers per setting.")
+    parser.add_argument("--penalty", type=float, help="Repetition penalty to try (default: the config's).")
+    parser.add_argument("--ngram", type=int, help="No-repeat n-gram size to try (default: the config's).")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -104,13 +109,15 @@ def main() -> None:
     model, tokenizer, _ = load_generator(models)
     engine = Engine(model, tokenizer, data_root=root, relevance_floor=retrieval.relevance_floor)
     now = ServingConfig(max_new_tokens=args.tokens)
+    tried = {"repetition_penalty": args.penalty, "no_repeat_ngram": args.ngram}
+    now = now.model_copy(update={key: value for key, value in tried.items() if value is not None})
     earlier = {"system_prompt": EARLIER_SYSTEM_PROMPT}
     no_repetition = {"repetition_penalty": 1.0, "no_repeat_ngram": 0}
     settings = {
-        "before": (now.model_copy(update={**earlier, **no_repetition}), earlier_format),
-        "prompt": (now.model_copy(update=no_repetition), prompting.format_passages),
-        "repetition": (now.model_copy(update=earlier), earlier_format),
-        "after": (now, prompting.format_passages),
+        "before": (now.model_copy(update={**earlier, **no_repetition}), earlier_user_turn),
+        "prompt": (now.model_copy(update=no_repetition), prompting.user_turn),
+        "repetition": (now.model_copy(update=earlier), earlier_user_turn),
+        "after": (now, prompting.user_turn),
     }
     print(
         f"{len(requests)} synthetic questions from {args.clients} clients, {args.tokens} new tokens, greedy, "
@@ -118,9 +125,9 @@ def main() -> None:
         f"{now.repetition_penalty}, no_repeat_ngram {now.no_repeat_ngram}"
     )
     out = {}
-    for name, (serving, fmt) in settings.items():
+    for name, (serving, turn) in settings.items():
         engine.serving = serving
-        with mock.patch.object(prompting, "format_passages", fmt):
+        with mock.patch.object(prompting, "user_turn", turn):
             results = answer_all(engine, requests)
         out[name] = score(results, questions)
         print(

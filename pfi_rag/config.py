@@ -208,8 +208,8 @@ class ServingConfig(Section):
     gathered_lora: bool = True
     # Against small models' loops, over the generated tokens only (docs/serving.md "Answer
     # quality"): CTRL's repetition penalty (1.0 = off) and a ban on repeating any n-gram (0 = off).
-    repetition_penalty: float = Field(default=1.0, ge=1.0, le=2.0)
-    no_repeat_ngram: int = Field(default=0, ge=0, le=16)
+    repetition_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
+    no_repeat_ngram: int = Field(default=4, ge=0, le=16)
     # Most passages a request may ask retrieval for (the default is retrieval.top_k).
     max_passages: int = Field(default=16, ge=0, le=100)
     # Open every existing client's store at start-up (they stay open, as a lazily opened one

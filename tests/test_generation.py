@@ -106,7 +106,7 @@ def test_prompt_numbers_passages_by_rank_and_keeps_system_prompt(tiny_generator)
         max_prompt_tokens=1024,
     )
     assert [(p.number, p.doc_id) for p in prompt.passages] == [(1, "doc-dog"), (2, "doc-tea"), (3, "doc-car")]
-    assert "[1] (doc-dog) My dog is called Biscuit." in prompt.text
+    assert "[1] My dog is called Biscuit." in prompt.text and "doc-dog" not in prompt.text  # no ids to echo
     assert prompt.text.index("[1]") < prompt.text.index("[2]") < prompt.text.index(QUESTION)
     assert "Cite notes as [n]." in prompt.text and "SmolLM" not in prompt.text  # no template default
     assert prompt.input_ids == tokenizer(prompt.text, add_special_tokens=False)["input_ids"]

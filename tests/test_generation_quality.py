@@ -83,8 +83,11 @@ def test_repetition_penalty_and_ngram_block_change_only_their_rows():
 
 def test_ngram_block_breaks_the_tiny_models_loop(tiny_generator, tmp_path):
     request = GenerationRequest("bob", QUESTION, passages=PASSAGES)
-    looping = make_engine(tiny_generator, tmp_path).generate(request)
-    blocked = make_engine(tiny_generator, tmp_path, serving={"no_repeat_ngram": 2}).generate(request)
+    off = {"no_repeat_ngram": 0, "repetition_penalty": 1.0}
+    looping = make_engine(tiny_generator, tmp_path, serving=off).generate(request)
+    blocked = make_engine(tiny_generator, tmp_path, serving={**off, "no_repeat_ngram": 2}).generate(request)
+    default = make_engine(tiny_generator, tmp_path).generate(request)  # repetition_penalty 1.1, 4-grams
     bigrams = Counter(zip(blocked.token_ids, blocked.token_ids[1:], strict=False))
     assert len(set(looping.token_ids)) == 1  # the tiny random model repeats one token
     assert len(blocked.token_ids) == 10 and max(bigrams.values()) == 1
+    assert len(set(default.token_ids)) > 1

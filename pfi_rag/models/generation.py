@@ -241,6 +241,11 @@ class Engine:
                 f"prompt ({len(prompt.input_ids)} tokens) plus max_new_tokens ({max_new}) exceed the "
                 f"model's context of {self.max_positions} tokens"
             )
+        # The server's repetition defaults shape every answer, except for a request that sets
+        # OpenAI's own controls (penalties, bias, logprobs): that client gets exactly what it asked.
+        own_controls = request.logprobs is not None or bool(
+            request.frequency_penalty or request.presence_penalty or request.logit_bias
+        )
         params = SamplingParams(
             max_new_tokens=max_new,
             temperature=request.temperature,
@@ -252,8 +257,8 @@ class Engine:
             presence_penalty=request.presence_penalty,
             logit_bias=tuple(request.logit_bias),
             logprobs=request.logprobs,
-            repetition_penalty=self.serving.repetition_penalty,
-            no_repeat_ngram=self.serving.no_repeat_ngram,
+            repetition_penalty=1.0 if own_controls else self.serving.repetition_penalty,
+            no_repeat_ngram=0 if own_controls else self.serving.no_repeat_ngram,
         )
         lease = self.adapters.acquire(request.client_id)
         row = Row(prompt_ids=prompt.input_ids, adapter_name=lease.name, params=params, on_text=on_text)

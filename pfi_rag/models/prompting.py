@@ -55,14 +55,21 @@ class Prompt:
     below_floor: int = 0  # passages left out as not relevant enough (score under the floor)
 
 
+# After the question, where a small model reads it last: measured on the synthetic QA with
+# bench/answers.py (docs/serving.md "Answer quality").
+CITE_INSTRUCTION = 'Answer in a few words and cite the note, for example: "... [1]."'
+NO_NOTES_INSTRUCTION = "No note answers this: say that you do not know."
+
+
 def format_passages(passages: Sequence[UsedPassage]) -> str:
-    return "\n".join(f"[{p.number}] ({p.doc_id}) {p.text.strip()}" for p in passages)
+    # No document ids: a small model echoes "(client-00-doc-3)" into its answers.
+    return "\n".join(f"[{p.number}] {p.text.strip()}" for p in passages)
 
 
 def user_turn(question: str, passages: Sequence[UsedPassage]) -> str:
     if not passages:
-        return f"Notes: none found.\n\nQuestion: {question}"
-    return f"Notes:\n{format_passages(passages)}\n\nQuestion: {question}"
+        return f"Notes: none found.\n\nQuestion: {question}\n{NO_NOTES_INSTRUCTION}"
+    return f"Notes:\n{format_passages(passages)}\n\nQuestion: {question}\n{CITE_INSTRUCTION}"
 
 
 def render(tokenizer, messages: list[dict[str, str]]) -> str:
