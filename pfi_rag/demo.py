@@ -231,7 +231,7 @@ def federate(cfg: Config, out: Console) -> dict[str, Any]:
         f"{cfg.privacy.epsilon_per_round:g} per round) and sends only the noisy update of the shared "
         f"part; the server averages them ({cfg.federation.strategy}). Each client's privacy ledger "
         f"composes its spends across rounds (budget {cfg.privacy.epsilon_max:g}). Ray starts first "
-        "(~10 s); two clients train at a time on 2 cores.",
+        f"(~10 s); clients train one per CPU core, {os.cpu_count()} at a time on this machine.",
     )
 
     def on_round(record: dict) -> None:
