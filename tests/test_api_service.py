@@ -131,6 +131,10 @@ def test_copy_index_updates_only_the_changed_documents():
     index.apply("a", [("d2", index.scan("mail me at z@example.com"))])  # a new version replaces the old
     assert index.copied_spans("b", "two three four", "") == 0
     assert index.pii_origin("b", ("email", "z@example.com")) == "other-client"
+    # Two versions of one document in one call (a batch): only the last stays.
+    index.apply("a", [("d3", index.scan("first version text here")), ("d3", index.scan("second one words"))])
+    assert index.copied_spans("b", "first version text", "") == 0
+    assert index.copied_spans("b", "second one words", "") == 1
 
 
 def mode(path: Path) -> int:
