@@ -312,6 +312,9 @@ def _part_a(cfg: ModelsConfig, engine: Engine, baseline, root: Path, args) -> di
 
 
 def _part_b(engines: dict[str, Engine], root: Path, clients: list[str], args) -> dict:
+    # Every row decodes exactly --tokens tokens (end of sequence banned, as vLLM's benchmark's
+    # ignore_eos): rows ending early would shrink the batch and measure the prompts, not decoding.
+    no_eos = [(eos, -100.0) for eos in engines["gathered"].eos_ids]
     requests = []
     for client in clients:
         client_data = load_client_data(root, client)
@@ -321,6 +324,7 @@ def _part_b(engines: dict[str, Engine], root: Path, clients: list[str], args) ->
                 client_data.qa[0].question,
                 passages=_passages(client_data),
                 max_new_tokens=args.tokens,
+                logit_bias=no_eos,
             )
         )
     shapes = batch_shapes(engines, requests, args.repeats)
