@@ -90,7 +90,7 @@ def runs(tiny_generator, tmp_path_factory):
         ledger = PrivacyLedger.open(root, CLIENT, cfg)
         train_adapter(
             private, tokenizer, documents=inserted, instructions=[], cfg=cfg, ledger=ledger,
-            epsilon=2.0, steps=5, seed=1,
+            epsilon=2.0, steps=3, seed=1,
         )  # fmt: skip
         save_adapter(private, client_adapter_dir(root, CLIENT))
         public = _adapter(tiny_generator)

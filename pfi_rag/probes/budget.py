@@ -93,7 +93,11 @@ class BudgetProbe(ClientProbe):
         trained = has_adapter(client_adapter_dir(ctx.data_root, client_id))
         if ledger is None:
             if not trained:
-                return self.skip(ctx, "client has neither an adapter nor a privacy ledger", client=client_id)
+                why = (
+                    "client has neither an adapter nor a privacy ledger: train it with "
+                    f"`pfi-rag train --client {client_id}`"
+                )
+                return self.skip(ctx, why, client=client_id)
             violations = ["an adapter exists but the client has no privacy ledger (privacy.json)"]
             return self.result(
                 ctx, 1.0, client=client_id, evidence={"violations": violations}, metrics={"violations": 1.0}

@@ -20,7 +20,8 @@ from pfi_rag.probes.budget import ledger_spends, spend_sigma
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.items import EvalItem, answer_nll, choice_probs
 
-TABLE_ITEMS = 100  # items in the accuracy table (6 multiple-choice passes each)
+TABLE_ITEMS = 50  # items in the accuracy table (6 multiple-choice passes each)
+CONTEXT_CHARS = 1000  # retrieved text put before an item's prompt (~250 tokens)
 
 
 def update_snr(ledger: dict | None, records: int, trainable: int) -> float | None:
@@ -82,7 +83,7 @@ def personalization_table(ctx: ProbeContext, client_id: str, items: list[EvalIte
     contexts = None
     if retriever is not None:
         k = ctx.config.retrieval.top_k
-        contexts = ["\n".join(h.text for h in retriever.search(i.query, k)) for i in items]
+        contexts = ["\n".join(h.text for h in retriever.search(i.query, k))[:CONTEXT_CHARS] for i in items]
     table: dict[str, dict[str, float]] = {}
     for name, load in (
         ("base", ctx.base_model),

@@ -21,7 +21,7 @@ from pfi_rag.probes.metrics import roc_auc, tpr_at_fpr
 
 TWIN_SEED_OFFSET = 1_000_003  # the twin's seed: far from any seed a user picks for real data
 MAX_TEXTS = 200  # per side: the AUC's standard error is already below 0.03 there
-MAX_CHARS = 2000  # scored per document (~500 tokens): any window of a trained document is a member
+MAX_CHARS = 1200  # scored per document (~300 tokens): any window of a trained document is a member
 
 
 def heldout_texts(ctx: ProbeContext, client_id: str) -> tuple[list[str], str]:
@@ -37,7 +37,10 @@ def heldout_texts(ctx: ProbeContext, client_id: str) -> tuple[list[str], str]:
 
 
 def per_token_nll(model, tokenizer, texts: list[str]) -> list[float]:
-    return [nll / n for nll, n in continuation_nll(model, tokenizer, [""] * len(texts), texts)]
+    # Batches of 4: a document row is long, and the logits of 16 rows x 300 tokens x a 49k-token
+    # vocabulary would be ~1 GB.
+    scored = continuation_nll(model, tokenizer, [""] * len(texts), texts, batch_size=4)
+    return [nll / n for nll, n in scored]
 
 
 def members_and_nonmembers(ctx: ProbeContext, client_id: str) -> tuple[list[str], list[str], str]:

@@ -104,7 +104,9 @@ class StaleProbe(ClientProbe):
             return self.skip(ctx, missing.no_index(client_id), client=client_id)
         from pfi_rag.retriever.docstore import read_superseded_versions
 
-        statements = superseded_statements(read_superseded_versions(path))[:MAX_STALE_ITEMS]
+        corpus = ctx.corpus(client_id)
+        current = [d.text for d in [*corpus.train, *corpus.held_out]]
+        statements = superseded_statements(read_superseded_versions(path), current)[:MAX_STALE_ITEMS]
         evidence: dict = {"source": "store history", "documents_with_history": 0, "statements": 0}
         if not statements:
             # Nothing superseded: nothing can be served stale. A measured zero, not a skip.
@@ -131,15 +133,17 @@ def sentences(text: str) -> list[str]:
     return [" ".join(s.split()) for s in _SENTENCE.split(text) if s.strip()]
 
 
-def superseded_statements(versions: list[dict]) -> list[dict]:
+def superseded_statements(versions: list[dict], current_texts: list[str]) -> list[dict]:
     """Per document with history, each sentence of an older version that its current version
     replaced or removed: what a user asking about it now must not be served.
 
     ``versions``: rows ``{doc_id, version, text, current}`` (docstore.read_superseded_versions).
     The query is the replacing sentence when there is one (what the user now asks about), else
     the removed sentence itself; a hit is stale when it shares a word 4-gram that only the old
-    sentence had (not the current version).
+    sentence has: no current document of the client (``current_texts``) states it, so only a
+    superseded version can have put it in the hit.
     """
+    current_grams = set().union(*(ngrams(t, STALE_NGRAM) for t in current_texts))
     by_doc: dict[str, list[dict]] = {}
     for row in versions:
         by_doc.setdefault(row["doc_id"], []).append(row)
@@ -149,7 +153,7 @@ def superseded_statements(versions: list[dict]) -> list[dict]:
         if current is None:
             continue
         new = sentences(current["text"])
-        new_grams = ngrams(current["text"], STALE_NGRAM)
+        own_grams = ngrams(current["text"], STALE_NGRAM)
         for old_row in sorted((r for r in rows if not r["current"]), key=lambda r: r["version"]):
             old = sentences(old_row["text"])
             matcher = difflib.SequenceMatcher(a=old, b=new, autojunk=False)
@@ -158,7 +162,7 @@ def superseded_statements(versions: list[dict]) -> list[dict]:
                     continue
                 replacement = " ".join(new[j1:j2])
                 for sentence in old[i1:i2]:
-                    only_old = ngrams(sentence, STALE_NGRAM) - new_grams
+                    only_old = ngrams(sentence, STALE_NGRAM) - current_grams - own_grams
                     if len(sentence.split()) < MIN_STALE_WORDS or not only_old:
                         continue
                     out.append(
