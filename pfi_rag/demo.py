@@ -55,7 +55,7 @@ class DemoError(Exception):
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """What the demo changes from the defaults so it finishes in minutes on a 2-core CPU."""
+    """What the demo changes from the defaults so it finishes in minutes on a small CPU."""
 
     rounds: int
     local_steps: int  # DP-SGD steps per client per round
@@ -63,6 +63,7 @@ class DemoSettings:
     max_new_tokens: int  # per HTTP answer
     answer_tokens: int  # per groundedness answer in the probe suite
     exposure_samples: int  # candidates per canary in the exposure probe
+    cloze_items: int  # evaluation items per client from its held-out documents (utility probes)
     probes: tuple[str, ...] | None  # None: the whole suite
 
     def overrides(self) -> dict[str, Any]:
@@ -77,6 +78,7 @@ class DemoSettings:
             "serving.max_new_tokens": self.max_new_tokens,
             "probes.answer_tokens": self.answer_tokens,
             "probes.exposure_samples": self.exposure_samples,
+            "probes.cloze_items": self.cloze_items,
             # One torch thread per process: the Flower clients train two at a time on 2 cores, and
             # on a shared machine 2 threads decoded several times slower than 1 (docs/models.md).
             "models.threads": 1,
@@ -90,6 +92,7 @@ FULL = DemoSettings(
     max_new_tokens=48,
     answer_tokens=16,
     exposure_samples=64,
+    cloze_items=64,
     probes=DEMO_PROBES,
 )
 QUICK = DemoSettings(
@@ -99,6 +102,7 @@ QUICK = DemoSettings(
     max_new_tokens=24,
     answer_tokens=4,
     exposure_samples=16,
+    cloze_items=24,
     probes=DEMO_PROBES,
 )
 

@@ -91,7 +91,10 @@ def run_simulation(
             backend_config={
                 # One CPU per client: on 2 cores, two clients train at a time.
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"logging_level": logging.WARNING, "log_to_driver": True},
+                # Workers' output (library warnings, Flower's actor shutdown lines) is forwarded
+                # unless Flower's console is set to errors only, as the CLI does by default
+                # (pfi_rag/cli/output.py); a worker's failure still reaches the server as a reply.
+                "init_args": {"logging_level": logging.WARNING, "log_to_driver": _forward_worker_output()},
             },
         )
     except Exception:
@@ -100,6 +103,10 @@ def run_simulation(
     if errors:
         raise errors[0]
     return records
+
+
+def _forward_worker_output() -> bool:
+    return os.environ.get("FLWR_LOG_LEVEL", "").upper() not in ("ERROR", "CRITICAL")
 
 
 def loss_caption(summary: dict) -> str:
