@@ -207,8 +207,10 @@ class ServingConfig(Section):
     # adapters (docs/serving.md). False: PEFT's mixed-adapter path, which loops over the adapters.
     gathered_lora: bool = True
     # Against small models' loops, over the generated tokens only (docs/serving.md "Answer
-    # quality"): CTRL's repetition penalty (1.0 = off) and a ban on repeating any n-gram (0 = off).
+    # quality"): CTRL's repetition penalty, 1.0 = off. Requests setting OpenAI's own penalties,
+    # logit_bias or logprobs get neither this nor the n-gram ban.
     repetition_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
+    # No n-gram of this many tokens is generated twice in one answer; 0 = off.
     no_repeat_ngram: int = Field(default=4, ge=0, le=16)
     # Most passages a request may ask retrieval for (the default is retrieval.top_k).
     max_passages: int = Field(default=16, ge=0, le=100)
