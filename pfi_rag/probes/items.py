@@ -98,11 +98,13 @@ def cloze_items(
     items = []
     for doc, match in chosen:
         word = match.group()
-        others = [w for w in vocabulary if w.lower() != word.lower()]
+        pick = random.Random(f"cloze-{seed}-{doc.id}-{match.start()}")
+        # Sample a few more than needed and drop the answer's own forms: no pass over the vocabulary.
+        drawn = pick.sample(vocabulary, k=min(len(vocabulary), choices + 2))
+        others = [w for w in dict.fromkeys(w for w in drawn if w.lower() != word.lower())][: choices - 1]
         if not others:
             continue
-        pick = random.Random(f"cloze-{seed}-{doc.id}-{match.start()}")
-        options = [word, *pick.sample(others, k=min(choices - 1, len(others)))]
+        options = [word, *others]
         pick.shuffle(options)
         before = doc.text[: match.start()].split()
         sentence = _sentence_around(doc.text, match.start(), match.end())
