@@ -150,6 +150,15 @@ def test_ingest_list_get_search_delete(api):
     assert "trip.txt" not in {h["doc_id"] for h in hits}
 
 
+def test_an_unrelated_question_gets_no_passage_and_its_citations_say_so(api):
+    # Alice's nearest note to anything may be her locker code; under the relevance floor it stays out.
+    body = {"client_id": "alice", "prompt": "Write a short poem about the sea.", "max_new_tokens": 4}
+    answer = api.call("POST", "/v1/generate", json=body).json()
+
+    assert answer["citations"] == [] and answer["passages_below_floor"] == 3
+    assert "482913" not in answer["text"]
+
+
 def test_generate_answers_with_citations_adapter_probes_and_usage(api):
     body = {"client_id": "alice", "prompt": "Where did I move to?", "max_new_tokens": 8}
     answer = api.call("POST", "/v1/generate", json=body).json()

@@ -150,6 +150,7 @@ def public(answer: Answer) -> dict:
             }
             for p in result.passages
         ],
+        "passages_below_floor": result.passages_below_floor,
         "adapter": {
             "kind": result.adapter.kind,
             "version": result.adapter.version,

@@ -184,6 +184,11 @@ class GeneratePublic(BaseModel):
     text: str
     finish_reason: str
     citations: list[Citation]
+    passages_below_floor: int = Field(
+        default=0,
+        description="Retrieved passages left out of the prompt as under retrieval.relevance_floor "
+        "(with no citations: none of the client's notes matched the question).",
+    )
     adapter: AdapterPublic
     probes: ProbesPublic
     usage: Usage
@@ -314,6 +319,11 @@ class ChatUsage(BaseModel):
 
 class PfiRagExtras(BaseModel):
     citations: list[Citation]
+    passages_below_floor: int = Field(
+        default=0,
+        description="Retrieved passages left out of the prompt as under retrieval.relevance_floor "
+        "(with no citations: none of the client's notes matched the question).",
+    )
     adapter: AdapterPublic
     probes: ProbesPublic
 
