@@ -4,7 +4,8 @@
 
 One request decoding alone reads every weight once per token, so its speed is bounded by
 memory bandwidth / weight bytes. For each format (fp32, bf16; the LoRA path stays fp32), in a
-fresh process each: decode tokens/s of one greedy request through the serving engine, the
+fresh process each: decode tokens/s (prefill excluded) of one greedy request through the
+serving engine, the
 measured copy bandwidth of this machine at that moment (a 256 MiB tensor copied, read + write)
 and the limit it implies, and the quality cost: mean negative log-likelihood per token of the
 synthetic QA's held-out answers given their prompt with the right note, against fp32's, and how
@@ -62,9 +63,13 @@ def measure(dtype: str, tokens: int, repeats: int) -> dict:
     rates, bandwidths = [], []
     for _ in range(repeats):
         bandwidths.append(bandwidth_gb_s())
+        job = engine.prepare(request)
+        batch = engine.new_batch()
+        batch.add([job.row])  # prefill: not part of the stream's decode speed
         started = time.perf_counter()
-        result = engine.generate(request)
-        rates.append(result.completion_tokens / (time.perf_counter() - started))
+        while len(batch):
+            batch.step()
+        rates.append((len(engine.finish(job).token_ids) - 1) / (time.perf_counter() - started))
     nll, answers = [], []
     for client in ("client-00", "client-01", "client-02", "client-03"):
         data = load_client_data(root, client)
