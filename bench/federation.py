@@ -27,15 +27,8 @@ from flwr.simulation import run_simulation as flower_run_simulation
 from pfi_rag.config import load_config
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.launcher import run_simulation
-from pfi_rag.federation.server import (
-    ARRAYS,
-    METRICS,
-    UPDATE,
-    collect_round,
-    from_array_record,
-    to_array_record,
-    wait_for_nodes,
-)
+from pfi_rag.federation.protocol import ARRAYS, METRICS, UPDATE, from_array_record, to_array_record
+from pfi_rag.federation.server import collect_round, wait_for_nodes
 from pfi_rag.federation.strategies import shared_part
 from pfi_rag.federation.task import fresh_adapter
 

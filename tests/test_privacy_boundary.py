@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.client_app import LOCAL_LOG, make_client_app
-from pfi_rag.federation.server import ARRAYS, CONFIG, PRIVACY, UPDATE, to_array_record
+from pfi_rag.federation.protocol import ARRAYS, CONFIG, PRIVACY, UPDATE, to_array_record
 from pfi_rag.federation.strategies import shared_part
 from pfi_rag.federation.task import FAILURE_CODES, fresh_adapter
 from pfi_rag.storage import client_dir

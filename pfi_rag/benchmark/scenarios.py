@@ -165,7 +165,7 @@ def poisoning_mod(root: Path, *, scale: float = -10.0):
     It sits where an attacker sits, between the honest training code and the network, so the
     update still carries the honest privacy metadata.
     """
-    from pfi_rag.federation.server import UPDATE, from_array_record, to_array_record
+    from pfi_rag.federation.protocol import UPDATE, from_array_record, to_array_record
 
     target_partition = list_clients(root).index(TARGET)
 

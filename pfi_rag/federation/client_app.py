@@ -14,18 +14,21 @@ import datetime as dt
 import logging
 import traceback
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from pfi_rag.config import Config, load_config
-from pfi_rag.federation.server import (
+from pfi_rag.federation.protocol import (
     ARRAYS,
+    CLIENT_ID,
     CONFIG,
-    METRICS,
-    PRIVACY,
-    UPDATE,
+    FAILED,
+    SAT_OUT,
+    SERVER_ROUND,
     from_array_record,
-    to_array_record,
+    identity_reply,
+    no_update_reply,
+    train_reply,
 )
 from pfi_rag.federation.task import SatOut, failure_code, train_round
 from pfi_rag.storage import client_dir, list_clients, validate_client_id
@@ -36,8 +39,8 @@ LOCAL_LOG = "logs/federation.log"
 
 def client_id_of(context: Context, cfg: Config, participants: list[str] | None = None) -> str:
     node_config = context.node_config
-    if "client-id" in node_config:
-        return validate_client_id(str(node_config["client-id"]))
+    if CLIENT_ID in node_config:
+        return validate_client_id(str(node_config[CLIENT_ID]))
     clients = list_clients(cfg.data_root) if participants is None else participants
     partition = int(node_config["partition-id"])
     if partition >= len(clients):
@@ -72,7 +75,7 @@ def make_client_app(
     @app.query()
     def identify(msg: Message, context: Context) -> Message:
         client_id = client_id_of(context, resolve(context), participants)
-        return Message(RecordDict({CONFIG: ConfigRecord({"client-id": client_id})}), reply_to=msg)
+        return Message(identity_reply(client_id), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -80,25 +83,16 @@ def make_client_app(
         try:
             run_cfg = resolve(context)
             client_id = client_id_of(context, run_cfg, participants)
-            server_round = int(msg.content[CONFIG]["server-round"])
+            server_round = int(msg.content[CONFIG][SERVER_ROUND])
             outcome = train_round(run_cfg, client_id, from_array_record(msg.content[ARRAYS]), server_round)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a code; details stay local
             code = failure_code(exc)
             where = log_locally(run_cfg if client_id else None, client_id, code)
             logger.warning("this client's round failed (%s); details in %s", code, where)
-            content = RecordDict({PRIVACY: ConfigRecord({"status": "failed", "error": code})})
-            return Message(content, reply_to=msg)
+            return Message(no_update_reply(FAILED, code), reply_to=msg)
         if isinstance(outcome, SatOut):
-            content = RecordDict({PRIVACY: ConfigRecord({"status": "sat_out", "error": outcome.reason})})
-            return Message(content, reply_to=msg)
-        content = RecordDict(
-            {
-                UPDATE: to_array_record(outcome.update),
-                METRICS: MetricRecord(outcome.metrics),
-                PRIVACY: ConfigRecord(outcome.privacy),
-            }
-        )
-        return Message(content, reply_to=msg)
+            return Message(no_update_reply(SAT_OUT, outcome.reason), reply_to=msg)
+        return Message(train_reply(outcome.update, outcome.metrics, outcome.privacy), reply_to=msg)
 
     return app
 

@@ -41,6 +41,7 @@ import numpy as np
 from pfi_rag.config import CLIENT_SETTINGS_FILE, Config, with_client_settings
 from pfi_rag.data.audit_canaries import audit_training_documents
 from pfi_rag.data.corpus import load_corpus, require_training_data, too_little_data, warn_locally
+from pfi_rag.federation.protocol import LOSS_AFTER, LOSS_BEFORE, NUM_EXAMPLES, OK, STATUS, TRAIN_SECONDS
 from pfi_rag.federation.strategies import shared_predicate
 from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
 from pfi_rag.models.lora import attach_lora, load_lora_arrays, lora_arrays
@@ -237,10 +238,10 @@ def train_round(
         metrics = dict(result.released_metrics)
     else:  # privacy.round_metrics = "exact": the client chose to tell a trusted server
         metrics = {
-            "num-examples": float(result.records),
-            "loss-before": float(result.loss_before),
-            "loss-after": float(result.loss_after),
-            "train-seconds": time.perf_counter() - started,
+            NUM_EXAMPLES: float(result.records),
+            LOSS_BEFORE: float(result.loss_before),
+            LOSS_AFTER: float(result.loss_after),
+            TRAIN_SECONDS: time.perf_counter() - started,
         }
     privacy = reply_privacy(cfg, ledger) | outgoing.metadata
     return RoundResult(update=outgoing.arrays, metrics=metrics, privacy=privacy)
@@ -251,7 +252,7 @@ def reply_privacy(cfg: Config, ledger) -> dict[str, float | int | str]:
     module docstring); nothing here may be computed from the client's records."""
     privacy = cfg.privacy
     record: dict[str, float | int | str] = {
-        "status": "ok",
+        STATUS: OK,
         "accountant": ledger.mechanism,
         "delta": float(ledger.delta if ledger.delta is not None else privacy.delta),
         "max_grad_norm": privacy.max_grad_norm,
