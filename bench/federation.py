@@ -111,7 +111,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def pfi_rounds(cfg) -> list[dict]:
+def pfi_rounds(cfg):  # -> list[federation.records.RoundRecord]
     return run_simulation(cfg)
 
 
@@ -131,17 +131,17 @@ def main() -> None:
             + ", ".join(f"{t:.2f}" for t in bare)
         )
         for record in records:
-            compute = [m["train-seconds"] for m in record["metrics"].values()]
+            compute = [m.train_seconds for m in record.metrics.values()]
             # Clients run 2 at a time: the compute on the critical path is about sum / 2.
             critical = sum(compute) / 2
-            overhead = record["seconds"] - critical
+            overhead = record.seconds - critical
             print(
-                f"round {record['round']}: wall {record['seconds']:.2f} s, client compute "
+                f"round {record.round}: wall {record.seconds:.2f} s, client compute "
                 f"sum {sum(compute):.2f} s (max {max(compute):.2f}), critical path ~{critical:.2f} s, "
                 f"overhead ~{overhead:.2f} s"
             )
         overheads = [
-            r["seconds"] - sum(m["train-seconds"] for m in r["metrics"].values()) / 2 for r in records
+            r.seconds - sum(m.train_seconds for m in r.metrics.values()) / 2 for r in records
         ]
         print(
             f"median framework + aggregation overhead per round: {statistics.median(overheads):.2f} s "
@@ -155,7 +155,7 @@ def main() -> None:
             started = time.perf_counter()
             records50 = pfi_rounds(cfg50)
             total = time.perf_counter() - started
-        per_round = [r["seconds"] for r in records50]
+        per_round = [r.seconds for r in records50]
         print(f"== 50 clients, 10 sampled per round, {args.rounds} rounds")
         print(
             f"per round: median {statistics.median(per_round):.2f} s (all: "

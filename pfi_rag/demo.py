@@ -120,7 +120,7 @@ class Answer:
 @dataclass
 class DemoResult:
     root: Path
-    summary: dict[str, Any]  # the federation summary (launcher.summarize)
+    summary: Any  # federation.records.FederationSummary (launcher.summarize)
     answers: list[Answer]
     refused_status: int  # a client asking with another client's id
     report: Any  # pfi_rag.probes.Report
@@ -221,7 +221,7 @@ def ingest_documents(cfg: Config, embedder, out: Console) -> dict[str, dict[str,
     return stats
 
 
-def federate(cfg: Config, out: Console) -> dict[str, Any]:
+def federate(cfg: Config, out: Console):  # -> federation.records.FederationSummary
     """Step 3: DP-SGD rounds on Flower's simulation engine; the summary holds each client's epsilon."""
     from pfi_rag.federation.launcher import loss_caption, run_simulation, show_loss, summarize
 
@@ -238,10 +238,10 @@ def federate(cfg: Config, out: Console) -> dict[str, Any]:
         f"(~10 s); clients train one per CPU core, {os.cpu_count()} at a time on this machine.",
     )
 
-    def on_round(record: dict) -> None:
+    def on_round(record) -> None:  # a federation.records.RoundRecord
         out.print(
-            f"round {record['round']}: {len(record['results'])} results, {len(record['failures'])} "
-            f"failures, aggregate update norm {record['aggregate_norm']:.3g}, {record['seconds']:.0f} s"
+            f"round {record.round}: {len(record.results)} results, {len(record.failures)} "
+            f"failures, aggregate update norm {record.aggregate_norm:.3g}, {record.seconds:.0f} s"
         )
 
     out.print(f"starting Ray and {CLIENTS} virtual clients; a line per round as it ends ...")
@@ -258,11 +258,11 @@ def federate(cfg: Config, out: Console) -> dict[str, Any]:
         box=None,
         caption=loss_caption(summary),
     )
-    for client, row in sorted(summary["clients"].items()):
+    for client, row in sorted(summary.clients.items()):
         table.add_row(
             client,
-            str(row["rounds"]),
-            f"{row['epsilon']:.2f}",
+            str(row.rounds),
+            f"{row.epsilon:.2f}",
             f"{_delta(cfg, client):.1e}",
             show_loss(row, "loss_before"),
             show_loss(row, "loss_after"),

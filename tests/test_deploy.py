@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from pfi_rag.config import load_config
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.certificates import write_deployment_keys
-from pfi_rag.federation.checkpoint import read_round_records
 from pfi_rag.federation.deploy import (
     CONNECTION,
     _bin,
@@ -36,6 +35,7 @@ from pfi_rag.federation.deploy import (
     write_operator_kit,
     write_run_files,
 )
+from pfi_rag.federation.records import read_round_records
 
 
 def test_keys_chain_to_the_ca_and_node_keys_are_what_flower_reads(tmp_path):
@@ -161,7 +161,7 @@ def test_tls_deployment_runs_the_federation_with_authenticated_supernodes(tmp_pa
 
     assert status["status"] == "finished:completed" and status["tls"] is True
     (record,) = read_round_records(tmp_path)
-    assert sorted(record["results"]) == ["client-00", "client-01"]
+    assert sorted(record.results) == ["client-00", "client-01"]
     logs = Path(status["logs"])
     assert {p.name for p in logs.glob("supernode-*.log")} == {
         "supernode-client-00.log",

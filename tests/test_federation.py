@@ -20,8 +20,9 @@ import pytest
 from pfi_rag.config import Config, load_config
 from pfi_rag.data.records import load_client_data
 from pfi_rag.data.synth import synthesize
-from pfi_rag.federation.checkpoint import load_checkpoint, read_round_records
+from pfi_rag.federation.checkpoint import load_checkpoint
 from pfi_rag.federation.launcher import run_simulation
+from pfi_rag.federation.records import read_round_records, rounds_dir
 from pfi_rag.federation.server import FederationFailed
 from pfi_rag.federation.task import fresh_adapter, read_adapter_arrays
 from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir
@@ -96,14 +97,14 @@ def main_run(tmp_path_factory, model_cache):
 
 def test_rounds_tolerate_a_failing_client_and_count_it(main_run):
     cfg, records, _ = main_run
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r.round for r in records] == [1, 2]
     assert records == read_round_records(cfg.data_root)
     for record in records:
-        assert len(record["participants"]) == 3
-        assert "client-03" not in record["results"]
-        failed = [f["client"] for f in record["failures"]]
-        assert failed == (["client-03"] if "client-03" in record["participants"] else [])
-        assert len(record["results"]) + len(failed) == 3
+        assert len(record.participants) == 3
+        assert "client-03" not in record.results
+        failed = [f.client for f in record.failures]
+        assert failed == (["client-03"] if "client-03" in record.participants else [])
+        assert len(record.results) + len(failed) == 3
 
 
 def test_shared_part_changed_and_personal_part_stays_on_the_client(main_run):
@@ -114,7 +115,7 @@ def test_shared_part_changed_and_personal_part_stays_on_the_client(main_run):
     assert all(".lora_A." in name for name in checkpoint.arrays)  # FedSA shares A only
     moved = [not np.allclose(checkpoint.arrays[n], initial[n]) for n in checkpoint.arrays]
     assert all(moved)
-    trained = sorted({c for r in records for c in r["results"]})
+    trained = sorted({c for r in records for c in r.results})
     personal_b = {}
     for client in trained:
         arrays = read_adapter_arrays(client_adapter_dir(cfg.data_root, client))
@@ -131,7 +132,7 @@ def test_shared_part_changed_and_personal_part_stays_on_the_client(main_run):
 def test_epsilon_per_client_composes_the_rounds_it_joined(main_run):
     cfg, records, _ = main_run
     for client in ("client-00", "client-01", "client-02"):
-        joined = sum(client in r["results"] for r in records)
+        joined = sum(client in r.results for r in records)
         ledger = PrivacyLedger.open(cfg.data_root, client, cfg.privacy)
         assert [s.kind for s in ledger.spends] == ["dp-sgd", "round-metrics"] * joined
         history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in ledger.spends]
@@ -139,7 +140,8 @@ def test_epsilon_per_client_composes_the_rounds_it_joined(main_run):
         assert ledger.epsilon_spent == pytest.approx(expected, rel=1e-9)
         assert ledger.epsilon_spent <= joined * cfg.privacy.epsilon_per_round + 1e-6
         # The server never learns a client's epsilon (it is a function of n): not in the records.
-        assert all("epsilon" not in r["updates"].get(client, {}) for r in records)
+        on_disk = [json.loads(p.read_text()) for p in sorted(rounds_dir(cfg.data_root).glob("round-*.json"))]
+        assert all("epsilon" not in r["updates"].get(client, {}) for r in on_disk)
 
 
 def test_clients_send_only_noised_shared_arrays_and_metrics(main_run):
@@ -147,11 +149,11 @@ def test_clients_send_only_noised_shared_arrays_and_metrics(main_run):
     sent = {p: pickle.loads(p.read_bytes()) for p in sorted(captured.glob("train-*.pkl"))}
     # A failing client (client-03's corrupt data) sends a code and nothing else.
     failed = [reply for reply in sent.values() if reply["privacy"].get("status") != "ok"]
-    assert len(failed) == sum(len(r["failures"]) for r in records)
+    assert len(failed) == sum(len(r.failures) for r in records)
     assert all(reply == {"privacy": {"status": "failed", "error": "bad_local_data"}} for reply in failed)
     paths = [p for p, reply in sent.items() if reply["privacy"].get("status") == "ok"]
     replies = [sent[p] for p in paths]
-    assert len(replies) == sum(len(r["results"]) for r in records)
+    assert len(replies) == sum(len(r.results) for r in records)
     documents = [
         doc["text"]
         for client in ("client-00", "client-01", "client-02")
@@ -179,7 +181,7 @@ def test_clients_send_only_noised_shared_arrays_and_metrics(main_run):
         assert 0.45 < values.std() < 0.55
     # The round records say the metrics were noised, and by about how much.
     for record in records:
-        assert all(m["noised"] and m["loss_std"] > 0 for m in record["metrics"].values())
+        assert all(m.noised and m.loss_std > 0 for m in record.metrics.values())
 
 
 def test_every_client_failing_ends_the_run_loudly(tmp_path, model_cache):
@@ -190,7 +192,7 @@ def test_every_client_failing_ends_the_run_loudly(tmp_path, model_cache):
     with pytest.raises(FederationFailed, match=r"round 1: 0 results, 2 failures.*client-00.*client-01"):
         run_simulation(cfg)
     assert load_checkpoint(tmp_path) is None
-    assert read_round_records(tmp_path)[0]["status"] == "failed"
+    assert read_round_records(tmp_path)[0].status == "failed"
 
 
 def _federate_command(root: Path, model_cache: Path, rounds: int) -> list[str]:
@@ -240,7 +242,7 @@ def test_a_killed_server_resumes_at_the_next_round(tmp_path, model_cache):
     # A finished round is never run again; round 2 runs only if the kill came before it finished.
     assert "round 1:" not in second.stdout
     assert ("round 2:" in second.stdout) == (resumed_from == 1), second.stdout[-2000:]
-    assert [r["round"] for r in read_round_records(tmp_path)] == [1, 2]
+    assert [r.round for r in read_round_records(tmp_path)] == [1, 2]
     ledger = PrivacyLedger.open(tmp_path, "client-00", load_config().privacy)
     # One DP-SGD spend per finished round; a round cut short by the kill may have spent too (its noise
     # was drawn from the client's data), and that spend stays counted.

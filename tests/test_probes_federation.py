@@ -1,12 +1,14 @@
 """History-based probes, the budget audit, the private release and the CLI gate.
 
-Round files and ledgers are written by hand in the documented formats (probes/history.py,
-probes/budget.py), as the federation and privacy modules will write them.
+Round files are written through the federation's own type (federation/records.py), one of them
+by the server's own round-closing code; ledgers are written by hand in the format probes/budget.py
+documents.
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +16,13 @@ from typer.testing import CliRunner
 
 from pfi_rag.cli import app
 from pfi_rag.config import Config
+from pfi_rag.federation.records import (
+    ClientMetrics,
+    Failure,
+    RoundRecord,
+    UpdateStats,
+    write_round_record,
+)
 from pfi_rag.models.adapters import client_adapter_dir
 from pfi_rag.probes import ProbeContext, Verdict, run_suite
 from pfi_rag.probes.budget import BudgetProbe
@@ -35,22 +44,20 @@ def _one_thread():
 
 def write_round(root, number, *, norms, cosines=None, failures=(), participants=None, metrics=None):
     cosines = cosines or {c: 0.9 for c in norms}
-    record = {
-        "round": number,
-        "strategy": "fedavg",
-        "participants": list(participants if participants is not None else norms),
-        "failures": [{"client": c, "error": "CUDA OOM"} for c in failures],
-        "sat_out": [],
-        "updates": {
-            c: {"norm": n, "cosine_to_mean": cosines[c], "num_examples": 10, "epsilon": 1.0 * number}
-            for c, n in norms.items()
+    metrics = metrics or {c: {"loss_before": 2.0, "loss_after": 1.5} for c in norms}
+    record = RoundRecord(
+        round=number,
+        strategy="fedavg",
+        participants=list(participants if participants is not None else norms),
+        results=sorted(norms),
+        failures=[Failure(client=c, error="training_failed") for c in failures],
+        updates={
+            c: UpdateStats(norm=n, cosine_to_mean=cosines[c], num_examples=10) for c, n in norms.items()
         },
-        "aggregate_norm": 1.0,
-        "metrics": metrics or {c: {"loss_before": 2.0, "loss_after": 1.5} for c in norms},
-    }
-    path = root / "federation" / "rounds" / f"round-{number:04d}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+        aggregate_norm=1.0,
+        metrics={c: ClientMetrics(**m) for c, m in metrics.items()},
+    )
+    write_round_record(root, record)
 
 
 def healthy_rounds(root, count=3, metrics=None):
@@ -71,6 +78,43 @@ def test_history_reader_reads_rounds_in_order_and_names_bad_files(root):
     assert read_history(root)[0].updates["client-00"].norm == 2.0
     (root / "federation" / "rounds" / "round-0003.json").write_text("{not json")
     with pytest.raises(HistoryError, match="round-0003.json"):
+        read_history(root)
+
+
+def test_a_round_the_server_closes_reads_back_as_the_same_record_in_the_probes(root):
+    """The server's own code builds and writes the record from what clients sent (Flower's
+    metric names); the probes read the same type, and the client whose loss did not fall is found."""
+    from pfi_rag.federation.protocol import LOSS_AFTER, LOSS_BEFORE, NUM_EXAMPLES
+    from pfi_rag.federation.server import RoundOutcome, close_round
+
+    cfg = Config(data_root=root)
+    rng = np.random.default_rng(0)
+    outcome = RoundOutcome(round=1, participants=CLIENTS[:3])
+    for i, client in enumerate(CLIENTS[:2]):
+        outcome.results[client] = {
+            "update": {"layer.lora_A.weight": rng.normal(size=(4, 8)).astype(np.float32)},
+            "metrics": {NUM_EXAMPLES: 10.0 + i, LOSS_BEFORE: 2.0, LOSS_AFTER: 2.5 if i == 0 else 1.5},
+            "privacy": {"status": "ok", "round_metrics": "exact"},
+        }
+    outcome.failures.append(Failure(client=CLIENTS[2], error="bad_local_data"))
+    record, delta = close_round(outcome, cfg, rng, population=4, started=time.perf_counter())
+    write_round_record(root, record)
+
+    (read,) = read_history(root)
+    assert isinstance(read, RoundRecord) and read.number == 1 and delta is not None
+    assert read.model_dump(exclude={"path", "adapter_dir"}) == record.model_dump()
+    assert read.metrics["client-00"].loss_before == 2.0 and read.metrics["client-00"].noised is False
+    assert read.updates["client-01"].num_examples == 11
+    found = SilentFailuresProbe().run_federation(ProbeContext(cfg), CLIENTS[:3]).evidence["problems"]
+    assert {(p["client"], p["why"].split(" ")[0]) for p in found} == {
+        ("client-00", "loss"),
+        ("client-02", "failed:"),
+    }
+    # A key the record does not know (a renamed field) is an error naming the file, not a gap.
+    raw = json.loads(record.model_dump_json())
+    raw["metrics"]["client-00"]["loss-before"] = raw["metrics"]["client-00"].pop("loss_before")
+    (root / "federation" / "rounds" / "round-0001.json").write_text(json.dumps(raw))
+    with pytest.raises(HistoryError, match="round-0001.json.*loss-before"):
         read_history(root)
 
 

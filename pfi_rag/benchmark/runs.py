@@ -129,21 +129,22 @@ def federate(cfg: Config, client_mods: list) -> dict[str, Any]:
     started = time.perf_counter()
     records = run_simulation(cfg, client_mods=client_mods)
     summary = summarize(cfg, records)
-    first, last = (records[0], records[-1]) if records else ({}, {})
+    first, last = (records[0], records[-1]) if records else (None, None)
     return {
         # The federation's own numbers: mean training loss across clients (first round before
         # training, last round after), failed results, and the global update's norm.
         "mean_loss_start": _mean_client_metric(first, "loss_before"),
         "mean_loss_end": _mean_client_metric(last, "loss_after"),
-        "failures": sum(len(r["failures"]) for r in records),
-        "aggregate_norm": last.get("aggregate_norm"),
-        "epsilon": {client: row["epsilon"] for client, row in summary["clients"].items()},
+        "failures": sum(len(r.failures) for r in records),
+        "aggregate_norm": last.aggregate_norm if last is not None else None,
+        "epsilon": {client: row.epsilon for client, row in summary.clients.items()},
         "seconds": time.perf_counter() - started,
     }
 
 
-def _mean_client_metric(record: dict[str, Any], key: str) -> float | None:
-    values = [m.get(key) for m in (record.get("metrics") or {}).values()]
+def _mean_client_metric(record, key: str) -> float | None:
+    """The mean over clients of a round record's ``loss_before`` or ``loss_after`` (None: no round)."""
+    values = [getattr(m, key) for m in record.metrics.values()] if record is not None else []
     values = [x for x in values if x is not None and math.isfinite(x)]
     return statistics.fmean(values) if values else None
 

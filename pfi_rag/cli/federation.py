@@ -20,48 +20,48 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary) -> None:  # a federation.records.FederationSummary
     from pfi_rag.federation.launcher import loss_caption, show_loss
 
     clients = Table(
-        title=f"clients ({summary['strategy']}, aggregation {summary['aggregation']})",
+        title=f"clients ({summary.strategy}, aggregation {summary.aggregation})",
         caption=loss_caption(summary),
     )
     for column in ("client", "rounds joined", "epsilon spent", "loss before", "loss after", "update norm"):
         clients.add_column(column)
-    for client, row in sorted(summary["clients"].items()):
+    for client, row in sorted(summary.clients.items()):
         clients.add_row(
             client,
-            str(row["rounds"]),
-            _fmt(row["epsilon"]),
+            str(row.rounds),
+            _fmt(row.epsilon),
             show_loss(row, "loss_before"),
             show_loss(row, "loss_after"),
-            _fmt(row["update_norm"]),
+            _fmt(row.update_norm),
         )
     console.print(clients)
     rounds = Table(title="rounds")
     for column in ("round", "participants", "results", "failures", "sat out", "aggregate norm", "server ε"):
         rounds.add_column(column)
-    for row in summary["rounds"]:
+    for row in summary.rounds:
         rounds.add_row(
-            str(row["round"]),
-            str(row["participants"]),
-            str(row["results"]),
-            str(row["failures"]),
-            str(row["sat_out"]),
-            _fmt(row["aggregate_norm"]),
-            _fmt(row["server_epsilon"]),
+            str(row.round),
+            str(row.participants),
+            str(row.results),
+            str(row.failures),
+            str(row.sat_out),
+            _fmt(row.aggregate_norm),
+            _fmt(row.server_epsilon),
         )
     console.print(rounds)
 
 
-def _print_round(record: dict) -> None:
-    failed = ", ".join(f["client"] for f in record["failures"]) or "none"
-    sat = ", ".join(s["client"] for s in record["sat_out"]) or "none"
+def _print_round(record) -> None:  # a federation.records.RoundRecord
+    failed = ", ".join(f.client for f in record.failures) or "none"
+    sat = ", ".join(s.client for s in record.sat_out) or "none"
     console.print(
-        f"round {record['round']}: {len(record['results'])} results, {len(record['failures'])} failures "
-        f"({failed}), sat out: {sat}, aggregate norm {record['aggregate_norm']:.4g}, "
-        f"{record['seconds']:.1f} s"
+        f"round {record.round}: {len(record.results)} results, {len(record.failures)} failures "
+        f"({failed}), sat out: {sat}, aggregate norm {record.aggregate_norm:.4g}, "
+        f"{record.seconds:.1f} s"
     )
 
 
@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
             fail(str(exc))
         summary = summarize(cfg)
         if json_out:
-            print_json(summary)
+            print_json(summary.model_dump(mode="json"))
         else:
             print_summary(summary)
             console.print(f"summary: {cfg.data_root / 'federation' / 'summary.json'}")

@@ -7,8 +7,15 @@ import os
 from collections.abc import Callable
 
 from pfi_rag.config import Config
-from pfi_rag.federation.checkpoint import federation_dir, read_round_records
-from pfi_rag.storage import atomic_write_json, list_clients
+from pfi_rag.federation.records import (
+    ClientRow,
+    FederationSummary,
+    RoundRecord,
+    RoundRow,
+    read_round_records,
+    write_summary,
+)
+from pfi_rag.storage import list_clients
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +49,10 @@ def plan_participants(cfg: Config) -> tuple[list[str], dict[str, str]]:
 
 def run_simulation(
     cfg: Config,
-    on_round: Callable[[dict], None] | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
     client_mods: list | None = None,
     on_left_out: Callable[[dict[str, str]], None] | None = None,
-) -> list[dict]:
+) -> list[RoundRecord]:
     """Run (or resume) ``cfg.federation.rounds`` rounds with one virtual SuperNode per client
     that has data (:func:`plan_participants`); ``on_left_out`` hears who is left out and why.
 
@@ -75,10 +82,10 @@ def run_simulation(
     # The server waits for this many nodes: the participants, one virtual SuperNode each.
     cfg = cfg.model_copy(deep=True)
     cfg.federation.clients = len(clients)
-    records: list[dict] = []
+    records: list[RoundRecord] = []
     errors: list[BaseException] = []
 
-    def collect(done: list[dict]) -> None:
+    def collect(done: list[RoundRecord]) -> None:
         records.extend(done)
 
     server_app = make_server_app(cfg, on_done=collect, on_round=on_round, on_error=errors.append)
@@ -109,9 +116,9 @@ def _forward_worker_output() -> bool:
     return os.environ.get("FLWR_LOG_LEVEL", "").upper() not in ("ERROR", "CRITICAL")
 
 
-def loss_caption(summary: dict) -> str:
+def loss_caption(summary: FederationSummary) -> str:
     """What the summary's losses are, for a table under them."""
-    if summary.get("round_metrics") == "exact":
+    if summary.round_metrics == "exact":
         return "losses as the clients sent them: exact (privacy.round_metrics = exact, not private)"
     return (
         "losses as the clients released them, +- the noise's std: with few records one client's "
@@ -119,48 +126,48 @@ def loss_caption(summary: dict) -> str:
     )
 
 
-def show_loss(row: dict, key: str) -> str:
-    """A summary row's loss, with its noise std when it was released privately."""
-    value, std = row.get(key), row.get("loss_std")
+def show_loss(row: ClientRow, key: str) -> str:
+    """A row's ``loss_before`` or ``loss_after``, with its noise std when released privately."""
+    value, std = getattr(row, key), row.loss_std
     if value is None:
         return "-"
     return f"{value:.3g}" if std is None else f"{value:.3g} ± {std:.2g}"
 
 
-def summarize(cfg: Config, records: list[dict] | None = None) -> dict:
-    """Per-client and per-round summary of every round on disk, saved as JSON."""
+def summarize(cfg: Config, records: list[RoundRecord] | None = None) -> FederationSummary:
+    """Per-client and per-round summary of every round on disk, saved as ``federation/summary.json``."""
     from pfi_rag.privacy import PrivacyLedger
 
     all_records = read_round_records(cfg.data_root) if records is None else records
     rounds = [
-        {
-            "round": r["round"],
-            "participants": len(r["participants"]),
-            "results": len(r.get("results", [])),
-            "failures": len(r["failures"]),
-            "sat_out": len(r["sat_out"]),
-            "aggregate_norm": r.get("aggregate_norm"),
-            "server_epsilon": (r.get("server_dp") or {}).get("epsilon"),
-            "status": r.get("status"),
-        }
+        RoundRow(
+            round=r.round,
+            participants=len(r.participants),
+            results=len(r.results),
+            failures=len(r.failures),
+            sat_out=len(r.sat_out),
+            aggregate_norm=r.aggregate_norm,
+            server_epsilon=r.server_dp.epsilon if r.server_dp is not None else None,
+            status=r.status,
+        )
         for r in all_records
     ]
-    per_client: dict[str, dict] = {}
+    per_client: dict[str, ClientRow] = {}
     for r in all_records:
-        for client, metrics in (r.get("metrics") or {}).items():
-            entry = per_client.setdefault(client, {"rounds": 0, "loss_before": metrics.get("loss_before")})
-            entry["rounds"] += 1
-            entry["loss_after"] = metrics.get("loss_after")
-            entry["loss_std"] = metrics.get("loss_std")  # None: exact metrics
-            entry["update_norm"] = r["updates"][client]["norm"]
-    for client in per_client:
-        per_client[client]["epsilon"] = PrivacyLedger.open(cfg.data_root, client, cfg.privacy).epsilon_spent
-    summary = {
-        "strategy": cfg.federation.strategy,
-        "aggregation": cfg.federation.aggregation,
-        "round_metrics": cfg.privacy.round_metrics,  # the losses below: noised ("private") or exact
-        "rounds": rounds,
-        "clients": per_client,
-    }
-    atomic_write_json(federation_dir(cfg.data_root) / "summary.json", summary)
+        for client, metrics in r.metrics.items():
+            entry = per_client.setdefault(client, ClientRow(loss_before=metrics.loss_before))
+            entry.rounds += 1
+            entry.loss_after = metrics.loss_after
+            entry.loss_std = metrics.loss_std  # None: exact metrics
+            entry.update_norm = r.updates[client].norm
+    for client, entry in per_client.items():
+        entry.epsilon = PrivacyLedger.open(cfg.data_root, client, cfg.privacy).epsilon_spent
+    summary = FederationSummary(
+        strategy=cfg.federation.strategy,
+        aggregation=cfg.federation.aggregation,
+        round_metrics=cfg.privacy.round_metrics,  # the losses: noised ("private") or exact
+        rounds=rounds,
+        clients=per_client,
+    )
+    write_summary(cfg.data_root, summary)
     return summary

@@ -17,15 +17,38 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from pfi_rag.config import Config
 from pfi_rag.federation import aggregation
-from pfi_rag.federation.checkpoint import (
-    load_checkpoint,
+from pfi_rag.federation.checkpoint import load_checkpoint, save_checkpoint
+from pfi_rag.federation.protocol import (
+    CLIENT_ID,
+    CONFIG,
+    ERROR,
+    LOSS_AFTER,
+    LOSS_BEFORE,
+    METRICS,
+    NUM_EXAMPLES,
+    OK,
+    PRIVACY,
+    SAT_OUT,
+    STATUS,
+    TRAIN_SECONDS,
+    UPDATE,
+    from_array_record,
+    identity_query,
+    train_message,
+)
+from pfi_rag.federation.records import (
+    ClientMetrics,
+    Failure,
+    RoundRecord,
+    SatOut,
+    ServerDP,
+    UpdateStats,
     round_adapter_dir,
-    save_checkpoint,
     write_round_record,
 )
 from pfi_rag.federation.strategies import shared_part
@@ -34,12 +57,6 @@ from pfi_rag.models.adapters import global_adapter_dir
 from pfi_rag.privacy.round_metrics import released_loss_std
 
 logger = logging.getLogger(__name__)
-
-# Keys of the records inside messages, both directions.
-ARRAYS, CONFIG = "arrays", "config"
-UPDATE, METRICS, PRIVACY = "update", "metrics", "privacy"
-IDENTITY_QUERY = "identity"
-
 
 class FederationFailed(RuntimeError):
     """A round ended with fewer successful clients than ``federation.min_results``."""
@@ -50,16 +67,8 @@ class RoundOutcome:
     round: int
     participants: list[str]
     results: dict[str, dict] = field(default_factory=dict)  # client -> {update, metrics, privacy}
-    failures: list[dict] = field(default_factory=list)
-    sat_out: list[dict] = field(default_factory=list)
-
-
-def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict={name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
-
-
-def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: record[name].numpy() for name in record.keys()}
+    failures: list[Failure] = field(default_factory=list)
+    sat_out: list[SatOut] = field(default_factory=list)
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
@@ -75,7 +84,7 @@ def identify_nodes(grid: Grid, node_ids: list[int], timeout_s: float) -> dict[in
     """Ask each node which client it is (its id is all it tells)."""
     messages = [
         Message(
-            content=RecordDict({CONFIG: ConfigRecord({"ask": IDENTITY_QUERY})}),
+            content=identity_query(),
             message_type=MessageType.QUERY,
             dst_node_id=node_id,
         )
@@ -88,7 +97,7 @@ def identify_nodes(grid: Grid, node_ids: list[int], timeout_s: float) -> dict[in
             # e.g. a simulation with more virtual nodes than clients: such a node takes no part.
             logger.warning("node %s did not identify itself: %s", node, reply.error.reason)
         else:
-            names[node] = str(reply.content[CONFIG]["client-id"])
+            names[node] = str(reply.content[CONFIG][CLIENT_ID])
     return names
 
 
@@ -105,12 +114,7 @@ def collect_round(
 ) -> RoundOutcome:
     messages = [
         Message(
-            content=RecordDict(
-                {
-                    ARRAYS: to_array_record(global_arrays),
-                    CONFIG: ConfigRecord({"server-round": round_number, "strategy": cfg.federation.strategy}),
-                }
-            ),
+            content=train_message(global_arrays, round_number, cfg.federation.strategy),
             message_type=MessageType.TRAIN,
             dst_node_id=node_id,
         )
@@ -124,17 +128,17 @@ def collect_round(
         client = names.get(node, f"node-{node}")
         if reply.has_error():
             # Flower's error reason may quote a client's exception (and so its data): keep the code.
-            outcome.failures.append({"client": client, "error": f"flower_error_{reply.error.code}"})
+            outcome.failures.append(Failure(client=client, error=f"flower_error_{reply.error.code}"))
             continue
         info = dict(reply.content[PRIVACY]) if PRIVACY in reply.content else {}
-        status = info.get("status", "ok")
-        if status != "ok":
-            code = str(info.get("error", ""))
+        status = info.get(STATUS, OK)
+        if status != OK:
+            code = str(info.get(ERROR, ""))
             code = code if code in FAILURE_CODES else "unknown"
-            if status == "sat_out":
-                outcome.sat_out.append({"client": client, "reason": code})
+            if status == SAT_OUT:
+                outcome.sat_out.append(SatOut(client=client, reason=code))
             else:
-                outcome.failures.append({"client": client, "error": code})
+                outcome.failures.append(Failure(client=client, error=code))
             continue
         outcome.results[client] = {
             "update": from_array_record(reply.content[UPDATE]),
@@ -143,12 +147,14 @@ def collect_round(
         }
     for node in sampled:
         if node not in replied:
-            outcome.failures.append({"client": names[node], "error": "no reply before the round timeout"})
-    outcome.failures.sort(key=lambda failure: failure["client"])  # replies arrive in any order
+            outcome.failures.append(Failure(client=names[node], error="no reply before the round timeout"))
+    outcome.failures.sort(key=lambda failure: failure.client)  # replies arrive in any order
     return outcome
 
 
-def aggregate(outcome: RoundOutcome, cfg: Config, rng: np.random.Generator) -> tuple[dict, dict]:
+def aggregate(
+    outcome: RoundOutcome, cfg: Config, rng: np.random.Generator
+) -> tuple[dict, dict[str, UpdateStats]]:
     """The aggregate delta of the shared part, and per-client update statistics."""
     fed = cfg.federation
     clients = sorted(outcome.results)
@@ -170,42 +176,43 @@ def aggregate(outcome: RoundOutcome, cfg: Config, rng: np.random.Generator) -> t
         # DP-FedAvg weighs clients equally: a size-weighted mean has no fixed sensitivity.
         combined = aggregation.weighted_mean(updates, [1.0] * len(updates))
     else:
-        weights = [float(outcome.results[c]["metrics"].get("num-examples", 1)) for c in clients]
+        weights = [float(outcome.results[c]["metrics"].get(NUM_EXAMPLES, 1)) for c in clients]
         combined = aggregation.weighted_mean(updates, weights)
     if fed.update_noise_multiplier > 0:
         std = fed.update_noise_multiplier * fed.update_clip_norm / len(updates)
         combined = aggregation.add_gaussian_noise(combined, std, rng)
     mean = aggregation.weighted_mean(updates, [1.0] * len(updates))
     stats = {
-        client: {
-            "norm": norm,
-            "cosine_to_mean": aggregation.cosine(update, mean),
-            "num_examples": int(outcome.results[client]["metrics"].get("num-examples", 0)),
-        }
+        client: UpdateStats(
+            norm=norm,
+            cosine_to_mean=aggregation.cosine(update, mean),
+            num_examples=int(outcome.results[client]["metrics"].get(NUM_EXAMPLES, 0)),
+        )
         for client, update, norm in zip(clients, updates, norms, strict=True)
     }
     return combined, stats
 
 
-def metrics_record(result: dict) -> dict:
+def metrics_record(result: dict) -> ClientMetrics:
     """A client's round metrics under the round record's names: whether they were noised, and
     then about how far each released mean loss may be from the true one (``loss_std``)."""
     sent, privacy = result["metrics"], result["privacy"]
-    record = {
-        "num_examples": sent.get("num-examples"),
-        "loss_before": sent.get("loss-before"),
-        "loss_after": sent.get("loss-after"),
-        "noised": privacy.get("round_metrics", "private") != "exact",
-    }
+    record = ClientMetrics(
+        num_examples=sent.get(NUM_EXAMPLES),
+        loss_before=sent.get(LOSS_BEFORE),
+        loss_after=sent.get(LOSS_AFTER),
+        noised=privacy.get("round_metrics", "private") != "exact",
+        train_seconds=sent.get(TRAIN_SECONDS),
+    )
     needed = (
-        record["num_examples"],
-        record["loss_before"],
+        record.num_examples,
+        record.loss_before,
         privacy.get("round_metrics_loss_clip"),
         privacy.get("round_metrics_noise"),
     )
-    if record["noised"] and None not in needed:
+    if record.noised and None not in needed:
         count, loss, clip, noise = map(float, needed)
-        record["loss_std"] = released_loss_std(count, loss, clip=clip, noise_multiplier=noise)
+        record.loss_std = released_loss_std(count, loss, clip=clip, noise_multiplier=noise)
     return record
 
 
@@ -215,7 +222,7 @@ def last_line(error: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def run_rounds(grid: Grid, cfg: Config, model_factory, on_round=None) -> list[dict]:
+def run_rounds(grid: Grid, cfg: Config, model_factory, on_round=None) -> list[RoundRecord]:
     """Run (or resume) the federation; return the round records written in this run.
 
     ``model_factory()`` returns a PEFT model with a fresh adapter (seeded), used to build the
@@ -254,36 +261,13 @@ def run_rounds(grid: Grid, cfg: Config, model_factory, on_round=None) -> list[di
         rng = np.random.default_rng()
         sampled = sample_nodes(node_ids, per_round, rng)
         outcome = collect_round(grid, round_number, sampled, names, global_arrays, cfg)
-        record = {
-            "round": round_number,
-            "strategy": fed.strategy,
-            "aggregation": fed.aggregation,
-            "participants": outcome.participants,
-            "results": sorted(outcome.results),
-            "failures": outcome.failures,
-            "sat_out": outcome.sat_out,
-        }
-        if len(outcome.results) < fed.min_results:
-            record["status"] = "failed"
+        record, delta = close_round(outcome, cfg, rng, population=len(node_ids), started=started)
+        if delta is None:
             write_round_record(root, record)
-            details = "; ".join(f"{f['client']}: {last_line(f['error'])}" for f in outcome.failures) or "none"
-            sat = ", ".join(s["client"] for s in outcome.sat_out) or "none"
-            raise FederationFailed(
-                f"round {round_number}: {len(outcome.results)} results, {len(outcome.failures)} failures "
-                f"(federation.min_results = {fed.min_results}). Failed: {details}. Sat out: {sat}"
-            )
-        delta, stats = aggregate(outcome, cfg, rng)
+            raise FederationFailed(failure_message(record, fed.min_results))
         global_arrays = {
             name: (global_arrays[name] + delta[name]).astype(np.float32) for name in global_arrays
         }
-        record.update(
-            status="ok",
-            updates=stats,
-            aggregate_norm=aggregation.global_norm(delta),
-            metrics={c: metrics_record(r) for c, r in outcome.results.items()},
-            server_dp=server_dp_record(cfg, len(sampled), len(node_ids), round_number),
-            seconds=time.perf_counter() - started,
-        )
         load_lora_arrays(peft_model, global_arrays)
         save_adapter(
             peft_model, round_adapter_dir(root, round_number), round=round_number, source="federated"
@@ -304,17 +288,56 @@ def run_rounds(grid: Grid, cfg: Config, model_factory, on_round=None) -> list[di
     return records
 
 
-def server_dp_record(cfg: Config, sampled: int, population: int, rounds_done: int) -> dict:
+def close_round(
+    outcome: RoundOutcome, cfg: Config, rng: np.random.Generator, *, population: int, started: float
+) -> tuple[RoundRecord, dict[str, np.ndarray] | None]:
+    """The round's record and the aggregate delta of the shared part. With fewer results than
+    ``federation.min_results`` the record's status is "failed" and there is no delta.
+
+    ``population``: the clients that could have been sampled; ``started``: the round's start
+    (``time.perf_counter()``), for the record's duration.
+    """
+    fed = cfg.federation
+    record = RoundRecord(
+        round=outcome.round,
+        strategy=fed.strategy,
+        aggregation=fed.aggregation,
+        participants=outcome.participants,
+        results=sorted(outcome.results),
+        failures=outcome.failures,
+        sat_out=outcome.sat_out,
+    )
+    if len(outcome.results) < fed.min_results:
+        record.status = "failed"
+        return record, None
+    delta, record.updates = aggregate(outcome, cfg, rng)
+    record.aggregate_norm = aggregation.global_norm(delta)
+    record.metrics = {c: metrics_record(r) for c, r in outcome.results.items()}
+    record.server_dp = server_dp_record(cfg, len(outcome.participants), population, outcome.round)
+    record.seconds = time.perf_counter() - started
+    return record, delta
+
+
+def failure_message(record: RoundRecord, min_results: int) -> str:
+    details = "; ".join(f"{f.client}: {last_line(f.error)}" for f in record.failures) or "none"
+    sat = ", ".join(s.client for s in record.sat_out) or "none"
+    return (
+        f"round {record.round}: {len(record.results)} results, {len(record.failures)} failures "
+        f"(federation.min_results = {min_results}). Failed: {details}. Sat out: {sat}"
+    )
+
+
+def server_dp_record(cfg: Config, sampled: int, population: int, rounds_done: int) -> ServerDP:
     fed = cfg.federation
     if fed.update_noise_multiplier <= 0:
-        return {"noise_multiplier": 0.0, "clip_norm": fed.update_clip_norm, "epsilon": None}
+        return ServerDP(noise_multiplier=0.0, clip_norm=fed.update_clip_norm, epsilon=None)
     delta = 1.0 / max(population, 2) ** 1.1
     epsilon = aggregation.client_level_epsilon(
         fed.update_noise_multiplier, sampled=sampled, population=population, rounds=rounds_done, delta=delta
     )
-    return {
-        "noise_multiplier": fed.update_noise_multiplier,
-        "clip_norm": fed.update_clip_norm,
-        "epsilon": epsilon,
-        "delta": delta,
-    }
+    return ServerDP(
+        noise_multiplier=fed.update_noise_multiplier,
+        clip_norm=fed.update_clip_norm,
+        epsilon=epsilon,
+        delta=delta,
+    )

@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pfi_rag.config import Config
 from pfi_rag.federation.client_app import config_from_context
+from pfi_rag.federation.records import RoundRecord
 from pfi_rag.federation.server import run_rounds
 from pfi_rag.federation.task import fresh_adapter
 
@@ -16,8 +17,8 @@ from pfi_rag.federation.task import fresh_adapter
 def make_server_app(
     cfg: Config | None = None,
     *,
-    on_done: Callable[[list[dict]], None] | None = None,
-    on_round: Callable[[dict], None] | None = None,
+    on_done: Callable[[list[RoundRecord]], None] | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
     on_error: Callable[[BaseException], None] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to ``cfg`` (the launcher), or reading it from the run's context.

@@ -92,7 +92,7 @@ class SilentFailuresProbe(FederationProbe):
         seen: set[str] = set()
         progress: dict[str, list[tuple[int, float, float]]] = {}  # client -> (round, before, after)
         for r in rounds:
-            failed = {str(f.get("client")): str(f.get("error", "")) for f in r.failures}
+            failed = {f.client: f.error for f in r.failures}
             for client, error in sorted(failed.items()):
                 problems.append({"round": r.number, "client": client, "why": f"failed: {error}"})
             for client in r.participants:
@@ -105,12 +105,12 @@ class SilentFailuresProbe(FederationProbe):
                 if update.norm == 0:
                     problems.append({"round": r.number, "client": client, "why": "zero-norm update"})
             for client, m in sorted(r.metrics.items()):
-                before, after = m.get("loss_before"), m.get("loss_after")
+                before, after = m.loss_before, m.loss_after
                 # Noised (private) metrics are too rough for one client's progress: skip them.
-                if before is not None and after is not None and not m.get("noised", False):
+                if before is not None and after is not None and not m.noised:
                     progress.setdefault(client, []).append((r.number, before, after))
             seen.update(failed)
-            seen.update(str(s.get("client")) for s in r.sat_out)
+            seen.update(s.client for s in r.sat_out)
         for client, steps in sorted(progress.items()):
             # DP noise may undo one round's progress; no progress in any round is a broken client.
             if all(not after < before for _, before, after in steps):
