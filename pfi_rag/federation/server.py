@@ -244,10 +244,12 @@ def run_rounds(grid: Grid, cfg: Config, model_factory, on_round=None) -> list[Ro
         logger.info("all %d rounds already done", fed.rounds)
         return []
 
-    node_ids = wait_for_nodes(grid, fed.clients, fed.connect_timeout_s)
+    # federation.clients unset (`flwr run` without it): every node connected once min_results are.
+    expected = fed.clients or fed.min_results
+    node_ids = wait_for_nodes(grid, expected, fed.connect_timeout_s)
     if len(node_ids) < fed.min_results:
         raise FederationFailed(
-            f"only {len(node_ids)} of {fed.clients} clients connected within "
+            f"only {len(node_ids)} of {expected} clients connected within "
             f"{fed.connect_timeout_s:.0f} s; federation.min_results is {fed.min_results}"
         )
     names = identify_nodes(grid, node_ids, fed.round_timeout_s)
