@@ -23,13 +23,11 @@ from pfi_rag.federation.records import (
     ROUND_FILE,
     RecordError,
     RoundRecord,
-    UpdateStats,
     read_round_record,
     rounds_dir,
 )
 
 HistoryError = RecordError  # a round file is unreadable or malformed; the message names the file
-Update = UpdateStats
 
 
 class Round(RoundRecord):
