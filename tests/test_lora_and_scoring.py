@@ -5,7 +5,7 @@ import pytest
 
 from pfi_rag.config import AdapterConfig
 from pfi_rag.models.lora import attach_lora, is_lora_a, is_lora_b, load_lora_arrays, lora_arrays
-from pfi_rag.models.scoring import continuation_nll, mean_token_nll
+from pfi_rag.models.scoring import continuation_nll, mean_token_nll, shared_prompt_nll
 
 
 @pytest.fixture()
@@ -42,6 +42,21 @@ def test_batched_scores_equal_one_at_a_time(tiny_generator):
     assert mean_token_nll(model, tokenizer, ["The cat sat on the mat."]) == pytest.approx(
         np.log(len(tokenizer)), rel=0.1
     )
+
+
+@pytest.mark.parametrize("prompt", ["My dog is called", "", "word " * 40])
+def test_a_prompt_computed_once_scores_each_option_as_a_full_pass_does(tiny_peft, prompt):
+    model, tokenizer = tiny_peft
+    load_lora_arrays(model, {n: v + 0.3 for n, v in lora_arrays(model).items() if is_lora_b(n)})
+    options = [" Biscuit", " there, friend of mine", "x", " Biscuit"]
+    full = continuation_nll(model, tokenizer, [prompt] * len(options), options)
+    shared = shared_prompt_nll(model, tokenizer, prompt, options)
+    assert [n for _, n in shared] == [n for _, n in full]
+    for (s_nll, _), (f_nll, _) in zip(shared, full, strict=True):
+        assert s_nll == pytest.approx(f_nll, rel=1e-4)
+    assert shared[0] == shared[3]  # the same option, padded differently, scores the same
+    with pytest.raises(ValueError, match="no tokens"):
+        shared_prompt_nll(model, tokenizer, prompt, [""])
 
 
 def test_adapter_saves_are_versioned_and_loadable_by_peft(tiny_peft, tiny_generator, tmp_path):

@@ -78,3 +78,44 @@ def mean_token_nll(model, tokenizer, texts: Sequence[str], *, batch_size: int = 
 
 def perplexity(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16) -> float:
     return float(torch.exp(torch.tensor(mean_token_nll(model, tokenizer, texts, batch_size=batch_size))))
+
+
+@torch.no_grad()
+def shared_prompt_nll(model, tokenizer, prompt: str, continuations: Sequence[str]) -> list[tuple[float, int]]:
+    """``continuation_nll`` for many continuations of one prompt, the prompt computed once.
+
+    The prompt runs alone and its KV cache is copied to one row per continuation, so a long
+    prompt (retrieved passages before a multiple-choice item) costs one pass instead of one per
+    option. Continuations are right-padded: under the causal mask a pad only affects positions
+    after it, which are not scored.
+    """
+    if not continuations:
+        return []
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    if not prompt_ids:  # score the first token too: condition on BOS/EOS
+        prompt_ids = [tokenizer.bos_token_id or tokenizer.eos_token_id]
+    targets = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    for continuation, ids in zip(continuations, targets, strict=True):
+        if not ids:
+            raise ValueError(f"continuation {continuation!r} has no tokens")
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): each continuation's 1st token
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(targets))
+    width = max(len(t) for t in targets)
+    input_ids = torch.full((len(targets), width), tokenizer.pad_token_id, dtype=torch.long)
+    for i, ids in enumerate(targets):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+    positions = torch.arange(len(prompt_ids), len(prompt_ids) + width).expand(len(targets), -1)
+    logits = model(
+        input_ids=input_ids.to(device), position_ids=positions.to(device), past_key_values=cache
+    ).logits  # (K, W, V): position j predicts token j+1
+    results = []
+    for i, ids in enumerate(targets):
+        nll = -float(first[ids[0]])
+        if len(ids) > 1:
+            rest = torch.log_softmax(logits[i, : len(ids) - 1].float(), dim=-1)  # (L-1, V)
+            nll -= float(rest.gather(1, torch.tensor(ids[1:], device=device)[:, None]).sum())
+        results.append((nll, len(ids)))
+    return results
