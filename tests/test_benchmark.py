@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import replace
 
 import pytest
@@ -126,4 +127,63 @@ def test_cli_refuses_an_unknown_preset_or_scenario(isolated_env):
     assert bad_preset.exit_code == 2 and "unknown preset 'huge'" in bad_preset.output
     bad_scenario = runner.invoke(app, ["bench", "silent-failures", "--scenarios", "clean,nope"])
     assert bad_scenario.exit_code == 2 and "no scenario 'nope'" in bad_scenario.output
+    assert not (isolated_env / "pfi-data").exists()  # refused before anything was made
+
+
+@pytest.mark.slow  # two real Flower runs on clients ingested from chatterbot-corpus text: a few minutes
+def test_realtext_world_plants_on_ingested_text_and_scores_it(isolated_env, tmp_path, model_cache):
+    """Clean and poisoned runs on chatterbot-corpus topics ingested as .txt files (no manifest,
+    no synthetic data): the poisoned update is found on the real-text target and scored."""
+    from pfi_rag.benchmark import realtext
+
+    preset = replace(PRESETS["quick"], seeds=1)
+    cfg = load_config(
+        None,
+        {
+            "data_root": str(tmp_path / "data"),
+            "models.cache_dir": str(model_cache),
+            **preset.overrides(),
+            **realtext.OVERRIDES,
+        },
+    )
+    scenarios = tuple(scenario_named(n, "realtext") for n in ("clean", "poisoned_client"))
+    out = tmp_path / "results"
+    result = run_benchmark(
+        cfg,
+        preset=preset,
+        out=out,
+        work=tmp_path / "work",
+        scenarios=scenarios,
+        tradeoff=False,
+        probes=("update_outliers", "exposure", "silent_failures"),
+        world="realtext",
+    )
+
+    root = tmp_path / "work" / "poisoned_client-seed0"
+    assert sorted(p.name for p in (root / "clients").iterdir()) == sorted(realtext.TOPICS)
+    assert not (root / "manifest.json").exists() and not (root / "shared").exists()
+    poisoned = result["scores"]["poisoned_client"]["probes"]["update_outliers"]
+    assert poisoned["tpr"] == 1.0 and poisoned["fpr"] == 0.0 and poisoned["localised"] == 1.0
+    poisoned_run = next(r for r in result["runs"] if r["scenario"] == "poisoned_client")
+    assert poisoned_run["planted_clients"] == [realtext.TARGET]
+    assert poisoned_run["probes"]["update_outliers"]["flagged_clients"] == [realtext.TARGET]
+    clean = next(r for r in result["runs"] if r["scenario"] == "clean")
+    assert clean["probes"]["exposure"]["verdict"] in ("pass", "fail")  # measured on audit canaries
+    assert clean["system"]["failures"] == 0 and math.isfinite(clean["system"]["mean_loss_end"])
+    assert "realtext world" in (out / MARKDOWN_FILE).read_text()
+
+
+def test_realtext_world_refuses_bad_input_and_names_the_missing_corpus(isolated_env, monkeypatch):
+    runner = CliRunner()
+    bad_world = runner.invoke(app, ["bench", "silent-failures", "--world", "mars"])
+    assert bad_world.exit_code == 2 and "unknown world 'mars'" in bad_world.output
+    synthetic_only = runner.invoke(
+        app, ["bench", "silent-failures", "--world", "realtext", "--scenarios", "stale_index"]
+    )
+    assert synthetic_only.exit_code == 2 and "no scenario 'stale_index' in the realtext world" in (
+        synthetic_only.output
+    )
+    monkeypatch.setitem(sys.modules, "chatterbot_corpus", None)  # as if it were not installed
+    missing = runner.invoke(app, ["bench", "silent-failures", "--world", "realtext"])
+    assert missing.exit_code == 2 and "pip install chatterbot-corpus" in missing.output
     assert not (isolated_env / "pfi-data").exists()  # refused before anything was made

@@ -96,7 +96,7 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
     atomic_write_json(out / JSON_FILE, result)
     meta = result["meta"]
     lines = [
-        f"# Silent-failure benchmark ({meta['preset']} preset)",
+        f"# Silent-failure benchmark ({meta['preset']} preset, {meta.get('world', 'synthetic')} world)",
         "",
         f"Command: `{meta['command']}`  ",
         f"Generator {meta['generator']}, {meta['clients']} clients, {meta['rounds']} rounds, "

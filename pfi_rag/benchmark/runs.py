@@ -111,6 +111,8 @@ def prepare_run(base: Config, root: Path, scenario: Scenario, *, seed: int, embe
     cfg = base.model_copy(deep=True)
     cfg.data_root = root
     cfg.seed = seed
+    if scenario.world == "realtext":
+        return _prepare_realtext(cfg, scenario, embedder)
     synthesize(root, clients=cfg.federation.clients, seed=seed)
     planted = scenario.plant(root, cfg)
     for client in list_clients(root):
@@ -119,6 +121,20 @@ def prepare_run(base: Config, root: Path, scenario: Scenario, *, seed: int, embe
             store.add_documents(data.documents, source="documents.jsonl")
             if client not in planted.skip_updates:
                 store.add_documents(data.updates, source="updates.jsonl")
+    return cfg, planted
+
+
+def _prepare_realtext(cfg: Config, scenario: Scenario, embedder):
+    """The real-text world: chatterbot-corpus topics as clients, planted, then ingested through
+    the store (``.txt`` files, as ``pfi-rag ingest`` reads them); no manifest, no synthetic data."""
+    from pfi_rag.benchmark import realtext
+    from pfi_rag.retriever import ClientStore
+
+    planted = scenario.plant(cfg.data_root, cfg)
+    realtext.build_clients(cfg, cfg.data_root.parent / f"{cfg.data_root.name}-txt", embedder)
+    for client, documents in planted.extra_documents.items():
+        with ClientStore.open(cfg.data_root, client, cfg.retrieval, embedder) as store:
+            store.add_documents(documents, source="planted")
     return cfg, planted
 
 

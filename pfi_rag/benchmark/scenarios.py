@@ -28,6 +28,7 @@ class Planted:
     detail: str
     skip_updates: list[str] = field(default_factory=list)  # clients whose dated updates stay unindexed
     client_mods: list[Callable] = field(default_factory=list)  # Flower client mods for the run
+    extra_documents: dict[str, list[Document]] = field(default_factory=dict)  # ingested with the client's
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Scenario:
     failure: str  # what goes wrong, in the words of the silent-failures taxonomy
     detectors: tuple[str, ...]  # the probes meant to catch it
     plant: Callable[[Path, Config], Planted]  # (data root, the run's config) -> ground truth
+    world: str = "synthetic"  # the clients it is planted on: "synthetic" (data synth) or "realtext"
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -47,6 +49,7 @@ def _data_dir(root: Path, client: str) -> Path:
 
 def _write_settings(root: Path, client: str, **privacy: float | int) -> None:
     """The client's own [privacy] settings (see config.with_client_settings)."""
+    client_dir(root, client).mkdir(parents=True, exist_ok=True)
     lines = ["[privacy]"] + [f"{key} = {value!r}" for key, value in privacy.items()]
     (client_dir(root, client) / CLIENT_SETTINGS_FILE).write_text("\n".join(lines) + "\n")
 
@@ -149,29 +152,85 @@ SCENARIOS: tuple[Scenario, ...] = (
 )
 
 
-def scenario_named(name: str) -> Scenario:
-    for scenario in SCENARIOS:
+# -- the real-text world (pfi_rag/benchmark/realtext.py) ----------------------------------------
+# Planted before the clients are ingested; nothing here needs synthetic ground truth.
+
+
+def plant_realtext_poisoned(root: Path, cfg: Config) -> Planted:
+    """The real-text target sends its update sign-flipped and scaled 10x."""
+    from pfi_rag.benchmark.realtext import TARGET as REAL_TARGET
+
+    mod = poisoning_mod(root, target=REAL_TARGET)
+    return Planted([REAL_TARGET], "update multiplied by -10 on the way out", client_mods=[mod])
+
+
+def plant_realtext_overfit(root: Path, cfg: Config) -> Planted:
+    """The real-text target trains at 25x the default learning rate for 10x the steps."""
+    from pfi_rag.benchmark.realtext import TARGET as REAL_TARGET
+
+    _write_settings(root, REAL_TARGET, **hard_training(cfg, learning_rate=0.05, steps=10))
+    return Planted([REAL_TARGET], "learning rate 0.05, 10x the steps, its whole budget")
+
+
+def plant_realtext_canaries(root: Path, cfg: Config) -> Planted:
+    """The real-text target's inserted audit canaries also sit 32 times each among its documents
+    (a secret pasted into many of a user's files), and it trains hard."""
+    from pfi_rag.benchmark.realtext import TARGET as REAL_TARGET
+    from pfi_rag.data.audit_canaries import audit_training_documents, canary_path
+
+    canary_path(root, REAL_TARGET).parent.mkdir(parents=True, exist_ok=True)
+    inserted = audit_training_documents(root, REAL_TARGET, cfg.privacy)  # creates them, as training would
+    repeats = [
+        Document(id=f"{d.id}-repeat-{copy:02d}", text=d.text) for d in inserted for copy in range(32)
+    ]
+    _write_settings(root, REAL_TARGET, **hard_training(cfg))
+    return Planted(
+        [REAL_TARGET],
+        f"{len(repeats)} documents repeating its inserted audit canaries; trains hard",
+        extra_documents={REAL_TARGET: repeats},
+    )
+
+
+REALTEXT_SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("clean", "none", (), plant_nothing, "realtext"),
+    Scenario("poisoned_client", "poisoned update", ("update_outliers",), plant_realtext_poisoned, "realtext"),
+    Scenario(
+        "repeated_canaries", "memorisation", ("exposure", "membership"), plant_realtext_canaries, "realtext"
+    ),
+    Scenario(
+        "overfit_client",
+        "over-fitting",
+        ("membership", "calibration", "ood"),
+        plant_realtext_overfit,
+        "realtext",
+    ),
+)
+WORLDS = {"synthetic": SCENARIOS, "realtext": REALTEXT_SCENARIOS}
+
+
+def scenario_named(name: str, world: str = "synthetic") -> Scenario:
+    for scenario in WORLDS[world]:
         if scenario.name == name:
             return scenario
-    raise KeyError(f"no scenario {name!r}: choose from {', '.join(s.name for s in SCENARIOS)}")
+    names = ", ".join(s.name for s in WORLDS[world])
+    raise KeyError(f"no scenario {name!r} in the {world} world: choose from {names}")
 
 
 # -- the poisoning mod --------------------------------------------------------------------------
 
 
-def poisoning_mod(root: Path, *, scale: float = -10.0):
-    """A Flower client mod: the TARGET client's outgoing update, multiplied by ``scale``.
+def poisoning_mod(root: Path, *, scale: float = -10.0, target: str = TARGET):
+    """A Flower client mod: the ``target`` client's outgoing update, multiplied by ``scale``.
 
     It sits where an attacker sits, between the honest training code and the network, so the
     update still carries the honest privacy metadata.
     """
     from pfi_rag.federation.protocol import UPDATE, from_array_record, to_array_record
 
-    target_partition = list_clients(root).index(TARGET)
-
     def mod(msg, context, call_next):
         reply = call_next(msg, context)
-        if int(context.node_config.get("partition-id", -1)) != target_partition:
+        # Looked up per message: a real-text run plants this before its clients exist.
+        if int(context.node_config.get("partition-id", -1)) != list_clients(root).index(target):
             return reply
         if not reply.has_content() or UPDATE not in reply.content:
             return reply

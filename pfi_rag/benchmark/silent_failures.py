@@ -58,6 +58,7 @@ def run_benchmark(
     matrix: bool = True,
     tradeoff: bool = True,
     probes: tuple[str, ...] = PROBES,
+    world: str = "synthetic",
     on_event: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Every scenario x seed, then the trade-off runs; ``cfg`` already carries the preset's
@@ -93,6 +94,7 @@ def run_benchmark(
     result = {
         "meta": {
             "preset": preset.name,
+            "world": world,
             "command": " ".join(["pfi-rag", *map(shlex.quote, sys.argv[1:])]),
             "generator": cfg.models.generator,
             "clients": cfg.federation.clients,

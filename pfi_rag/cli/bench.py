@@ -27,6 +27,11 @@ def register(app: typer.Typer) -> None:
         scenarios: str = typer.Option(
             None, "--scenarios", help="Comma-separated scenario names (default: all; clean always runs)."
         ),
+        world: str = typer.Option(
+            "synthetic",
+            "--world",
+            help="synthetic: clients from `data synth`; realtext: chatterbot-corpus topics as .txt files.",
+        ),
         matrix: bool = typer.Option(True, "--matrix/--no-matrix", help="Run the planted-failure runs."),
         tradeoff: bool = typer.Option(True, "--tradeoff/--no-tradeoff", help="Run the privacy/utility part."),
         out: Path = typer.Option(Path("bench/results"), "--out", help="Where the table, JSON and plots go."),
@@ -35,28 +40,43 @@ def register(app: typer.Typer) -> None:
         and measure privacy against utility."""
         from dataclasses import replace
 
-        from pfi_rag.benchmark.scenarios import SCENARIOS, scenario_named
+        from pfi_rag.benchmark.scenarios import WORLDS, scenario_named
         from pfi_rag.benchmark.silent_failures import PRESETS, run_benchmark
         from pfi_rag.federation.server import FederationFailed
 
         if preset not in PRESETS:
             fail(f"unknown preset {preset!r}: choose {' or '.join(PRESETS)}")
+        if world not in WORLDS:
+            fail(f"unknown world {world!r}: choose {' or '.join(WORLDS)}")
         chosen = PRESETS[preset] if seeds is None else replace(PRESETS[preset], seeds=seeds)
-        picked = SCENARIOS
+        picked = WORLDS[world]
         if scenarios:
             try:
-                named = [scenario_named(name.strip()) for name in scenarios.split(",") if name.strip()]
+                named = [scenario_named(name.strip(), world) for name in scenarios.split(",") if name.strip()]
             except KeyError as exc:
                 fail(str(exc.args[0]))
-            picked = (scenario_named("clean"), *[s for s in named if s.name != "clean"])
-        cfg = config_with_defaults(ctx, chosen.overrides())  # an explicit --set wins over the preset
+            picked = (scenario_named("clean", world), *[s for s in named if s.name != "clean"])
+        defaults = chosen.overrides()
+        if world == "realtext":
+            from pfi_rag.benchmark.realtext import OVERRIDES, RealTextUnavailable, corpus_dir
+
+            try:
+                corpus_dir()
+            except RealTextUnavailable as exc:
+                fail(str(exc))
+            defaults |= OVERRIDES
+            if tradeoff:
+                console.print("the privacy/utility part runs on the synthetic world only: left out")
+            tradeoff = False
+        cfg = config_with_defaults(ctx, defaults)  # an explicit --set wins over the preset
         work = Path(cfg.data_root) / WORK_DIR
         if work.exists():
             shutil.rmtree(work)
         parts = [f"{len(picked)} scenarios x {chosen.seeds} seeds"] if matrix else []
         parts += [f"privacy/utility at epsilon {chosen.tradeoff_epsilons}"] if tradeoff else []
         console.print(
-            f"silent-failure benchmark, preset {chosen.name}: {' and '.join(parts) or 'nothing to run'} "
+            f"silent-failure benchmark, preset {chosen.name}, {world} world: "
+            f"{' and '.join(parts) or 'nothing to run'} "
             f"on {cfg.models.generator}; work in {work}, results in {out}",
             soft_wrap=True,
         )
@@ -68,6 +88,7 @@ def register(app: typer.Typer) -> None:
                 out=out,
                 work=work,
                 scenarios=picked,
+                world=world,
                 matrix=matrix,
                 tradeoff=tradeoff,
                 on_event=lambda line: console.print(line, highlight=False, soft_wrap=True),
