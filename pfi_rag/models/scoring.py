@@ -6,6 +6,7 @@ active) and score in batches without gradients.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -99,9 +100,14 @@ def shared_prompt_nll(model, tokenizer, prompt: str, continuations: Sequence[str
     for continuation, ids in zip(continuations, targets, strict=True):
         if not ids:
             raise ValueError(f"continuation {continuation!r} has no tokens")
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns, then goes).
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    accepted = inspect.signature(base.forward).parameters
+    cache_arg = "cache" if "cache" in accepted else "past_key_values"
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}  # only the last position
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, **keep)
     first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,): each continuation's 1st token
-    cache = out.past_key_values
+    cache = getattr(out, cache_arg)
     cache.batch_repeat_interleave(len(targets))
     width = max(len(t) for t in targets)
     input_ids = torch.full((len(targets), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -109,7 +115,7 @@ def shared_prompt_nll(model, tokenizer, prompt: str, continuations: Sequence[str
         input_ids[i, : len(ids)] = torch.tensor(ids)
     positions = torch.arange(len(prompt_ids), len(prompt_ids) + width).expand(len(targets), -1)
     logits = model(
-        input_ids=input_ids.to(device), position_ids=positions.to(device), past_key_values=cache
+        input_ids=input_ids.to(device), position_ids=positions.to(device), **{cache_arg: cache}
     ).logits  # (K, W, V): position j predicts token j+1
     results = []
     for i, ids in enumerate(targets):
