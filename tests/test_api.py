@@ -21,6 +21,7 @@ from pfi_rag.api import create_app
 from pfi_rag.api.auth import KeyStore
 from pfi_rag.api.server import ServerThread
 from pfi_rag.config import AdapterConfig, Config, ProbesConfig, ServingConfig
+from pfi_rag.data.corpus import load_corpus
 from pfi_rag.models import GenerationResult, ServedAdapter, UsedPassage
 from pfi_rag.models.adapters import client_adapter_dir, save_adapter
 from pfi_rag.models.lora import attach_lora
@@ -139,6 +140,9 @@ def test_ingest_list_get_search_delete(api):
     ).json()
     assert {h["doc_id"] for h in filtered["hits"]} == {"contact"}
 
+    # What a federated round trains on is read from this same store (federation/task.py).
+    before = load_corpus(api.root, "alice")
+    assert {"trip.txt", "line-0"} <= {d.id for d in before.train + before.held_out}
     for doc_id in ("trip.txt", "line-0", "line-1", "line-2"):
         assert api.call("DELETE", f"/v1/clients/alice/documents/{doc_id}").json() == {
             "doc_id": doc_id,
@@ -146,6 +150,9 @@ def test_ingest_list_get_search_delete(api):
         }
     assert api.call("GET", "/v1/clients/alice/documents/trip.txt").status_code == 404
     assert api.call("DELETE", "/v1/clients/alice/documents/trip.txt").status_code == 404
+    corpus = load_corpus(api.root, "alice")
+    after = {d.id for d in corpus.train + corpus.held_out}
+    assert "home" in after and not after & {"trip.txt", "line-0", "line-1", "line-2"}
     hits = api.call("POST", "/v1/clients/alice/search", json={"query": "northern lights trip"}).json()["hits"]
     assert "trip.txt" not in {h["doc_id"] for h in hits}
 
