@@ -17,32 +17,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import chatterbot_corpus
-import yaml
+from pfi_rag.benchmark import realtext
 
-CORPUS = Path(chatterbot_corpus.__file__).resolve().parent / "data" / "english"
 # Topics with enough conversations for a client with a held-out share (files at 4 per file).
 TOPICS = ("ai", "coding", "emotion", "psychology", "trivia", "humor", "literature")
+conversations = realtext.conversations
 
 
-def conversations(topic: str) -> list[list[str]]:
-    """The topic's conversations, each a list of utterances, as the corpus ships them."""
-    data = yaml.safe_load((CORPUS / f"{topic}.yml").read_text(encoding="utf-8"))
-    return [[str(line).strip() for line in conv if str(line).strip()] for conv in data["conversations"]]
-
-
-def write_topic(
-    topic: str, directory: Path, *, per_file: int = 4, max_files: int | None = None
-) -> Path:
+def write_topic(topic: str, directory: Path, *, per_file: int = 4, max_files: int | None = None) -> Path:
     """Write ``topic`` as ``<topic>-NNN.txt`` files of ``per_file`` conversations; the directory."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    convs = [c for c in conversations(topic) if c]
-    groups = [convs[i : i + per_file] for i in range(0, len(convs), per_file)]
-    for number, group in enumerate(groups[:max_files]):
-        text = "\n\n".join("\n".join(conv) for conv in group) + "\n"
-        (directory / f"{topic}-{number:03d}.txt").write_text(text, encoding="utf-8")
-    return directory
+    return realtext.write_topic(topic, directory, per_file=per_file, max_files=max_files)
 
 
 def write_topics(root: Path, topics: tuple[str, ...] = TOPICS[:3], **kwargs) -> dict[str, Path]:
