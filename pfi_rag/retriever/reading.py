@@ -6,7 +6,6 @@ A read-only SQLite connection sees the last committed state (WAL), so `pfi-rag d
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -59,14 +58,4 @@ def _stored(db: sqlite3.Connection, row: sqlite3.Row, *, with_chunks: bool) -> S
                 (row["doc_id"], row["version"]),
             )
         ]
-    return StoredDocument(
-        doc_id=row["doc_id"],
-        version=row["version"],
-        text=row["text"],
-        metadata=json.loads(row["metadata"]),
-        source=row["source"],
-        content_hash=row["content_hash"],
-        added_at=row["added_at"],
-        superseded_at=row["superseded_at"],
-        chunks=chunks,
-    )
+    return StoredDocument.from_row(row, chunks)

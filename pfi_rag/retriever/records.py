@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +51,21 @@ class StoredDocument:
     added_at: str  # ISO 8601, UTC
     superseded_at: str | None  # None for the current version
     chunks: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], chunks: list[str]) -> StoredDocument:
+        """A docstore ``documents`` row (metadata as JSON text) with the chunk texts wanted."""
+        return cls(
+            doc_id=row["doc_id"],
+            version=row["version"],
+            text=row["text"],
+            metadata=json.loads(row["metadata"]),
+            source=row["source"],
+            content_hash=row["content_hash"],
+            added_at=row["added_at"],
+            superseded_at=row["superseded_at"],
+            chunks=chunks,
+        )
 
 
 class RetrieverError(ValueError):

@@ -411,17 +411,7 @@ class ClientStore:
 
     def _stored(self, row, *, with_chunks: bool) -> StoredDocument:
         chunks = self._docstore.chunk_texts(row["doc_id"], row["version"]) if with_chunks else []
-        return StoredDocument(
-            doc_id=row["doc_id"],
-            version=row["version"],
-            text=row["text"],
-            metadata=json.loads(row["metadata"]),
-            source=row["source"],
-            content_hash=row["content_hash"],
-            added_at=row["added_at"],
-            superseded_at=row["superseded_at"],
-            chunks=chunks,
-        )
+        return StoredDocument.from_row(row, chunks)
 
 
 def _private_dirs(root: Path, directory: Path) -> None:
