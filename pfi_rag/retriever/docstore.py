@@ -272,19 +272,25 @@ class DocStore:
         return dict(one)
 
 
+def _read_only_rows(path: Path, query: str) -> list[tuple]:
+    """``query``'s rows through a read-only connection that takes no lock (sees the last commit)."""
+    db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        return db.execute(query).fetchall()
+    finally:
+        db.close()
+
+
 def read_current_documents(path: Path) -> list[dict[str, Any]]:
     """``(doc_id, version, text, metadata, source)`` of every current document, by id, read
     through a read-only connection that takes no lock: training and probes read a client's
     documents while its store is open for writing elsewhere (the server, an ingest), and see
     the last committed state (WAL). Deleted documents are gone, superseded versions skipped."""
-    db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-    try:
-        rows = db.execute(
-            "SELECT doc_id, version, text, metadata, source FROM documents"
-            " WHERE superseded_at IS NULL ORDER BY doc_id"
-        ).fetchall()
-    finally:
-        db.close()
+    rows = _read_only_rows(
+        path,
+        "SELECT doc_id, version, text, metadata, source FROM documents"
+        " WHERE superseded_at IS NULL ORDER BY doc_id",
+    )
     return [
         {"doc_id": d, "version": v, "text": t, "metadata": json.loads(m), "source": s}
         for d, v, t, m, s in rows
@@ -295,12 +301,9 @@ def read_superseded_versions(path: Path) -> list[dict[str, Any]]:
     """Every version of each document that has a superseded one, ``{doc_id, version, text, current}``,
     oldest first, through a read-only connection (as :func:`read_current_documents`): what the
     stale-retrieval probe checks the index against. Deleted documents have no versions left."""
-    db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-    try:
-        rows = db.execute(
-            "SELECT doc_id, version, text, superseded_at IS NULL FROM documents WHERE doc_id IN"
-            " (SELECT doc_id FROM documents WHERE superseded_at IS NOT NULL) ORDER BY doc_id, version"
-        ).fetchall()
-    finally:
-        db.close()
+    rows = _read_only_rows(
+        path,
+        "SELECT doc_id, version, text, superseded_at IS NULL FROM documents WHERE doc_id IN"
+        " (SELECT doc_id FROM documents WHERE superseded_at IS NOT NULL) ORDER BY doc_id, version",
+    )
     return [{"doc_id": d, "version": v, "text": t, "current": bool(c)} for d, v, t, c in rows]
