@@ -19,6 +19,7 @@ Rows are joined by padding the shorter side on the left with masked positions, w
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from collections.abc import Callable, Sequence
@@ -146,8 +147,12 @@ class DecodeBatch:
 
     def _forward(self, input_ids, mask, positions, cache, rows: Sequence[Row]) -> torch.Tensor:
         slots = [row.slot for row in rows]
-        if self.gathered is not None and None not in slots:
-            with self.lock, torch.inference_mode(), self.gathered.rows(slots):
+        gathered = self.gathered is not None and None not in slots
+        with self.lock, torch.inference_mode():
+            # Gathered LoRA routes rows by slot; otherwise PEFT's own adapter selection does.
+            routing = self.gathered.rows(slots) if gathered else contextlib.nullcontext()
+            extra = {} if gathered else self._select_peft_adapters(rows)
+            with routing:
                 out = self.model(
                     input_ids=input_ids,
                     attention_mask=mask,
@@ -155,34 +160,26 @@ class DecodeBatch:
                     use_cache=True,
                     **{self._cache_arg: cache},
                     **self._keep,
+                    **extra,
                 )
-            return out.logits[:, -1, :].float()  # (B, V)
+        return out.logits[:, -1, :].float()  # (B, V)
+
+    def _select_peft_adapters(self, rows: Sequence[Row]) -> dict:
+        """Make PEFT serve ``rows``' adapters (call under the lock); the forward's extra kwargs."""
         adapter_names = [row.adapter_name for row in rows]
         unique = set(adapter_names)
         if not self._is_peft and unique != {BASE_ADAPTER}:
             raise ValueError(f"adapters {sorted(unique)} requested from a model without peft")
-        single = None
-        if self._is_peft and len(unique) == 1:
+        if not self._is_peft:
+            return {}
+        if len(unique) == 1:
+            # One adapter for every row: activate it rather than pass adapter_names, whose
+            # hooks walk every module twice per call (a single request's common case).
             single = self.identity_adapter if unique == {BASE_ADAPTER} else next(iter(unique))
-        with self.lock, torch.inference_mode():
-            extra = {}
-            if single is not None:
-                # One adapter for every row: activate it rather than pass adapter_names, whose
-                # hooks walk every module twice per call (a single request's common case).
-                if self.model.active_adapter != single:
-                    self.model.set_adapter(single, inference_mode=True)
-            elif self._is_peft:
-                extra = {"adapter_names": adapter_names}
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_arg: cache},
-                **self._keep,
-                **extra,
-            )
-        return out.logits[:, -1, :].float()  # (B, V)
+            if self.model.active_adapter != single:
+                self.model.set_adapter(single, inference_mode=True)
+            return {}
+        return {"adapter_names": adapter_names}
 
     def add(self, rows: Sequence[Row]) -> list[Row]:
         """Prefill ``rows`` and merge them into the batch; returns rows already finished."""
