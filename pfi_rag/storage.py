@@ -1,11 +1,4 @@
-"""Where each client's data lives on disk, and how it is written so a crash loses nothing.
-
-Layout under the data root (docs/architecture.md)::
-
-    clients/<id>/index/       FAISS index + document store
-    clients/<id>/adapter/     PEFT-format LoRA adapter
-    clients/<id>/privacy.json accountant state + budget
-    clients/<id>/probes/      local probe results
+"""How files under the data root are written, so a crash loses nothing (where they live: layout).
 
 Every write goes to a temporary file in the same directory, is fsynced, then renamed over
 the target: readers see the old or the new file, never half of one.
@@ -15,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,38 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-CLIENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-
-
-class InvalidClientId(ValueError):
-    """A client id that could escape its directory or is not in the allowed form."""
-
-
-def validate_client_id(client_id: str) -> str:
-    """Return ``client_id`` if it matches ``[a-z0-9][a-z0-9_-]{0,63}``, else raise."""
-    if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
-        shown = client_id if isinstance(client_id, str) and len(client_id) <= 80 else "<id>"
-        raise InvalidClientId(
-            f"invalid client id {shown!r}: use 1-64 characters of a-z, 0-9, '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return client_id
-
-
-def clients_root(data_root: Path) -> Path:
-    return Path(data_root) / "clients"
-
-
-def client_dir(data_root: Path, client_id: str) -> Path:
-    """The directory that holds everything of one client (not created here)."""
-    return clients_root(data_root) / validate_client_id(client_id)
-
-
-def list_clients(data_root: Path) -> list[str]:
-    root = clients_root(data_root)
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and CLIENT_ID_PATTERN.fullmatch(p.name))
+# Client ids and directories moved to pfi_rag.layout; these names stay importable from here.
+from pfi_rag.layout import InvalidClientId, client_dir, list_clients, validate_client_id  # noqa: F401
 
 
 def _fsync_dir(directory: Path) -> None:
