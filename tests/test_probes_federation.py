@@ -83,7 +83,8 @@ def test_history_reader_reads_rounds_in_order_and_names_bad_files(root):
 
 def test_a_round_the_server_closes_reads_back_as_the_same_record_in_the_probes(root):
     """The server's own code builds and writes the record from what clients sent (Flower's
-    metric names); the probes read the same type, and the client whose loss did not fall is found."""
+    metric names); the probes read the same type, and the client that failed is found (one round is
+    too few to judge a loss that did not fall)."""
     from pfi_rag.federation.protocol import LOSS_AFTER, LOSS_BEFORE, NUM_EXAMPLES
     from pfi_rag.federation.server import RoundOutcome, close_round
 
@@ -106,10 +107,7 @@ def test_a_round_the_server_closes_reads_back_as_the_same_record_in_the_probes(r
     assert read.metrics["client-00"].loss_before == 2.0 and read.metrics["client-00"].noised is False
     assert read.updates["client-01"].num_examples == 11
     found = SilentFailuresProbe().run_federation(ProbeContext(cfg), CLIENTS[:3]).evidence["problems"]
-    assert {(p["client"], p["why"].split(" ")[0]) for p in found} == {
-        ("client-00", "loss"),
-        ("client-02", "failed:"),
-    }
+    assert {(p["client"], p["why"].split(" ")[0]) for p in found} == {("client-02", "failed:")}
     # A key the record does not know (a renamed field) is an error naming the file, not a gap.
     raw = json.loads(record.model_dump_json())
     raw["metrics"]["client-00"]["loss-before"] = raw["metrics"]["client-00"].pop("loss_before")
