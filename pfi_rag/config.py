@@ -237,7 +237,6 @@ class ProbesConfig(Section):
     # Privacy-preserving mode: per-client metric releases are clipped and Gaussian-noised.
     private_release: bool = False
     release_epsilon: float = Field(default=1.0, gt=0)
-    release_delta: float = Field(default=1e-5, gt=0, lt=1)
     # Mean counterfactual gap (P(" yes") of group a vs b) may grow by at most this much.
     bias_threshold: float = Field(default=0.05, ge=0, le=1)
     calibration_threshold: float = Field(default=0.15, ge=0, le=1)  # per-client ECE

@@ -68,7 +68,6 @@ PLAIN = {
     "probes.grounding_min": "Flag an answer when fewer of its content words are in its passages.",
     "probes.retrieval_confidence_min": "Best passage's cosine score below which an answer is flagged.",
     "probes.release_epsilon": "Epsilon of each client's noised probe release (private mode).",
-    "probes.release_delta": "Delta of each client's noised probe release (private mode).",
     "probes.update_outliers_threshold": "Outlying updates tolerated.",
     "probes.silent_failures_threshold": "Silently failing clients tolerated.",
     "probes.serve_divergence_max": "KL(adapter || base) per token past which an answer is flagged.",

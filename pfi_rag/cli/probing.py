@@ -101,8 +101,8 @@ def register(app: typer.Typer) -> None:
             console.print(_summary_table(report))
             if report.private:
                 console.print(
-                    f"each client spent epsilon {cfg.probes.release_epsilon:g} (delta "
-                    f"{cfg.probes.release_delta:g}) on this release; σ per metric in the table"
+                    f"each client spent epsilon {cfg.probes.release_epsilon:g} at its ledger's delta "
+                    "on this release; σ per metric in the table"
                 )
             if out is not None:
                 console.print(f"report: {json_path} and {html_path}")
