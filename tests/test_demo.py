@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pfi_rag.demo import ASKED, DEMO_MARKER, DemoError, demo_lock, prepare_root
+from pfi_rag.cli.end_to_end import ASKED, DEMO_MARKER, DemoError, demo_lock, prepare_root
 
 
 @pytest.mark.slow

@@ -11,12 +11,12 @@ import math
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pfi_rag.benchmark.scenarios import Scenario
 from pfi_rag.config import Config
+from pfi_rag.presets import Preset
 
 # The probes the benchmark scores: every one with a planted failure to find, and the general
 # ones whose false alarms matter. Fairness needs clients trained alone and groundedness
@@ -40,35 +40,8 @@ PROBES = (
 )
 
 
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    generator: str
-    seeds: int
-    clients: int
-    rounds: int
-    local_steps: int
-    batch_size: int
-    max_seq_len: int
-    exposure_samples: int
-    tradeoff_epsilons: tuple[float | None, ...]  # total epsilon per client; None: non-private
-
-    def overrides(self) -> dict[str, Any]:
-        return {
-            "models.generator": self.generator,
-            "models.threads": 1,  # two Flower clients train side by side on 2 cores (docs/models.md)
-            "federation.clients": self.clients,
-            "federation.rounds": self.rounds,
-            "privacy.local_steps": self.local_steps,
-            "privacy.batch_size": self.batch_size,
-            "privacy.max_seq_len": self.max_seq_len,
-            "probes.exposure_samples": self.exposure_samples,
-            # The federation's view the benchmark compares against is a plain federation's:
-            # exact losses from every client, not the private release (docs/privacy.md).
-            "privacy.round_metrics": "exact",
-        }
-
-
+# round_metrics "exact": the federation's view the benchmark compares against is a plain
+# federation's, exact losses from every client, not the private release (docs/privacy.md).
 PRESETS = {
     "quick": Preset(
         name="quick",
@@ -80,6 +53,7 @@ PRESETS = {
         batch_size=4,
         max_seq_len=48,
         exposure_samples=64,
+        round_metrics="exact",
         tradeoff_epsilons=(1.0, 4.0, 8.0, None),
     ),
     "full": Preset(
@@ -92,6 +66,7 @@ PRESETS = {
         batch_size=8,
         max_seq_len=64,
         exposure_samples=256,
+        round_metrics="exact",
         tradeoff_epsilons=(1.0, 4.0, 8.0, None),
     ),
 }

@@ -1,4 +1,4 @@
-"""`pfi-rag demo`: the whole product end to end on the built-in defaults (steps in pfi_rag/demo.py)."""
+"""`pfi-rag demo`: the whole product end to end on the built-in defaults (its steps: cli/end_to_end.py)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ def register(app: typer.Typer) -> None:
         generator: str = typer.Option(None, "--generator", help="Override models.generator."),
     ) -> None:
         """Synthesise 4 clients, index, federate with DP, serve over HTTP, probe, report (minutes on CPU)."""
-        from pfi_rag.demo import FULL, QUICK, DemoError, run_demo
+        from pfi_rag.cli.end_to_end import FULL, QUICK, DemoError, run_demo
         from pfi_rag.federation.server import FederationFailed
 
-        settings = QUICK if quick else FULL
-        # The demo's settings are defaults: an explicit --set of the same key wins.
-        cfg = config_with_defaults(ctx, settings.overrides(), **{"models.generator": generator})
+        preset = QUICK if quick else FULL
+        # The preset's settings are defaults: an explicit --set of the same key wins.
+        cfg = config_with_defaults(ctx, preset.overrides(), **{"models.generator": generator})
         started = time.perf_counter()
         verbose = (ctx.find_root().obj or {}).get("verbose", False)
         handlers = []
@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"library log (Flower, Ray, transformers): {path}; --verbose prints it instead")
 
         try:
-            run_demo(cfg, settings, console, on_root=None if verbose else log_libraries)
+            run_demo(cfg, preset, console, on_root=None if verbose else log_libraries)
         except DemoError as exc:
             fail(str(exc))
         except FederationFailed as exc:

@@ -1,4 +1,4 @@
-"""`pfi-rag demo`: the whole product on the built-in defaults, one function per step.
+"""The steps of `pfi-rag demo`: the whole product end to end on the built-in defaults.
 
 1. synthesise 4 clients' personal data; 2. index each client's documents in its own store;
 3. federate a few rounds of DP training through the Flower simulation launcher; 4. serve over
@@ -7,8 +7,9 @@ report; 6. stop everything and list the artefacts.
 
 Each step prints what it is doing and why for the person watching; :func:`run_demo` runs them
 in order on a config whose data root is the demo's own directory (replaced whole on each run:
-see :func:`prepare_root`). The settings that keep it to minutes on a 2-core CPU are
-:data:`FULL` and :data:`QUICK`; ``--set`` overrides any of them.
+see :func:`prepare_root`). The presets that keep it to minutes on a 2-core CPU are :data:`FULL`
+and :data:`QUICK`; ``--set`` overrides any of their settings. It sits on top of every layer (it
+starts the HTTP service), so it lives with the command that runs it (``cli/demo.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pfi_rag.config import Config
+from pfi_rag.presets import Preset
 from pfi_rag.storage import atomic_write_json
 
 DEMO_MARKER = ".pfi-rag-demo"
@@ -53,49 +55,24 @@ class DemoError(Exception):
     """The demo cannot start as asked (its root is someone else's, or another demo is running)."""
 
 
-@dataclass(frozen=True)
-class DemoSettings:
-    """What the demo changes from the defaults so it finishes in minutes on a small CPU."""
-
-    rounds: int
-    local_steps: int  # DP-SGD steps per client per round
-    max_seq_len: int  # training tokens per record
-    max_new_tokens: int  # per HTTP answer
-    answer_tokens: int  # per groundedness answer in the probe suite
-    exposure_samples: int  # candidates per canary in the exposure probe
-    cloze_items: int  # evaluation items per client from its held-out documents (utility probes)
-    probes: tuple[str, ...] | None  # None: the whole suite
-
-    def overrides(self) -> dict[str, Any]:
-        """Dotted config keys, as `--set` gives them (an explicit `--set` wins over these)."""
-        return {
-            "federation.clients": CLIENTS,
-            "federation.rounds": self.rounds,
-            "privacy.local_steps": self.local_steps,
-            "privacy.batch_size": 4,
-            "privacy.max_seq_len": self.max_seq_len,
-            "privacy.epsilon_per_round": 2.0,
-            "serving.max_new_tokens": self.max_new_tokens,
-            "probes.answer_tokens": self.answer_tokens,
-            "probes.exposure_samples": self.exposure_samples,
-            "probes.cloze_items": self.cloze_items,
-            # One torch thread per process: the Flower clients train two at a time on 2 cores, and
-            # on a shared machine 2 threads decoded several times slower than 1 (docs/models.md).
-            "models.threads": 1,
-        }
-
-
-FULL = DemoSettings(
+# What the demo changes from the defaults so it finishes in minutes on a small CPU.
+FULL = Preset(
+    name="full",
+    clients=CLIENTS,
     rounds=2,
     local_steps=3,
+    batch_size=4,
     max_seq_len=64,
+    epsilon_per_round=2.0,
     max_new_tokens=48,
     answer_tokens=16,
     exposure_samples=64,
     cloze_items=64,
     probes=DEMO_PROBES,
 )
-QUICK = DemoSettings(
+QUICK = replace(
+    FULL,
+    name="quick",
     rounds=1,
     local_steps=2,
     max_seq_len=48,
@@ -103,7 +80,6 @@ QUICK = DemoSettings(
     answer_tokens=4,
     exposure_samples=16,
     cloze_items=24,
-    probes=DEMO_PROBES,
 )
 
 
@@ -431,7 +407,7 @@ def list_artefacts(cfg: Config, out: Console) -> dict[str, Path]:
 
 
 def run_demo(
-    cfg: Config, settings: DemoSettings, out: Console, on_root: Callable[[Path], None] | None = None
+    cfg: Config, preset: Preset, out: Console, on_root: Callable[[Path], None] | None = None
 ) -> DemoResult:
     """Every step, in order, in a freshly replaced ``<data_root>/demo``; ``on_root`` hears that
     directory once it exists (the CLI routes the libraries' log output into it)."""
@@ -453,7 +429,7 @@ def run_demo(
         ingest_documents(cfg, embedder, out)
         summary = federate(cfg, out)
         answers, refused = ask_over_http(cfg, embedder, out)
-        report = run_probes(cfg, settings.probes, out)
+        report = run_probes(cfg, preset.probes, out)
         artefacts = list_artefacts(cfg, out)
     return DemoResult(root, summary, answers, refused, report, artefacts)
 
