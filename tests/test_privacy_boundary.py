@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
+from pfi_rag.data.corpus import load_corpus
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.client_app import LOCAL_LOG, make_client_app
 from pfi_rag.federation.protocol import ARRAYS, CONFIG, PRIVACY, UPDATE, to_array_record
 from pfi_rag.federation.strategies import shared_part
-from pfi_rag.federation.task import FAILURE_CODES, fresh_adapter
+from pfi_rag.federation.task import FAILURE_CODES, TIMINGS_LOG, fresh_adapter
 from pfi_rag.storage import client_dir
 from tests.test_federation import tiny_federation_config
 
@@ -57,9 +58,9 @@ def train_message(global_arrays: dict, server_round: int = 1) -> Message:
     return Message(content=content, metadata=metadata)
 
 
-def run_one_round(root: Path, model_cache: Path) -> Message:
+def run_one_round(root: Path, model_cache: Path, **overrides) -> Message:
     """One client's train round through the real ClientApp; returns what it sent."""
-    cfg = tiny_federation_config(root, model_cache)
+    cfg = tiny_federation_config(root, model_cache, **overrides)
     capture = Capture()
     app = make_client_app(cfg, mods=[capture])
     global_arrays = shared_part(fresh_adapter(cfg)[2], "fedavg")
@@ -109,6 +110,34 @@ def test_two_clients_one_record_apart_send_replies_that_differ_only_in_noised_va
     assert a[PRIVACY]["status"] == "ok"
     for forbidden in ("epsilon", "sample_rate", "steps", "train-seconds"):
         assert forbidden not in a[PRIVACY] and forbidden not in a["metrics"]
+
+
+def test_the_round_metrics_cost_the_same_evaluation_for_a_small_and_a_large_client(tmp_path, model_cache):
+    # Prepare: the same synthetic client twice, the second with 60 more records; a sample size
+    # between the two record counts, so one client pads its sample and the other draws from it
+    for name in ("small", "large"):
+        synthesize(tmp_path / name, clients=1, seed=0)
+    for i in range(60):
+        record = {"prompt": f"Question {i}?", "response": f"Answer {i}."}
+        add_instruction(tmp_path / "large", json.dumps(record))
+    sample = 80
+    sizes = {}
+    for name in ("small", "large"):
+        corpus = load_corpus(tmp_path / name, CLIENT, held_out_share=0.2)
+        sizes[name] = len(corpus.train) + len(corpus.instructions)
+    assert sizes["small"] < sample < sizes["large"]
+
+    # Execute: one round each
+    for name in ("small", "large"):
+        reply = run_one_round(tmp_path / name, model_cache, **{"privacy.round_metrics_sample": sample})
+        assert not reply.has_error() and reply.content[PRIVACY]["round_metrics_sample"] == sample
+
+    # Assert: each client's own timing log says how many records its loss evaluation ran the model
+    # on (before, and again after, training): the sample size for both, whatever the record count
+    for name in ("small", "large"):
+        timings = json.loads((client_dir(tmp_path / name, CLIENT) / TIMINGS_LOG).read_text())
+        assert timings["evaluated"] == sample, name
+        assert {"evaluate", "dp_steps", "plan"} <= set(timings["phases"])
 
 
 def test_a_secret_in_a_malformed_record_never_reaches_the_server(tmp_path, model_cache, caplog):

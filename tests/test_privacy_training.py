@@ -13,6 +13,7 @@ from pfi_rag.models.lora import attach_lora, is_lora_b, load_lora_arrays, lora_a
 from pfi_rag.privacy import PrivacyLedger, TrainResult, train_adapter
 from pfi_rag.privacy.dataset import IGNORE_INDEX, build_examples
 from pfi_rag.privacy.round_metrics import noised_round_metrics, released_loss_std
+from pfi_rag.privacy.training import metric_sample
 
 DOCUMENTS = [
     Document(id="d0", text="Note (2025-03-02): my dog Biscuit sees the vet on Fridays."),
@@ -250,23 +251,46 @@ def test_round_metrics_are_released_noised_inside_the_rounds_spend(tiny_generato
     released = result.released_metrics
     assert set(released) == {"num-examples", "loss-before", "loss-after"}
     assert released["num-examples"] != RECORDS and released["loss-before"] != result.loss_before
+    # The losses were evaluated on the fixed-size sample: 32 records' worth for these 6.
+    assert result.evaluated == cfg.round_metrics_sample == 32
 
 
-def test_released_round_metrics_carry_noise_of_the_stated_scale():
-    z, clip, records = 10.0, 12.0, 1000
+@pytest.mark.parametrize("records", [1000, 40])  # more records than the sample, and fewer
+def test_released_round_metrics_carry_noise_of_the_stated_scale(records):
+    z, clip, sample = 1.0, 12.0, 50
     rng = np.random.default_rng(0)
+    evaluated = min(records, sample)  # the sums run over the sample (every record when fewer)
     draws = [
-        noised_round_metrics([5.0] * records, [50.0] * records, clip=clip, noise_multiplier=z, rng=rng)
+        noised_round_metrics(
+            [5.0] * evaluated, [50.0] * evaluated, records=records, sample=sample, clip=clip,
+            noise_multiplier=z, rng=rng,
+        )  # fmt: skip
         for _ in range(4000)
     ]
     counts = np.array([d["num-examples"] for d in draws])
-    assert counts.mean() == pytest.approx(records, abs=1.0)
+    assert counts.mean() == pytest.approx(records, abs=0.1)
     assert counts.std() == pytest.approx(z * np.sqrt(3), rel=0.05)  # sensitivity sqrt(3)
     before = np.array([d["loss-before"] for d in draws])
     assert before.mean() == pytest.approx(5.0, abs=0.02)
-    # The std the server states beside a released loss (first order in the noise).
-    stated = released_loss_std(records, 5.0, clip=clip, noise_multiplier=z)
+    # The std the server states beside a released loss (first order in the noise): at or above
+    # the sample size the divisor is the constant sample, 12 * sqrt(3) / 50 = 0.42 here.
+    stated = released_loss_std(records, 5.0, clip=clip, noise_multiplier=z, sample=sample)
+    if records >= sample:
+        assert stated == pytest.approx(clip * np.sqrt(3) / sample)
     assert before.std() == pytest.approx(stated, rel=0.05)
     after = np.array([d["loss-after"] for d in draws])  # every record's loss of 50 counts as 12
     assert after.max() == clip and np.median(after) == pytest.approx(clip, abs=0.05)
     assert len({d["loss-before"] for d in draws}) == len(draws)
+
+
+def test_round_metrics_sample_is_fixed_size_without_replacement():
+    examples = [f"record-{i}" for i in range(40)]
+    rng = np.random.default_rng(0)
+
+    many, counted = metric_sample(examples, 16, rng)
+    few, few_counted = metric_sample(examples[:5], 16, rng)
+
+    assert len(many) == len(few) == 16  # the same evaluation work for 40 records and for 5
+    assert counted == 16 and len(set(many)) == 16  # drawn without replacement
+    assert few_counted == 5 and set(few[:5]) == set(examples[:5])  # every record once, then repeats
+    assert set(few[5:]) <= set(few[:5])

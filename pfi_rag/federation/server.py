@@ -13,6 +13,7 @@ silently stall training. DP-FedAvg here is the same mechanism written over delta
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ from pfi_rag.models.adapters import global_adapter_dir
 from pfi_rag.privacy.round_metrics import released_loss_std
 
 logger = logging.getLogger(__name__)
+
 
 class FederationFailed(RuntimeError):
     """A round ended with fewer successful clients than ``federation.min_results``."""
@@ -212,7 +214,9 @@ def metrics_record(result: dict) -> ClientMetrics:
     )
     if record.noised and None not in needed:
         count, loss, clip, noise = map(float, needed)
-        record.loss_std = released_loss_std(count, loss, clip=clip, noise_multiplier=noise)
+        # Loss sums over a sample of this many records (absent: over every record).
+        sample = float(privacy.get("round_metrics_sample") or math.inf)
+        record.loss_std = released_loss_std(count, loss, clip=clip, noise_multiplier=noise, sample=sample)
     return record
 
 

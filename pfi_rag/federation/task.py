@@ -16,7 +16,7 @@ that differ in one record send replies that differ only in the noised values:
 - ``privacy`` (ConfigRecord), configuration only: ``status`` ("ok"); ``accountant`` and ``delta`` (the
   ledger's, fixed constants); ``epsilon_per_round`` or, when the noise is configured instead,
   ``noise_multiplier``; ``max_grad_norm``; ``local_steps``; ``round_metrics``,
-  ``round_metrics_noise``, ``round_metrics_loss_clip``; ``update_clip_norm``,
+  ``round_metrics_noise``, ``round_metrics_loss_clip``, ``round_metrics_sample``; ``update_clip_norm``,
   ``update_noise_multiplier``.
 
 Not sent: the record count, the training's sample rate, noise multiplier or epsilon spent (each
@@ -25,13 +25,21 @@ cannot take part sends only ``privacy`` = ``{status: "sat_out" | "failed", error
 from :data:`FAILURE_CODES`; the full exception goes to the client's own log
 (``clients/<id>/logs/federation.log``). With ``privacy.round_metrics = "exact"`` (a trusted server,
 not private) the metrics are exact and add ``train-seconds``.
+
+When the reply is sent is not fixed by the protocol. The round metrics are evaluated on a fixed
+number of records (``privacy.round_metrics_sample``), so that part costs the same for every
+client; what still varies with the record count is listed in docs/federation.md ("When a client
+replies"). Each round's per-phase wall times go to the client's own
+``clients/<id>/logs/federation-timings.jsonl``, never to the server.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +58,7 @@ from pfi_rag.storage import client_dir
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TIMINGS_LOG = "logs/federation-timings.jsonl"  # under the client's directory; never sent
 
 
 @dataclass
@@ -162,6 +171,7 @@ def train_round(
     """
     from pfi_rag.privacy import BudgetExceeded, PrivacyLedger, build_outgoing_update, train_adapter
 
+    phases = Phases()
     cfg = with_client_settings(cfg, client_dir(cfg.data_root, client_id) / CLIENT_SETTINGS_FILE)
     strategy = cfg.federation.strategy
     root = cfg.data_root
@@ -192,17 +202,19 @@ def train_round(
             release_metrics=release_metrics,
         )
 
-    started = time.perf_counter()
+    phases.lap("setup")
     model, tokenizer, _ = fresh_adapter(cfg)
     personal = read_adapter_arrays(client_adapter_dir(root, client_id))
     if personal is not None and strategy != "ditto":
         load_lora_arrays(model, personal)
     load_lora_arrays(model, global_shared)  # the shared part comes from the server
     before = lora_arrays(model)
+    phases.lap("model")
     try:
         result = dp_train(model, release_metrics=private_metrics)
     except BudgetExceeded:
         return SatOut(reason="budget_exhausted")
+    phases.add(result.phases)
     after = lora_arrays(model)
     save_personal = True
     if strategy == "ditto":
@@ -214,7 +226,7 @@ def train_round(
             strength=cfg.federation.ditto_lambda,
         )
         try:
-            dp_train(model, after_step=pull)
+            phases.add(dp_train(model, after_step=pull).phases)
         except BudgetExceeded:
             save_personal = False  # the global update is paid for; the personal adapter stays as it was
     outgoing = build_outgoing_update(
@@ -226,6 +238,7 @@ def train_round(
         rng=np.random.default_rng(),  # OS entropy, for the same reason as the training's
         trained=result,
     )
+    phases.lap("update")
     if save_personal:
         save_adapter(
             model,
@@ -234,6 +247,7 @@ def train_round(
             source="federated",
             epsilon=ledger.epsilon_spent,
         )
+    phases.lap("save")
     if private_metrics:
         metrics = dict(result.released_metrics)
     else:  # privacy.round_metrics = "exact": the client chose to tell a trusted server
@@ -241,10 +255,50 @@ def train_round(
             NUM_EXAMPLES: float(result.records),
             LOSS_BEFORE: float(result.loss_before),
             LOSS_AFTER: float(result.loss_after),
-            TRAIN_SECONDS: time.perf_counter() - started,
+            TRAIN_SECONDS: phases.total(),
         }
     privacy = reply_privacy(cfg, ledger) | outgoing.metadata
+    log_timings(root, client_id, server_round, phases, evaluated=result.evaluated)
     return RoundResult(update=outgoing.arrays, metrics=metrics, privacy=privacy)
+
+
+class Phases:
+    """Wall seconds per phase of a client's round, laps of one clock (local only)."""
+
+    def __init__(self) -> None:
+        self.started = self._clock = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def add(self, timed: dict[str, float]) -> None:
+        """Add phases timed elsewhere (a training's); they count as part of the current lap."""
+        for phase, seconds in timed.items():
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+        self._clock += sum(timed.values())
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._clock
+        self._clock = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def log_timings(root: Path, client_id: str, server_round: int, phases: Phases, *, evaluated: int) -> None:
+    """Append the round's phase timings to the client's own log (``TIMINGS_LOG``): where a
+    round's time goes, for its operator and ``bench/federation.py``. ``pid`` tells the simulation
+    worker or SuperNode process that ran it apart from others."""
+    entry = {
+        "round": server_round,
+        "pid": os.getpid(),
+        "total": phases.total(),
+        "evaluated": evaluated,
+        "phases": {phase: round(seconds, 4) for phase, seconds in phases.seconds.items()},
+    }
+    path = client_dir(root, client_id) / TIMINGS_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
 
 
 def reply_privacy(cfg: Config, ledger) -> dict[str, float | int | str]:
@@ -266,4 +320,5 @@ def reply_privacy(cfg: Config, ledger) -> dict[str, float | int | str]:
     if privacy.round_metrics == "private":
         record["round_metrics_noise"] = privacy.round_metrics_noise
         record["round_metrics_loss_clip"] = privacy.round_metrics_loss_clip
+        record["round_metrics_sample"] = privacy.round_metrics_sample
     return record

@@ -9,6 +9,11 @@ base model's weights never see the data.
 Order of work: plan the spend (noise, rate, steps) from the record *count* alone, check it
 against the budget, and only then tokenize and train; a refused call touches no data and writes
 nothing.
+
+Evaluation: without a metrics release the loss before and after training is computed over every
+record (what ``pfi-rag train`` shows). With ``release_metrics`` (a federated round) it is computed
+over :func:`metric_sample` only, a fixed number of records, so its cost does not grow with the
+record count and the round's released metrics are what it computes.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -59,7 +64,7 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class TrainResult:
-    loss_before: float  # mean per-record loss over the training records, before training
+    loss_before: float  # mean per-record loss over the evaluated records, before training
     loss_after: float
     epsilon: float  # what this call took from the budget (inf when not private)
     epsilon_total: float  # the client's composed epsilon after this call
@@ -74,6 +79,11 @@ class TrainResult:
     accountant: str
     grad_sample_mode: str | None
     seconds: float
+    # Records each loss evaluation ran the model on (before, and again after, training): every
+    # record, or with release_metrics always privacy.round_metrics_sample, whatever the count.
+    evaluated: int = 0
+    # Wall seconds per phase (plan, tokenize, evaluate, dp_setup, dp_steps, commit); local only.
+    phases: dict[str, float] = field(default_factory=dict)
     # The round's metrics as released (round_metrics.noised_round_metrics), when asked for;
     # epsilon and epsilon_total include their cost.
     released_metrics: dict[str, float] | None = None
@@ -124,6 +134,7 @@ def train_adapter(
         raise PrivacyError("no documents or instructions to train on")
     steps = steps or cfg.local_steps
     rate = sample_rate(records, cfg.batch_size)
+    phases: dict[str, float] = {}
     if seed is None:
         seed = secrets.randbits(62)
     release = [release_entry(cfg.round_metrics_noise)] if release_metrics else []
@@ -139,6 +150,7 @@ def train_adapter(
         seed=seed,
         progress=progress,
         after_step=after_step,
+        phases=phases,
     )
     if not private:
         if ledger is not None:
@@ -147,6 +159,7 @@ def train_adapter(
             raise PrivacyError("a non-private run has no private metrics to release")
         return train(ledger=None, plan=None)
 
+    planning = time.perf_counter()
     history = ledger.history if ledger is not None else []
     delta = ledger.delta_for(records) if ledger is not None else check_delta(cfg.delta, records)
     if noise_multiplier is None and epsilon is None:
@@ -171,6 +184,7 @@ def train_adapter(
         "records": records,
         "also": release,
     }
+    phases["plan"] = time.perf_counter() - planning
     if ledger is None:
         return train(ledger=None, plan=plan)
     ledger.check(**plan)
@@ -193,14 +207,31 @@ def _train(
     seed: int,
     progress: Callable[[StepInfo], None] | None,
     after_step: Callable[[], None] | None,
+    phases: dict[str, float],
 ) -> TrainResult:
-    """The training loop: data, DP wrapping, steps, cleanup, ledger commit, in that order."""
-    started = time.perf_counter()
+    """The training loop: data, evaluation, DP wrapping, steps, cleanup, ledger commit, evaluation."""
+    started = clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[phase] = phases.get(phase, 0.0) + now - clock
+        clock = now
+
     device = next(model.parameters()).device
     cfg = cfg.model_copy(update={"grad_sample_mode": grad_sample_mode_for(cfg.grad_sample_mode, device)})
     examples = build_examples(tokenizer, documents, instructions, max_len=cfg.max_seq_len, seed=seed)
     collate = Collate(tokenizer.pad_token_id)
-    losses_before = record_losses(model, examples, collate, cfg.batch_size)
+    releasing = plan is not None and bool(plan["also"])
+    if releasing:  # a fixed-size sample: the round's released metrics need no more
+        evaluated, counted = metric_sample(
+            examples, cfg.round_metrics_sample, np.random.default_rng([seed, 3])
+        )
+    else:
+        evaluated, counted = list(examples), len(examples)
+    lap("tokenize")
+    losses_before = record_losses(model, evaluated, collate, cfg.batch_size)[:counted]
+    lap("evaluate")
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -224,6 +255,7 @@ def _train(
         )
         if not math.isclose(1 / len(loader), rate):
             raise PrivacyError(f"Opacus sampled at {1 / len(loader)} but the spend was planned at {rate}")
+    lap("dp_setup")
 
     step, empty_steps, tokens = 0, 0, 0
     with warnings.catch_warnings():
@@ -258,6 +290,7 @@ def _train(
             for p in params:
                 p.grad = None
             model.eval()
+            lap("dp_steps")
             before = ledger.epsilon_spent if ledger is not None else 0.0
             if ledger is not None and step > 0:
                 # Recorded even if training failed midway: the weights already moved.
@@ -265,18 +298,23 @@ def _train(
                     engine.accountant.state_dict(), records=len(examples), max_grad_norm=cfg.max_grad_norm
                 )
 
-    losses_after = record_losses(model, examples, collate, cfg.batch_size)
+    lap("commit")
+    losses_after = record_losses(model, evaluated, collate, cfg.batch_size)[:counted]
+    lap("evaluate")
     released = None
-    if plan is not None and plan["also"]:
+    if releasing:
         released = noised_round_metrics(
             losses_before,
             losses_after,
+            records=len(examples),
+            sample=cfg.round_metrics_sample,
             clip=cfg.round_metrics_loss_clip,
             noise_multiplier=cfg.round_metrics_noise,
             rng=np.random.default_rng([seed, 2]),
         )
         if ledger is not None:
             committed = ledger.commit_release(plan["also"][0], records=len(examples))
+        lap("commit")
     if engine is None:
         total = spent = math.inf
     elif ledger is not None:
@@ -300,6 +338,8 @@ def _train(
         accountant=mechanism,
         grad_sample_mode=cfg.grad_sample_mode if plan else None,
         seconds=time.perf_counter() - started,
+        evaluated=len(evaluated),
+        phases=phases,
         released_metrics=released,
     )
 
@@ -381,6 +421,22 @@ def _noise_only_step(optimizer) -> None:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # (0, *shape)
     optimizer.step()
     optimizer.zero_grad()
+
+
+def metric_sample(
+    examples: Sequence[Example], size: int, rng: np.random.Generator
+) -> tuple[list[Example], int]:
+    """The round metrics' evaluation set: always ``size`` examples, and how many of them count.
+
+    ``min(size, n)`` records drawn without replacement (their evaluation windows) count; a client
+    with fewer than ``size`` records repeats them to fill ``size``, and the repeats' losses are
+    dropped. So the evaluation's cost, and with it when the client replies, does not depend on
+    its record count n (round_metrics explains why the release's accounting stays the same).
+    """
+    windows = list(examples)  # each record's evaluation window
+    counted = min(size, len(windows))
+    picked = [windows[i] for i in rng.choice(len(windows), size=counted, replace=False)]
+    return picked + [picked[i % counted] for i in range(size - counted)], counted
 
 
 @torch.no_grad()
