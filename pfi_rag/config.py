@@ -186,6 +186,11 @@ class FederationConfig(Section):
     # How long the server waits for nodes to connect, and for one round's replies.
     connect_timeout_s: float = Field(default=120.0, gt=0)
     round_timeout_s: float = Field(default=3600.0, gt=0)
+    # A client sends its train reply no sooner than this many seconds after the round's message
+    # arrived (it waits out the rest), so when it replies does not tell how long its round took,
+    # which grows with its record count (docs/federation.md, "When a client replies"). A round
+    # that overruns replies when done and notes it in the client's own log. None: reply at once.
+    reply_after_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _noise_needs_a_clip_norm(self) -> FederationConfig:

@@ -127,9 +127,11 @@ def test_the_round_metrics_cost_the_same_evaluation_for_a_small_and_a_large_clie
         sizes[name] = len(corpus.train) + len(corpus.instructions)
     assert sizes["small"] < sample < sizes["large"]
 
-    # Execute: one round each
+    # Execute: one round each; the small client also holds its reply to a deadline it cannot meet
+    deadlines = {"small": 1e-3, "large": None}
     for name in ("small", "large"):
-        reply = run_one_round(tmp_path / name, model_cache, **{"privacy.round_metrics_sample": sample})
+        overrides = {"privacy.round_metrics_sample": sample, "federation.reply_after_s": deadlines[name]}
+        reply = run_one_round(tmp_path / name, model_cache, **overrides)
         assert not reply.has_error() and reply.content[PRIVACY]["round_metrics_sample"] == sample
 
     # Assert: each client's own timing log says how many records its loss evaluation ran the model
@@ -138,6 +140,9 @@ def test_the_round_metrics_cost_the_same_evaluation_for_a_small_and_a_large_clie
         timings = json.loads((client_dir(tmp_path / name, CLIENT) / TIMINGS_LOG).read_text())
         assert timings["evaluated"] == sample, name
         assert {"evaluate", "dp_steps", "plan"} <= set(timings["phases"])
+    # An overrun deadline is told to the client's own log (and the reply still went out)
+    assert "reply_late" in (client_dir(tmp_path / "small", CLIENT) / LOCAL_LOG).read_text()
+    assert not (client_dir(tmp_path / "large", CLIENT) / LOCAL_LOG).exists()
 
 
 def test_a_secret_in_a_malformed_record_never_reaches_the_server(tmp_path, model_cache, caplog):

@@ -6,12 +6,15 @@ SuperNode per client) or ``partition-id`` (simulation: the n-th client under the
 A failing train handler never raises: Flower would forward ``str(exc)`` to the server, and an
 exception about a record may quote the record. It replies with a code from
 :data:`~pfi_rag.federation.task.FAILURE_CODES` and writes the traceback to the client's own log.
+With ``federation.reply_after_s`` every train reply (update, sat-out or failure) waits until
+that many seconds after the message arrived, so its timing says nothing about the round's work.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 import traceback
 
 from flwr.app import Context, Message
@@ -79,7 +82,8 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        client_id = None
+        arrived = time.monotonic()
+        client_id = run_cfg = None
         try:
             run_cfg = resolve(context)
             client_id = client_id_of(context, run_cfg, participants)
@@ -89,12 +93,37 @@ def make_client_app(
             code = failure_code(exc)
             where = log_locally(run_cfg if client_id else None, client_id, code)
             logger.warning("this client's round failed (%s); details in %s", code, where)
-            return Message(no_update_reply(FAILED, code), reply_to=msg)
-        if isinstance(outcome, SatOut):
-            return Message(no_update_reply(SAT_OUT, outcome.reason), reply_to=msg)
-        return Message(train_reply(outcome.update, outcome.metrics, outcome.privacy), reply_to=msg)
+            content = no_update_reply(FAILED, code)
+        else:
+            if isinstance(outcome, SatOut):
+                content = no_update_reply(SAT_OUT, outcome.reason)
+            else:
+                content = train_reply(outcome.update, outcome.metrics, outcome.privacy)
+        if run_cfg is not None:
+            hold_reply(run_cfg, client_id, arrived)
+        return Message(content, reply_to=msg)
 
     return app
+
+
+def hold_reply(cfg: Config, client_id: str | None, arrived: float) -> None:
+    """Wait until ``federation.reply_after_s`` after ``arrived`` (``time.monotonic()``); a round
+    that took longer is noted in the client's own log, where its operator can raise the setting."""
+    deadline = cfg.federation.reply_after_s
+    if deadline is None:
+        return
+    left = arrived + deadline - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+    elif client_id is not None:
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        path = client_dir(cfg.data_root, client_id) / LOCAL_LOG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(
+                f"{stamp} reply_late: the round took {deadline - left:.1f} s, past "
+                f"federation.reply_after_s = {deadline:g}; its timing was not hidden\n"
+            )
 
 
 def log_locally(cfg: Config | None, client_id: str | None, code: str) -> str:
