@@ -15,16 +15,17 @@ import math
 import numpy as np
 import pytest
 
+from pfi_rag import layout
 from pfi_rag.config import AdapterConfig, Config, PrivacyConfig
-from pfi_rag.data.audit_canaries import audit_training_documents, canary_path, insertions, load_canaries
-from pfi_rag.models.adapters import client_adapter_dir, save_adapter
+from pfi_rag.data.audit_canaries import audit_training_documents, insertions, load_canaries
+from pfi_rag.layout import client_adapter_dir
+from pfi_rag.models.adapters import save_adapter
 from pfi_rag.models.lora import attach_lora
 from pfi_rag.privacy import PrivacyLedger, train_adapter
 from pfi_rag.probes.audit import audit, epsilon_lower_bound, guess_counts, p_value
 from pfi_rag.probes.base import Verdict
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.privacy_audit import AuditProbe, audit_canaries, canary_scores
-from pfi_rag.storage import client_dir
 from tests.probe_support import one_torch_thread
 
 CLIENT = "alice"
@@ -116,7 +117,7 @@ def test_canaries_are_kept_inserted_half_recorded_and_never_regenerated(runs):
     assert [d.text for d in again] == [c.text for c in canaries if c.inserted]
     assert [i["inserted"] for i in insertions(root, CLIENT)] == [len(again)] * 2
     assert audit_training_documents(root, "bob", PrivacyConfig()) == []  # off by default
-    assert not canary_path(root, "bob").exists()
+    assert not layout.client_canaries_file(root, "bob").exists()
 
 
 def test_dp_run_stays_under_its_ledger_epsilon_and_a_non_private_run_does_not(
@@ -142,12 +143,13 @@ def test_audit_fails_loudly_when_the_ledger_claims_more_privacy_than_the_run_had
     # Privacy theatre: the non-private adapter is served while the ledger records epsilon 0.5.
     root, _, public, _ = runs
     theatre = tmp_path / "theatre"
-    (client_dir(theatre, CLIENT) / "audit").mkdir(parents=True)
-    canary_path(theatre, CLIENT).write_text(canary_path(root, CLIENT).read_text())
+    copied = layout.client_canaries_file(theatre, CLIENT)
+    copied.parent.mkdir(parents=True)
+    copied.write_text(layout.client_canaries_file(root, CLIENT).read_text())
     save_adapter(public, client_adapter_dir(theatre, CLIENT))
     spend = {"noise_multiplier": 1.0, "sample_rate": 0.25, "steps": 10, "epsilon_after": 0.5}
     ledger = {"delta": 1e-5, "epsilon_spent": 0.5, "spends": [spend]}
-    (client_dir(theatre, CLIENT) / "privacy.json").write_text(json.dumps(ledger))
+    layout.client_ledger_file(theatre, CLIENT).write_text(json.dumps(ledger))
 
     result = AuditProbe().run_client(_context(theatre, tiny_models_config, tiny_generator), CLIENT)
 
@@ -158,7 +160,7 @@ def test_audit_fails_loudly_when_the_ledger_claims_more_privacy_than_the_run_had
 
 
 def test_audit_skips_with_the_command_that_turns_canaries_on(tmp_path, tiny_models_config, tiny_generator):
-    client_dir(tmp_path, "bob").mkdir(parents=True)
+    layout.client_dir(tmp_path, "bob").mkdir(parents=True)
     result = AuditProbe().run_client(_context(tmp_path, tiny_models_config, tiny_generator), "bob")
     assert result.verdict == Verdict.SKIP
     assert "pfi-rag --set privacy.audit_canaries=64 train --client bob" in result.evidence["skipped"]

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from pfi_rag.data.records import load_client_data, load_shared_eval, write_jsonl
-from pfi_rag.models.adapters import client_adapter_dir
+from pfi_rag.layout import client_adapter_dir, client_data_dir, client_local_adapter_dir
 from pfi_rag.models.lora import load_lora_arrays, lora_arrays
 from pfi_rag.probes.base import Verdict
 from pfi_rag.probes.bias import BiasProbe
 from pfi_rag.probes.calibration import CalibrationProbe
-from pfi_rag.probes.context import LOCAL_ADAPTER
 from pfi_rag.probes.dp_collapse import DPCollapseProbe
 from pfi_rag.probes.erosion import ErosionProbe
 from pfi_rag.probes.fairness import FairnessProbe
@@ -25,7 +24,6 @@ from pfi_rag.probes.membership import MembershipProbe
 from pfi_rag.probes.memorization import ExposureProbe
 from pfi_rag.probes.misalignment import CapabilityProbe, RefusalProbe
 from pfi_rag.probes.ood import OutOfDomainProbe
-from pfi_rag.storage import client_dir
 from tests.probe_support import fresh_lora, make_context, make_data, one_torch_thread, save, train_lora
 
 SMALL = "client-03"  # the synthesiser's tiny client: 6 documents, 1 canary, 4 facts
@@ -45,7 +43,7 @@ def template(tmp_path_factory):
     manifest = make_data(directory, clients=4)
     # Keep the counterfactual set small so planting a bias takes a few steps.
     pairs = load_client_data(directory, SMALL).counterfactuals[:4]
-    write_jsonl(client_dir(directory, SMALL) / "data" / "counterfactuals.jsonl", pairs)
+    write_jsonl(client_data_dir(directory, SMALL) / "counterfactuals.jsonl", pairs)
     # Four harmful requests of four kinds and eight general texts: every model the refusal,
     # capability and erosion probes score reads these, and scoring is most of their cost.
     texts, prompts = load_shared_eval(directory)
@@ -155,7 +153,7 @@ def test_fairness_flags_a_client_worse_off_than_training_alone(root, tiny_models
     root_dir, _ = root
     for client in (OTHER, SMALL):
         alone = qa_trained(tiny_generator, root_dir, client, steps=10)
-        save(alone, client_dir(root_dir, client) / LOCAL_ADAPTER)
+        save(alone, client_local_adapter_dir(root_dir, client))
         save(alone, client_adapter_dir(root_dir, client))
     ctx = make_context(root_dir, tiny_models_config, tiny_generator)
     clean = [FairnessProbe().run_client(ctx, c) for c in (OTHER, SMALL)]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from pfi_rag import layout
 from pfi_rag.cli import app
 from pfi_rag.config import RetrievalConfig, load_config
 from pfi_rag.data.corpus import (
@@ -16,7 +17,6 @@ from pfi_rag.data.corpus import (
     is_held_out,
     load_corpus,
     require_training_data,
-    split_file,
     too_little_data,
     warn_locally,
 )
@@ -58,7 +58,7 @@ def test_corpus_is_the_stores_current_documents_split_the_same_way_every_time(tm
     assert "fixed at held-out share 0.25" in caplog.text
     assert 2 <= len(first.held_out) <= 20 and first.source == "store"
     # The split is the salted hash of the id, recorded with the share beside the client's store.
-    recorded = json.loads(split_file(tmp_path, "alice").read_text())
+    recorded = json.loads(layout.client_split_file(tmp_path, "alice").read_text())
     assert recorded["held_out_share"] == 0.25 and len(recorded["salt"]) == 32
     for doc in first.held_out:
         assert is_held_out(doc, recorded["salt"], 0.25)

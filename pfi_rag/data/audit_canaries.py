@@ -22,13 +22,13 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pfi_rag import layout
 from pfi_rag.config import PrivacyConfig
 from pfi_rag.data.records import Document
-from pfi_rag.storage import atomic_write_json, client_dir, read_json
+from pfi_rag.storage import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
-CANARY_FILE = Path("audit") / "canaries.json"
 ID_PREFIX = "audit-canary-"
 FORMAT = 1
 
@@ -52,10 +52,6 @@ class AuditCanary:
         return Document(id=f"{ID_PREFIX}{self.index:04d}", text=self.text, metadata={"audit_canary": True})
 
 
-def canary_path(data_root: Path, client_id: str) -> Path:
-    return client_dir(Path(data_root), client_id) / CANARY_FILE
-
-
 def generate(count: int, digits: int) -> list[AuditCanary]:
     """``count`` fresh canaries; inclusion bits and secrets from the OS (never a public seed)."""
     rng = secrets.SystemRandom()
@@ -70,13 +66,13 @@ def generate(count: int, digits: int) -> list[AuditCanary]:
 
 def load_canaries(data_root: Path, client_id: str) -> list[AuditCanary]:
     """The client's canaries, or [] when it has none (audit canaries never enabled)."""
-    state = read_json(canary_path(data_root, client_id)) or {}
+    state = read_json(layout.client_canaries_file(data_root, client_id)) or {}
     return [AuditCanary(**c) for c in state.get("canaries", [])]
 
 
 def insertions(data_root: Path, client_id: str) -> list[dict]:
     """The log of training calls that inserted the canaries (when, how many)."""
-    return list((read_json(canary_path(data_root, client_id)) or {}).get("insertions", []))
+    return list((read_json(layout.client_canaries_file(data_root, client_id)) or {}).get("insertions", []))
 
 
 def audit_training_documents(data_root: Path, client_id: str, cfg: PrivacyConfig) -> list[Document]:
@@ -88,7 +84,7 @@ def audit_training_documents(data_root: Path, client_id: str, cfg: PrivacyConfig
     """
     if cfg.audit_canaries == 0:
         return []
-    path = canary_path(data_root, client_id)
+    path = layout.client_canaries_file(data_root, client_id)
     state = read_json(path) or {}
     if not state.get("canaries"):
         state = {

@@ -26,12 +26,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pfi_rag.data.records import Document, Instruction, client_data_dir, read_jsonl
-from pfi_rag.storage import client_dir
+from pfi_rag import layout
+from pfi_rag.data.records import Document, Instruction, read_jsonl
 
 logger = logging.getLogger(__name__)
 
-SPLIT_FILE = "split.json"
 SPLIT_KEY = "split"  # document metadata pinning a side: "train" or "held_out"
 PINS = ("train", "held_out")
 DEFAULT_HELD_OUT_SHARE = 0.2  # config.DataConfig.held_out_share's default
@@ -58,23 +57,15 @@ class ClientCorpus:
         return len(self.train) + len(self.instructions)
 
 
-def store_file(data_root: Path, client_id: str) -> Path:
-    return client_dir(Path(data_root), client_id) / "index" / "docstore.sqlite"
-
-
-def split_file(data_root: Path, client_id: str) -> Path:
-    return client_dir(Path(data_root), client_id) / SPLIT_FILE
-
-
 def current_documents(data_root: Path, client_id: str) -> tuple[list[Document], str]:
     """Every current document of the client, by id, and where they came from."""
-    path = store_file(data_root, client_id)
+    path = layout.client_docstore_file(data_root, client_id)
     if path.is_file():
         from pfi_rag.retriever.docstore import read_current_documents
 
         rows = read_current_documents(path)
         return [Document(id=r["doc_id"], text=r["text"], metadata=r["metadata"]) for r in rows], "store"
-    legacy = client_data_dir(Path(data_root), client_id) / "documents.jsonl"
+    legacy = layout.client_data_dir(data_root, client_id) / "documents.jsonl"
     if legacy.is_file():
         return sorted(read_jsonl(legacy, Document), key=lambda d: d.id), str(legacy)
     return [], "store"
@@ -83,7 +74,7 @@ def current_documents(data_root: Path, client_id: str) -> tuple[list[Document], 
 def _split_record(data_root: Path, client_id: str, held_out_share: float) -> dict:
     """The client's salt and share, created on first use (a no-replace link: two processes that
     race both end up with the one file that won)."""
-    path = split_file(data_root, client_id)
+    path = layout.client_split_file(data_root, client_id)
     if not path.is_file():
         record = {"salt": secrets.token_hex(16), "held_out_share": held_out_share, "format": 1}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -127,7 +118,7 @@ def load_corpus(data_root: Path, client_id: str, *, held_out_share: float | None
     when it differs. Raises :class:`CorpusError` for a client with nothing under the data root.
     """
     root = Path(data_root)
-    directory = client_dir(root, client_id)  # validates the id
+    directory = layout.client_dir(root, client_id)  # validates the id
     if not directory.is_dir():
         raise CorpusError(
             f"client {client_id!r} has no training data: there is no such client in {root}; add its "
@@ -144,14 +135,14 @@ def load_corpus(data_root: Path, client_id: str, *, held_out_share: float | None
             "file to re-split (documents already trained on could then be held out)",
             client_id,
             share,
-            split_file(root, client_id),
+            layout.client_split_file(root, client_id),
             wanted,
         )
     documents, source = current_documents(root, client_id)
     train, held_out = [], []
     for doc in documents:
         (held_out if is_held_out(doc, record["salt"], share) else train).append(doc)
-    instructions_path = client_data_dir(root, client_id) / "instructions.jsonl"
+    instructions_path = layout.client_data_dir(root, client_id) / "instructions.jsonl"
     instructions = read_jsonl(instructions_path, Instruction) if instructions_path.is_file() else []
     return ClientCorpus(
         client_id=client_id,
@@ -199,13 +190,13 @@ def require_training_data(corpus: ClientCorpus) -> None:
     )
 
 
-def warn_locally(data_root: Path, client_id: str, text: str, log: str = "logs/federation.log") -> None:
+def warn_locally(data_root: Path, client_id: str, text: str) -> None:
     """Tell the client (its process log and its own log file under ``clients/<id>/``), never the
     server: what a warning about a client's data says is about its data."""
     import datetime as dt
 
     logger.warning("client %s: %s", client_id, text)
-    path = client_dir(Path(data_root), client_id) / log
+    path = layout.client_log_file(data_root, client_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} warning: {text}\n")

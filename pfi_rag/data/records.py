@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pfi_rag.storage import atomic_write_text, client_dir
+from pfi_rag import layout
+from pfi_rag.storage import atomic_write_text
 
 
 class Record(BaseModel):
@@ -80,11 +81,6 @@ def read_jsonl(path: Path, record_type: type[R]) -> list[R]:
     return records
 
 
-def client_data_dir(data_root: Path, client_id: str) -> Path:
-    """Where a client's own raw data lives (it never leaves the client)."""
-    return client_dir(data_root, client_id) / "data"
-
-
 class ClientData(BaseModel):
     """Everything one client holds locally, as the synthesiser wrote it."""
 
@@ -97,7 +93,7 @@ class ClientData(BaseModel):
 
 
 def load_client_data(data_root: Path, client_id: str) -> ClientData:
-    directory = client_data_dir(data_root, client_id)
+    directory = layout.client_data_dir(data_root, client_id)
     if not directory.is_dir():
         raise FileNotFoundError(
             f"client {client_id!r} has no data in {directory}: run `pfi-rag data synth` first"
@@ -113,13 +109,12 @@ def load_client_data(data_root: Path, client_id: str) -> ClientData:
 
 
 def load_shared_eval(data_root: Path) -> tuple[list[EvalText], list[RefusalPrompt]]:
-    shared = Path(data_root) / "shared"
     return (
-        read_jsonl(shared / "general_eval.jsonl", EvalText),
-        read_jsonl(shared / "refusal_prompts.jsonl", RefusalPrompt),
+        read_jsonl(layout.general_eval_file(data_root), EvalText),
+        read_jsonl(layout.refusal_prompts_file(data_root), RefusalPrompt),
     )
 
 
 def load_manifest(data_root: Path) -> dict[str, Any]:
     """Ground truth of every planted item; for probes and benchmarks, never for training."""
-    return json.loads((Path(data_root) / "manifest.json").read_text(encoding="utf-8"))
+    return json.loads(layout.manifest_file(data_root).read_text(encoding="utf-8"))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pfi_rag import layout
 from pfi_rag.data import pools
 from pfi_rag.data.records import (
     CounterfactualPair,
@@ -22,7 +23,6 @@ from pfi_rag.data.records import (
     Instruction,
     QAPair,
     RefusalPrompt,
-    client_data_dir,
     write_jsonl,
 )
 from pfi_rag.storage import atomic_write_json
@@ -241,16 +241,16 @@ def synthesize(out: Path, *, clients: int, seed: int) -> dict[str, Any]:
     manifest: dict[str, Any] = {"seed": seed, "clients": {}, "format": 1}
     for index in range(clients):
         built = synthesize_client(seed, index, taken)
-        directory = client_data_dir(out, built["client_id"])
+        directory = layout.client_data_dir(out, built["client_id"])
         for name, records in built["records"].items():
             write_jsonl(directory / f"{name}.jsonl", records)
         manifest["clients"][built["client_id"]] = built["truth"]
-    write_jsonl(out / "shared" / "general_eval.jsonl", [EvalText(text=t) for t in pools.GENERAL_EVAL])
+    write_jsonl(layout.general_eval_file(out), [EvalText(text=t) for t in pools.GENERAL_EVAL])
     write_jsonl(
-        out / "shared" / "refusal_prompts.jsonl",
+        layout.refusal_prompts_file(out),
         [RefusalPrompt(prompt=p, category=c) for c, p in pools.REFUSAL_PROMPTS],
     )
-    atomic_write_json(out / "manifest.json", manifest)
+    atomic_write_json(layout.manifest_file(out), manifest)
     return manifest
 
 

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from pfi_rag import layout
 from pfi_rag.config import Config, with_probe_thresholds
 from pfi_rag.data.audit_canaries import AuditCanary, load_canaries
-from pfi_rag.data.corpus import ClientCorpus, load_corpus, store_file
+from pfi_rag.data.corpus import ClientCorpus, load_corpus
 from pfi_rag.data.records import (
     ClientData,
     CounterfactualPair,
@@ -29,18 +30,13 @@ from pfi_rag.data.records import (
     Instruction,
     QAPair,
     RefusalPrompt,
-    client_data_dir,
     read_jsonl,
 )
-from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir
 from pfi_rag.probes import eval_sets
 from pfi_rag.probes.history import Round, read_history
 from pfi_rag.probes.items import EvalItem, cloze_items, qa_items
-from pfi_rag.storage import client_dir, list_clients
 
 logger = logging.getLogger(__name__)
-
-LOCAL_ADAPTER = "local_adapter"  # clients/<id>/local_adapter/: the client trained alone (baseline)
 
 
 class SearchHit(Protocol):
@@ -133,14 +129,15 @@ class ProbeContext:
 
     def client_model(self, client_id: str):
         """Base + the client's personalized adapter (``clients/<id>/adapter/``), or None."""
-        return self._with_adapter(f"client:{client_id}", client_adapter_dir(self.data_root, client_id))
+        return self._with_adapter(f"client:{client_id}", layout.client_adapter_dir(self.data_root, client_id))
 
     def local_model(self, client_id: str):
         """Base + the adapter the client trained alone (``clients/<id>/local_adapter/``), or None."""
-        return self._with_adapter(f"local:{client_id}", client_dir(self.data_root, client_id) / LOCAL_ADAPTER)
+        local = layout.client_local_adapter_dir(self.data_root, client_id)
+        return self._with_adapter(f"local:{client_id}", local)
 
     def global_model(self):
-        return self._with_adapter("global", global_adapter_dir(self.data_root))
+        return self._with_adapter("global", layout.global_adapter_dir(self.data_root))
 
     def round_model(self, round_: Round):
         if round_.adapter_dir is None:
@@ -152,8 +149,9 @@ class ProbeContext:
         """Clients with documents: a store (however it was written), or synthetic data files."""
         return [
             c
-            for c in list_clients(self.data_root)
-            if store_file(self.data_root, c).is_file() or (client_dir(self.data_root, c) / "data").is_dir()
+            for c in layout.list_clients(self.data_root)
+            if layout.client_docstore_file(self.data_root, c).is_file()
+            or layout.client_data_dir(self.data_root, c).is_dir()
         ]
 
     def client_data(self, client_id: str) -> ClientData:
@@ -161,7 +159,7 @@ class ProbeContext:
         where absent: a synthetic client's planted questions and counterfactual pairs, anyone's
         instruction pairs. Its documents are in :meth:`corpus`."""
         if client_id not in self._client_data:
-            directory = client_data_dir(self.data_root, client_id)
+            directory = layout.client_data_dir(self.data_root, client_id)
 
             def read(name: str, record_type):
                 path = directory / name
@@ -212,8 +210,8 @@ class ProbeContext:
     def shared_eval(self) -> tuple[list[EvalText], list[RefusalPrompt]]:
         """General texts and refusal prompts: the data root's ``shared/`` files when it has them
         (a synthetic world), else the sets shipped with the package (probes/eval_sets/)."""
-        shared = self.data_root / "shared"
-        general, refusal = shared / "general_eval.jsonl", shared / "refusal_prompts.jsonl"
+        general = layout.general_eval_file(self.data_root)
+        refusal = layout.refusal_prompts_file(self.data_root)
         return (
             read_jsonl(general, EvalText) if general.is_file() else eval_sets.general_texts(),
             read_jsonl(refusal, RefusalPrompt) if refusal.is_file() else eval_sets.refusal_prompts(),
@@ -226,7 +224,7 @@ class ProbeContext:
     def manifest(self) -> dict[str, Any] | None:
         """Ground truth of the planted items (synthetic data only); None for real data."""
         if self._manifest is None:
-            path = self.data_root / "manifest.json"
+            path = layout.manifest_file(self.data_root)
             self._manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         return self._manifest or None
 
@@ -241,7 +239,7 @@ class ProbeContext:
 
     def ledger(self, client_id: str) -> dict[str, Any] | None:
         """``clients/<id>/privacy.json`` as a dict, None when absent (see probes/budget.py)."""
-        path = client_dir(self.data_root, client_id) / "privacy.json"
+        path = layout.client_ledger_file(self.data_root, client_id)
         if not path.is_file():
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -260,7 +258,7 @@ class ProbeContext:
 
     def _open_store(self, client_id: str) -> Retriever | None:
         # Only an existing index: ClientStore.open would create an empty one, and probes never write.
-        if not (client_dir(self.data_root, client_id) / "index").is_dir():
+        if not layout.client_index_dir(self.data_root, client_id).is_dir():
             return None
         try:
             from pfi_rag.retriever import ClientStore

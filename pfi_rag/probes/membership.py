@@ -11,7 +11,8 @@ another seed at the same size. The report gives ROC AUC and the TPR at 1% FPR; 0
 
 from __future__ import annotations
 
-from pfi_rag.data.records import Document, client_data_dir, read_jsonl
+from pfi_rag import layout
+from pfi_rag.data.records import Document, read_jsonl
 from pfi_rag.data.synth import synthesize_client
 from pfi_rag.models.scoring import continuation_nll
 from pfi_rag.probes import missing
@@ -25,7 +26,7 @@ MAX_CHARS = 1200  # scored per document (~300 tokens): any window of a trained d
 
 
 def heldout_texts(ctx: ProbeContext, client_id: str) -> tuple[list[str], str]:
-    path = client_data_dir(ctx.data_root, client_id) / "heldout.jsonl"
+    path = layout.client_data_dir(ctx.data_root, client_id) / "heldout.jsonl"
     if path.is_file():
         return [d.text for d in read_jsonl(path, Document)], str(path.name)
     manifest = ctx.manifest()

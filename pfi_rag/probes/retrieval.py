@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import re
 
-from pfi_rag.data.corpus import store_file
+from pfi_rag import layout
 from pfi_rag.probes import missing
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext, SearchHit
@@ -99,7 +99,7 @@ class StaleProbe(ClientProbe):
 
     def from_history(self, ctx: ProbeContext, client_id: str, retriever) -> ProbeResult:
         """Stale rate over the sentences superseded versions stated and current ones dropped."""
-        path = store_file(ctx.data_root, client_id)
+        path = layout.client_docstore_file(ctx.data_root, client_id)
         if not path.is_file():
             return self.skip(ctx, missing.no_index(client_id), client=client_id)
         from pfi_rag.retriever.docstore import read_superseded_versions
