@@ -17,10 +17,7 @@ import openai
 import pytest
 import torch
 
-from pfi_rag.api import create_app
-from pfi_rag.api.auth import KeyStore
-from pfi_rag.api.server import ServerThread
-from pfi_rag.config import AdapterConfig, Config, ProbesConfig, ServingConfig
+from pfi_rag.config import AdapterConfig, ProbesConfig, ServingConfig
 from pfi_rag.data.corpus import load_corpus
 from pfi_rag.models import GenerationResult, ServedAdapter, UsedPassage
 from pfi_rag.models.adapters import client_adapter_dir, save_adapter
@@ -46,23 +43,6 @@ ALICE_DOCS = [
 BOB_SECRET = "Bob keeps the spare key for the red boathouse under the third loose stone by the door"
 
 
-class Api:
-    def __init__(self, url: str, app, keys: dict[str, str], root: Path):
-        self.url, self.app, self.keys, self.root = url, app, keys, root
-        self.http = httpx.Client(base_url=url, timeout=120)
-
-    def headers(self, who: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[who]}"}
-
-    def call(self, method: str, path: str, who: str | None = "alice", **kwargs) -> httpx.Response:
-        headers = {**(self.headers(who) if who else {}), **kwargs.pop("headers", {})}
-        return self.http.request(method, path, headers=headers, **kwargs)
-
-    @property
-    def services(self):
-        return self.app.state.services
-
-
 def save_random_adapter(base, directory: Path, *, seed: int) -> None:
     """A LoRA adapter with random B matrices, so it differs from the base model."""
     model = attach_lora(copy.deepcopy(base), AdapterConfig(), seed=seed)
@@ -75,32 +55,23 @@ def save_random_adapter(base, directory: Path, *, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory, tiny_models_config, tiny_generator, embedder):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two contending threads on the shared 2-core machine decode far slower
+def api(tmp_path_factory, tiny_generator, live_service):
     root = tmp_path_factory.mktemp("api")
-    cfg = Config(
-        data_root=root,
-        models=tiny_models_config,
+    save_random_adapter(tiny_generator[0], client_adapter_dir(root, "bob"), seed=1)
+    with live_service(
+        root,
+        clients=("alice", "bob", "carol"),
+        admin=True,
         serving=ServingConfig(max_new_tokens=16, max_prompt_tokens=512, requests_per_minute=100_000),
         probes=ProbesConfig(serve_divergence=True),
-    )
-    store = KeyStore(root / "keys.json")
-    keys = {name: store.create(name)[0] for name in ("alice", "bob", "carol")}
-    keys["admin"] = store.create(None, admin=True)[0]
-    save_random_adapter(tiny_generator[0], client_adapter_dir(root, "bob"), seed=1)
-    app = create_app(cfg, embedder=embedder)
-    with ServerThread(app) as server:
-        client = Api(server.url, app, keys, root)
+    ) as live:
         assert (
-            client.call("POST", "/v1/clients/alice/documents", json={"documents": ALICE_DOCS}).status_code
+            live.call("POST", "/v1/clients/alice/documents", json={"documents": ALICE_DOCS}).status_code
             == 201
         )
         bob_doc = {"documents": [{"id": "boathouse", "text": BOB_SECRET + ". Call +47 912 34 567."}]}
-        assert client.call("POST", "/v1/clients/bob/documents", "bob", json=bob_doc).status_code == 201
-        yield client
-        client.http.close()
-    torch.set_num_threads(threads)
+        assert live.call("POST", "/v1/clients/bob/documents", "bob", json=bob_doc).status_code == 201
+        yield live
 
 
 def test_health_and_readiness(api):

@@ -13,14 +13,11 @@ import time
 
 import httpx
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from pfi_rag.api import create_app
 from pfi_rag.api.auth import KeyStore
-from pfi_rag.api.server import ServerThread
 from pfi_rag.cli import app as cli
-from pfi_rag.config import Config, ServingConfig
+from pfi_rag.config import ServingConfig
 
 runner = CliRunner()
 
@@ -66,20 +63,10 @@ def test_clients_rotate_and_revoke(isolated_env):
 
 
 @pytest.fixture(scope="module")
-def tight(tmp_path_factory, tiny_models_config, embedder):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("limits")
-    cfg = Config(
-        data_root=root,
-        models=tiny_models_config,
-        serving=ServingConfig(max_body_bytes=1024, requests_per_minute=3, max_new_tokens=4),
-    )
-    store = KeyStore(root / "keys.json")
-    keys = {name: store.create(name)[0] for name in ("alice", "bob")}
-    with ServerThread(create_app(cfg, embedder=embedder)) as server:
-        yield server.url, keys
-    torch.set_num_threads(threads)
+def tight(tmp_path_factory, live_service):
+    serving = ServingConfig(max_body_bytes=1024, requests_per_minute=3, max_new_tokens=4)
+    with live_service(tmp_path_factory.mktemp("limits"), clients=("alice", "bob"), serving=serving) as live:
+        yield live.url, live.keys
 
 
 def test_oversized_bodies_get_413_with_or_without_a_length(tight):

@@ -13,14 +13,11 @@ import os
 
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from pfi_rag.api import create_app
-from pfi_rag.api.auth import KeyStore
-from pfi_rag.api.server import ServerThread
 from pfi_rag.config import Config, ServingConfig
 
 # Per operation and mode (~14 operations, 24 cases). The suite draws the same examples every run
@@ -42,21 +39,11 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, tiny_models_config, embedder):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("fuzz")
-    cfg = Config(
-        data_root=root,
-        models=tiny_models_config,
-        serving=ServingConfig(max_new_tokens=4, max_prompt_tokens=256, requests_per_minute=1_000_000),
-    )
-    store = KeyStore(root / "keys.json")
-    keys = {"alice": store.create("alice")[0], "admin": store.create(None, admin=True)[0]}
-    with ServerThread(create_app(cfg, embedder=embedder)) as server:
-        schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
-        yield schema, keys
-    torch.set_num_threads(threads)
+def live(tmp_path_factory, live_service):
+    serving = ServingConfig(max_new_tokens=4, max_prompt_tokens=256, requests_per_minute=1_000_000)
+    with live_service(tmp_path_factory.mktemp("fuzz"), admin=True, serving=serving) as running:
+        schema = schemathesis.openapi.from_url(f"{running.url}/openapi.json")
+        yield schema, running.keys
 
 
 @pytest.mark.parametrize("method,path,mode", CASES, ids=[f"{m} {p} {mode}" for m, p, mode in CASES])

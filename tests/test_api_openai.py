@@ -13,36 +13,23 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
-from pfi_rag.api import create_app
-from pfi_rag.api.auth import KeyStore
-from pfi_rag.api.server import ServerThread
-from pfi_rag.config import Config, ServingConfig
+from pfi_rag.config import ServingConfig
 
 FORCED = 1000  # a token id every test can force with logit_bias
 ASK = [{"role": "user", "content": "Tell me about my notes."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_models_config, embedder):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("openai")
-    cfg = Config(
-        data_root=root,
-        models=tiny_models_config,
-        serving=ServingConfig(max_new_tokens=400, max_prompt_tokens=512, requests_per_minute=100_000),
-    )
-    key = KeyStore(root / "keys.json").create("alice")[0]
-    app = create_app(cfg, embedder=embedder)
-    with ServerThread(app) as running:
+def server(tmp_path_factory, live_service):
+    serving = ServingConfig(max_new_tokens=400, max_prompt_tokens=512, requests_per_minute=100_000)
+    with live_service(tmp_path_factory.mktemp("openai"), serving=serving) as running:
+        key = running.keys["alice"]
         http = httpx.Client(base_url=running.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
         http.post("/v1/clients/alice/documents", json={"documents": [{"text": "My notes are about birds."}]})
         client = openai.OpenAI(base_url=running.url + "/v1", api_key=key, max_retries=0)
-        yield client, http, app
+        yield client, http, running.app
         http.close()
-    torch.set_num_threads(threads)
 
 
 def test_models_list_and_retrieve(server):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from pfi_rag.api import create_app
 from pfi_rag.api.auth import KeyStore, KeyStoreError
@@ -24,38 +23,20 @@ from pfi_rag.config import Config, ServingConfig
 BOB_DOC = {"id": "boat", "text": "The red boathouse key lies under the third loose stone by the door."}
 
 
-class Api:
-    def __init__(self, url: str, app, keys: dict[str, str], root: Path):
-        self.url, self.app, self.keys, self.root = url, app, keys, root
-        self.http = httpx.Client(base_url=url, timeout=300)
-
-    def call(self, method: str, path: str, who: str | None = "alice", **kwargs) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
-        return self.http.request(method, path, headers={**headers, **kwargs.pop("headers", {})}, **kwargs)
-
-
 @pytest.fixture(scope="module")
-def api(tmp_path_factory, tiny_models_config, embedder):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def api(tmp_path_factory, live_service):
     root = tmp_path_factory.mktemp("service") / "data"
-    cfg = Config(
-        data_root=root,
-        models=tiny_models_config,
-        serving=ServingConfig(max_new_tokens=8, max_prompt_tokens=512, requests_per_minute=100_000),
-    )
     root.mkdir(mode=0o755)
-    store = KeyStore(root / "keys.json")
-    keys = {name: store.create(name)[0] for name in ("alice", "bob")}
-    app = create_app(cfg, embedder=embedder, body_timeout_s=1.0)
-    with ServerThread(app) as server:
-        client = Api(server.url, app, keys, root)
-        assert client.call(
+    with live_service(
+        root,
+        clients=("alice", "bob"),
+        serving=ServingConfig(max_new_tokens=8, max_prompt_tokens=512, requests_per_minute=100_000),
+        app_options={"body_timeout_s": 1.0},
+    ) as live:
+        assert live.call(
             "POST", "/v1/clients/bob/documents", "bob", json={"documents": [BOB_DOC]}
         ).is_success
-        yield client
-        client.http.close()
-    torch.set_num_threads(threads)
+        yield live
 
 
 def test_a_huge_token_upload_does_not_stall_health_or_other_clients(api):
