@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pfi_rag.storage import atomic_write_json, read_json, validate_client_id
+from pfi_rag import layout
+from pfi_rag.layout import validate_client_id
+from pfi_rag.storage import atomic_write_json, read_json
 
 FORMAT = 1
 PREFIX = "pfi"
@@ -172,4 +174,4 @@ class KeyStore:
 
 
 def keys_path(data_root: Path, keys_file: Path | None) -> Path:
-    return Path(keys_file) if keys_file is not None else Path(data_root) / "keys.json"
+    return Path(keys_file) if keys_file is not None else layout.keys_file(data_root)

@@ -16,10 +16,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pfi_rag.api.answering import ClientGone
 from pfi_rag.api.compat import is_openai_path, openai_error
 from pfi_rag.api.schemas import ErrorResponse
+from pfi_rag.layout import InvalidClientId
 from pfi_rag.models import AdapterLoadError, InvalidRequest, PromptTooLong, SchedulerStopped
 from pfi_rag.privacy.errors import PrivacyError
 from pfi_rag.retriever import RetrieverError, StoreBusy
-from pfi_rag.storage import InvalidClientId
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pfi_rag import layout
 from pfi_rag.api.auth import KeyStore, keys_path
 from pfi_rag.api.limits import RateLimiter
 from pfi_rag.api.metrics import Metrics
@@ -22,8 +23,6 @@ from pfi_rag.config import Config
 from pfi_rag.models import BatchScheduler, Engine
 
 logger = logging.getLogger(__name__)
-
-SERVER_LOCK = "server.lock"
 
 
 class DataRootBusy(RuntimeError):
@@ -39,7 +38,7 @@ def hold_data_root(data_root: Path) -> int:
     root = Path(data_root)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     root.chmod(0o700)  # it holds every client's documents and the key hashes
-    fd = os.open(root / SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(layout.server_lock_file(root), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -18,12 +18,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from pfi_rag import layout
 from pfi_rag.api.textindex import DocumentText, TextIndex
 from pfi_rag.config import RetrievalConfig
 from pfi_rag.data.records import Document
 from pfi_rag.retriever import ClientStore, Hit, IngestReport, RetrieverError, StoreBusy
 from pfi_rag.retriever.embedding import embed
-from pfi_rag.storage import client_dir, list_clients
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +95,13 @@ class StoreRegistry:
             return store.search_vectors(vectors, k, where)[0]
 
     def has_index(self, client_id: str) -> bool:
-        return client_id in self._stores or (client_dir(self.data_root, client_id) / "index").is_dir()
+        return client_id in self._stores or layout.client_index_dir(self.data_root, client_id).is_dir()
 
     def preload(self) -> int:
         """Open every client's existing store; a store busy in another process is skipped (logged)."""
         opened = 0
-        for client_id in list_clients(self.data_root):
-            if not (client_dir(self.data_root, client_id) / "index").is_dir():
+        for client_id in layout.list_clients(self.data_root):
+            if not layout.client_index_dir(self.data_root, client_id).is_dir():
                 continue
             try:
                 self._entry(client_id)

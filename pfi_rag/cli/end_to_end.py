@@ -170,8 +170,8 @@ def synthesize_clients(cfg: Config, out: Console) -> dict[str, Any]:
 def ingest_documents(cfg: Config, embedder, out: Console) -> dict[str, dict[str, Any]]:
     """Step 2: each client's documents, then its dated update, into its own FAISS index."""
     from pfi_rag.data.records import load_client_data
+    from pfi_rag.layout import list_clients
     from pfi_rag.retriever import ClientStore
-    from pfi_rag.storage import list_clients
 
     started = step(
         out,

@@ -71,7 +71,7 @@ SYNTH_CLIENTS = 4  # what `federate` synthesises into an empty data root unless 
 def _prepare(cfg, clients: int | None) -> None:
     """Use the data root's clients, or synthesise them when it has none."""
     from pfi_rag.data.synth import synthesize
-    from pfi_rag.storage import list_clients
+    from pfi_rag.layout import list_clients
 
     existing = list_clients(cfg.data_root)
     if not existing:
@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Make a CA, the SuperLink's TLS certificate and each SuperNode's key pair for a multi-host run."""
         from pfi_rag.federation.deploy import write_operator_kit
-        from pfi_rag.storage import InvalidClientId
+        from pfi_rag.layout import InvalidClientId
 
         ids = [c.strip() for c in clients.split(",") if c.strip()]
         try:

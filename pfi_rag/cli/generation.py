@@ -20,9 +20,9 @@ GENERATE_ROUTE = (
 
 def _retrieve(cfg: Config, client: str, question: str, k: int) -> tuple[list[Any], str]:
     """The client's top-k passages and a note on where they came from (or why there are none)."""
-    from pfi_rag.storage import client_dir
+    from pfi_rag.layout import client_index_dir
 
-    if not (client_dir(cfg.data_root, client) / "index").is_dir():
+    if not client_index_dir(cfg.data_root, client).is_dir():
         return [], f"client {client!r} has no document index (add documents with `pfi-rag ingest`)"
     try:
         from pfi_rag.retriever import ClientStore, RetrieverError, StoreBusy

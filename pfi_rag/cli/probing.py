@@ -60,10 +60,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Audit clients and the federation for silent failures; exit 1 if any probe fails."""
         from pfi_rag.config import ConfigError
+        from pfi_rag.layout import InvalidClientId, validate_client_id
         from pfi_rag.probes import SUITES, ProbeContext, run_suite
         from pfi_rag.probes.history import HistoryError
         from pfi_rag.probes.report import write_report
-        from pfi_rag.storage import InvalidClientId, validate_client_id
 
         cfg = config_from(ctx)
         if suite not in SUITES:

@@ -72,9 +72,9 @@ def fail_if_busy(cfg: Config, client: str, route: str) -> None:
     ClientStore.open takes the same flock (index/lock) and stays the authority; this only saves
     loading a model first. The probe's own lock is released when its descriptor closes.
     """
-    from pfi_rag.storage import client_dir
+    from pfi_rag.layout import client_store_lock_file
 
-    lock = client_dir(cfg.data_root, client) / "index" / "lock"
+    lock = client_store_lock_file(cfg.data_root, client)
     if not lock.is_file():
         return
     fd = os.open(lock, os.O_RDONLY)
@@ -88,7 +88,7 @@ def fail_if_busy(cfg: Config, client: str, route: str) -> None:
 
 def _check_client(client: str) -> None:
     """Refuse a bad --client before reading files or loading a model."""
-    from pfi_rag.storage import InvalidClientId, validate_client_id
+    from pfi_rag.layout import InvalidClientId, validate_client_id
 
     try:
         validate_client_id(client)

@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
 
 def _issue(ctx: typer.Context, client_id: str | None, *, admin: bool, replace: bool, json_out: bool) -> None:
     from pfi_rag.api.auth import KeyStoreError
-    from pfi_rag.storage import InvalidClientId
+    from pfi_rag.layout import InvalidClientId
 
     if admin and client_id is not None:
         fail("give a client id or --admin, not both")

@@ -14,7 +14,7 @@ CLIENT_HELP = "Client id (its documents are its store under <data_root>/clients/
 
 
 def _check_client(client: str) -> None:
-    from pfi_rag.storage import InvalidClientId, validate_client_id
+    from pfi_rag.layout import InvalidClientId, validate_client_id
 
     try:
         validate_client_id(client)
@@ -136,8 +136,8 @@ def register(app: typer.Typer) -> None:
 
         The budget is fixed in the ledger when the client first spends; privacy.epsilon_max and
         --set only seed new ledgers. This is the one way to change it afterwards."""
+        from pfi_rag.layout import client_dir
         from pfi_rag.privacy import PrivacyError, PrivacyLedger
-        from pfi_rag.storage import client_dir
 
         _check_client(client)
         cfg = config_from(ctx)

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pfi_rag.storage import validate_client_id
+from pfi_rag.layout import validate_client_id
 
 CURVE = ec.SECP384R1  # P-384: what `flwr supernode register` documents; TLS accepts it too
 LOCAL_NAMES = ("localhost", "127.0.0.1")

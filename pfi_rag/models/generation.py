@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pfi_rag.config import AdapterConfig, Config, ServingConfig
+from pfi_rag.layout import validate_client_id
 from pfi_rag.models.adapter_cache import (
     PLACEHOLDER_ADAPTER,
     AdapterCache,
@@ -28,7 +29,6 @@ from pfi_rag.models.decoding import DecodeBatch, Row, SamplingParams
 from pfi_rag.models.gathered_lora import GatheredLoRA
 from pfi_rag.models.prompting import PassageLike, Prompt, UsedPassage, build_prompt
 from pfi_rag.models.sampling import TokenLogprob
-from pfi_rag.storage import validate_client_id
 
 logger = logging.getLogger(__name__)
 

@@ -27,14 +27,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pfi_rag import layout
 from pfi_rag.config import PrivacyConfig
 from pfi_rag.privacy.accounting import MECHANISMS, History, epsilon_of
 from pfi_rag.privacy.errors import BudgetExceeded, PrivacyError
-from pfi_rag.storage import atomic_write_json, client_dir, read_json
+from pfi_rag.storage import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
-LEDGER_FILE = "privacy.json"
 LOCK_FILE = ".privacy.lock"
 FORMAT = 2
 # Room for float rounding when a spend lands exactly on the budget.
@@ -146,7 +146,7 @@ class PrivacyLedger:
     @classmethod
     def open(cls, data_root: Path, client_id: str, cfg: PrivacyConfig) -> PrivacyLedger:
         """Read ``clients/<id>/privacy.json`` (an empty ledger if there is none); writes nothing."""
-        path = client_dir(data_root, client_id) / LEDGER_FILE
+        path = layout.client_ledger_file(data_root, client_id)
         return cls(path, client_id=client_id, cfg=cfg, state=read_json(path))
 
     # -- reading -------------------------------------------------------------------------------

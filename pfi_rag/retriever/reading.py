@@ -11,10 +11,8 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+from pfi_rag import layout
 from pfi_rag.retriever.records import StoredDocument
-from pfi_rag.storage import client_dir
-
-DOCSTORE_FILE = "docstore.sqlite"  # as pfi_rag.retriever.store names it
 
 
 def current_documents(data_root: Path, client_id: str) -> list[StoredDocument]:
@@ -39,7 +37,7 @@ def document_versions(data_root: Path, client_id: str, doc_id: str) -> list[Stor
 
 @contextmanager
 def _connect(data_root: Path, client_id: str) -> Iterator[sqlite3.Connection | None]:
-    path = client_dir(Path(data_root), client_id) / "index" / DOCSTORE_FILE  # validates the id
+    path = layout.client_docstore_file(data_root, client_id)  # validates the id
     if not path.is_file():
         yield None
         return

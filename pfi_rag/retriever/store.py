@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pfi_rag import layout
 from pfi_rag.config import RetrievalConfig
 from pfi_rag.data.records import Document
 from pfi_rag.retriever import index as vindex
@@ -42,13 +43,10 @@ from pfi_rag.retriever.records import (
     StoredDocument,
 )
 from pfi_rag.retriever.sources import check_document, content_hash, read_paths
-from pfi_rag.storage import client_dir
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "faiss.index"
-DOCSTORE_FILE = "docstore.sqlite"
-LOCK_FILE = "lock"
+FAISS_FILE, DOCSTORE_FILE = layout.FAISS_FILE, layout.DOCSTORE_FILE  # inside a client's index/
 
 Progress = Callable[[int], None]  # called with the number of documents just done (written or unchanged)
 Committed = Callable[[list[Document]], None]  # the document versions a batch just committed
@@ -79,7 +77,7 @@ class ClientStore:
         self._docstore = docstore
         self._lock_fd: int | None = lock_fd
         self._window = window_size(cfg.chunk_tokens, cfg.chunk_overlap, max_tokens(embedder))
-        self._index = vindex.load(directory / INDEX_FILE, cfg)
+        self._index = vindex.load(directory / FAISS_FILE, cfg)
         # True when the in-memory index differs from the file: set by every index change.
         self._dirty = self._index is None
         if self._index is None or self._index.d != self.dim:
@@ -94,9 +92,9 @@ class ClientStore:
         cls, data_root: Path | str, client_id: str, retrieval_cfg: RetrievalConfig, embedder
     ) -> ClientStore:
         """Open (creating if needed) ``client_id``'s store; raises InvalidClientId, StoreBusy."""
-        directory = client_dir(Path(data_root), client_id) / "index"  # validates the id first
+        directory = layout.client_index_dir(data_root, client_id)  # validates the id first
         _private_dirs(Path(data_root), directory)
-        lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        lock_fd = os.open(layout.client_store_lock_file(data_root, client_id), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -317,7 +315,7 @@ class ClientStore:
         if fitted is not self._index:
             self._index, self._dirty = fitted, True
         if self._dirty:
-            vindex.save(self._index, self.directory / INDEX_FILE)
+            vindex.save(self._index, self.directory / FAISS_FILE)
             self._dirty = False
 
     # -- reads --------------------------------------------------------------------------------
@@ -396,7 +394,7 @@ class ClientStore:
 
     def stats(self) -> dict[str, Any]:
         counts = self._docstore.counts()
-        files = [self.directory / INDEX_FILE, *self.directory.glob(DOCSTORE_FILE + "*")]
+        files = [self.directory / FAISS_FILE, *self.directory.glob(DOCSTORE_FILE + "*")]
         return {
             "client_id": self.client_id,
             **counts,
