@@ -15,6 +15,7 @@ the tree below is the whole of what a data root can hold (docs/architecture.md s
         audit/canaries.json         its audit canaries (privacy.audit_canaries)
         probes/latest.json          its own latest probe results
         logs/federation.log         what went wrong on its side of a round
+        logs/federation-timings.jsonl   where its rounds' time went, phase by phase
       federation/
         global_adapter/             the latest global adapter
         rounds/round-0001.json      the record of round 1
@@ -143,6 +144,11 @@ def client_probe_results_file(data_root: Path, client_id: str) -> Path:
 def client_log_file(data_root: Path, client_id: str) -> Path:
     """``clients/<id>/logs/federation.log``: warnings and failures of the client's side of rounds."""
     return client_dir(data_root, client_id) / "logs" / "federation.log"
+
+
+def client_timings_file(data_root: Path, client_id: str) -> Path:
+    """``clients/<id>/logs/federation-timings.jsonl``: each round's phase timings (never sent)."""
+    return client_dir(data_root, client_id) / "logs" / "federation-timings.jsonl"
 
 
 # -- the federation: federation/ --------------------------------------------------------------
