@@ -22,10 +22,10 @@ from pfi_rag.data.records import load_client_data
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.checkpoint import load_checkpoint
 from pfi_rag.federation.launcher import run_simulation
-from pfi_rag.federation.records import read_round_records, rounds_dir
+from pfi_rag.federation.records import read_round_records
 from pfi_rag.federation.server import FederationFailed
 from pfi_rag.federation.task import fresh_adapter, read_adapter_arrays
-from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir
+from pfi_rag.layout import client_adapter_dir, global_adapter_dir, round_record_files
 from pfi_rag.privacy import PrivacyLedger
 from pfi_rag.privacy.accounting import epsilon_of
 
@@ -140,7 +140,7 @@ def test_epsilon_per_client_composes_the_rounds_it_joined(main_run):
         assert ledger.epsilon_spent == pytest.approx(expected, rel=1e-9)
         assert ledger.epsilon_spent <= joined * cfg.privacy.epsilon_per_round + 1e-6
         # The server never learns a client's epsilon (it is a function of n): not in the records.
-        on_disk = [json.loads(p.read_text()) for p in sorted(rounds_dir(cfg.data_root).glob("round-*.json"))]
+        on_disk = [json.loads(p.read_text()) for p in round_record_files(cfg.data_root)]
         assert all("epsilon" not in r["updates"].get(client, {}) for r in on_disk)
 
 

@@ -19,11 +19,11 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 
 from pfi_rag.data.corpus import load_corpus
 from pfi_rag.data.synth import synthesize
-from pfi_rag.federation.client_app import LOCAL_LOG, make_client_app
+from pfi_rag.federation.client_app import make_client_app
 from pfi_rag.federation.protocol import ARRAYS, CONFIG, PRIVACY, UPDATE, to_array_record
 from pfi_rag.federation.strategies import shared_part
-from pfi_rag.federation.task import FAILURE_CODES, TIMINGS_LOG, fresh_adapter
-from pfi_rag.storage import client_dir
+from pfi_rag.federation.task import FAILURE_CODES, fresh_adapter
+from pfi_rag.layout import client_data_dir, client_log_file, client_timings_file, federation_dir
 from tests.test_federation import tiny_federation_config
 
 CLIENT = "client-00"
@@ -84,7 +84,7 @@ def fields(reply: Message) -> dict:
 
 
 def add_instruction(root: Path, text: str) -> None:
-    path = client_dir(root, CLIENT) / "data" / "instructions.jsonl"
+    path = client_data_dir(root, CLIENT) / "instructions.jsonl"
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(text + "\n")
 
@@ -137,12 +137,12 @@ def test_the_round_metrics_cost_the_same_evaluation_for_a_small_and_a_large_clie
     # Assert: each client's own timing log says how many records its loss evaluation ran the model
     # on (before, and again after, training): the sample size for both, whatever the record count
     for name in ("small", "large"):
-        timings = json.loads((client_dir(tmp_path / name, CLIENT) / TIMINGS_LOG).read_text())
+        timings = json.loads(client_timings_file(tmp_path / name, CLIENT).read_text())
         assert timings["evaluated"] == sample, name
         assert {"evaluate", "dp_steps", "plan"} <= set(timings["phases"])
     # An overrun deadline is told to the client's own log (and the reply still went out)
-    assert "reply_late" in (client_dir(tmp_path / "small", CLIENT) / LOCAL_LOG).read_text()
-    assert not (client_dir(tmp_path / "large", CLIENT) / LOCAL_LOG).exists()
+    assert "reply_late" in client_log_file(tmp_path / "small", CLIENT).read_text()
+    assert not client_log_file(tmp_path / "large", CLIENT).exists()
 
 
 def test_a_secret_in_a_malformed_record_never_reaches_the_server(tmp_path, model_cache, caplog):
@@ -168,14 +168,13 @@ def test_a_secret_in_a_malformed_record_never_reaches_the_server(tmp_path, model
     sent = repr(fields(reply)) + repr(reply.metadata)
     assert secret not in sent and "PrEP" not in sent
     assert "PrEP" not in caplog.text  # the process log the server shares in a simulation
-    local_log = (client_dir(tmp_path, CLIENT) / LOCAL_LOG).read_text()
+    local_log = client_log_file(tmp_path, CLIENT).read_text()
     assert "PrEP" in local_log  # the details stay with the client, for its owner to read
 
 
 @pytest.mark.slow
 def test_round_records_hold_failure_codes_only(tmp_path, model_cache):
     """Through a real simulation: the round record of a client with a secret-bearing bad record."""
-    from pfi_rag.federation.checkpoint import federation_dir
     from pfi_rag.federation.launcher import run_simulation
     from pfi_rag.federation.server import FederationFailed
 

@@ -1,11 +1,7 @@
 """The federation's resumable checkpoint on the server's disk (the round records: :mod:`.records`).
 
-Layout under ``<data_root>/federation/``::
-
-    checkpoint/            arrays.npz (global shared arrays) + state.json, replaced atomically
-    global_adapter/        the latest global adapter, PEFT format (served to clients without one)
-    rounds/round-0001.json what happened in round 1 (records.RoundRecord; read by the probes)
-    rounds/round-0001/global_adapter/   that round's global adapter (alignment-erosion series)
+``federation/checkpoint/`` (:func:`pfi_rag.layout.checkpoint_dir`) holds arrays.npz (the global
+shared arrays) and state.json, replaced together atomically.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pfi_rag.federation.records import federation_dir
+from pfi_rag import layout
 from pfi_rag.storage import atomic_directory, recover_directory
 
 
@@ -31,7 +27,7 @@ class Checkpoint:
 
 def save_checkpoint(data_root: Path, round_number: int, arrays: dict[str, np.ndarray], state: dict) -> None:
     """Write the global arrays and server state after ``round_number`` as one atomic unit."""
-    with atomic_directory(federation_dir(data_root) / "checkpoint") as staging:
+    with atomic_directory(layout.checkpoint_dir(data_root)) as staging:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         (staging / "arrays.npz").write_bytes(buffer.getvalue())
@@ -39,7 +35,7 @@ def save_checkpoint(data_root: Path, round_number: int, arrays: dict[str, np.nda
 
 
 def load_checkpoint(data_root: Path) -> Checkpoint | None:
-    directory = federation_dir(data_root) / "checkpoint"
+    directory = layout.checkpoint_dir(data_root)
     recover_directory(directory)
     if not (directory / "state.json").is_file():
         return None

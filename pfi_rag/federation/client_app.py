@@ -34,10 +34,9 @@ from pfi_rag.federation.protocol import (
     train_reply,
 )
 from pfi_rag.federation.task import SatOut, failure_code, train_round
-from pfi_rag.storage import client_dir, list_clients, validate_client_id
+from pfi_rag.layout import client_log_file, list_clients, validate_client_id
 
 logger = logging.getLogger(__name__)
-LOCAL_LOG = "logs/federation.log"
 
 
 def client_id_of(context: Context, cfg: Config, participants: list[str] | None = None) -> str:
@@ -117,7 +116,7 @@ def hold_reply(cfg: Config, client_id: str | None, arrived: float) -> None:
         time.sleep(left)
     elif client_id is not None:
         stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        path = client_dir(cfg.data_root, client_id) / LOCAL_LOG
+        path = client_log_file(cfg.data_root, client_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(
@@ -132,7 +131,7 @@ def log_locally(cfg: Config | None, client_id: str | None, code: str) -> str:
     if cfg is None or client_id is None:
         logger.debug("%s", text)  # no client directory known: the local process log only
         return "this process's debug log"
-    path = client_dir(cfg.data_root, client_id) / LOCAL_LOG
+    path = client_log_file(cfg.data_root, client_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(text)

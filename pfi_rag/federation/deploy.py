@@ -28,9 +28,9 @@ from pathlib import Path
 
 import tomli_w
 
+from pfi_rag import layout
 from pfi_rag.config import Config
 from pfi_rag.federation.certificates import DeploymentKeys, write_deployment_keys
-from pfi_rag.federation.checkpoint import federation_dir
 from pfi_rag.storage import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ def run_deployment(cfg: Config, clients: int, timeout_s: float = 3600.0, *, tls:
     cfg = cfg.model_copy(deep=True)
     cfg.data_root = Path(cfg.data_root).resolve()
     cfg.federation.clients = clients
-    base = federation_dir(cfg.data_root) / "deploy"
+    base = layout.deploy_dir(cfg.data_root)
     log_dir = base / "logs"
     keys = None
     if tls:

@@ -15,7 +15,7 @@ from pfi_rag.federation.records import (
     read_round_records,
     write_summary,
 )
-from pfi_rag.storage import list_clients
+from pfi_rag.layout import list_clients
 
 logger = logging.getLogger(__name__)
 

@@ -7,24 +7,20 @@ writer renames is a validation error at the reader, not a value that silently re
 
 This module imports neither Flower nor Ray, so the probes can read the history cheaply.
 
-Layout under ``<data_root>/federation/``::
-
-    rounds/round-0001.json              a RoundRecord
-    rounds/round-0001/global_adapter/   that round's global adapter (PEFT format)
-    summary.json                        a FederationSummary
+Where they live: :func:`pfi_rag.layout.round_record_file` (``federation/rounds/round-0001.json``,
+a RoundRecord) and :func:`pfi_rag.layout.summary_file` (``federation/summary.json``, a
+FederationSummary).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pfi_rag import layout
 from pfi_rag.storage import atomic_write_json
-
-ROUND_FILE = re.compile(r"round-(\d{4,})\.json")
 
 
 class RecordError(ValueError):
@@ -122,28 +118,8 @@ class FederationSummary(_Record):
     clients: dict[str, ClientRow] = Field(default_factory=dict)
 
 
-def federation_dir(data_root: Path) -> Path:
-    return Path(data_root) / "federation"
-
-
-def rounds_dir(data_root: Path) -> Path:
-    return federation_dir(data_root) / "rounds"
-
-
-def round_record_path(data_root: Path, round_number: int) -> Path:
-    return rounds_dir(data_root) / f"round-{round_number:04d}.json"
-
-
-def round_adapter_dir(data_root: Path, round_number: int) -> Path:
-    return rounds_dir(data_root) / f"round-{round_number:04d}" / "global_adapter"
-
-
-def summary_path(data_root: Path) -> Path:
-    return federation_dir(data_root) / "summary.json"
-
-
 def write_round_record(data_root: Path, record: RoundRecord) -> Path:
-    path = round_record_path(data_root, record.round)
+    path = layout.round_record_file(data_root, record.round)
     atomic_write_json(path, record.model_dump(mode="json"))
     return path
 
@@ -164,21 +140,17 @@ def read_round_record(path: Path) -> RoundRecord:
 
 def read_round_records(data_root: Path) -> list[RoundRecord]:
     """Every recorded round, in round order (empty when the federation never ran)."""
-    directory = rounds_dir(data_root)
-    if not directory.is_dir():
-        return []
-    files = [p for p in directory.iterdir() if ROUND_FILE.fullmatch(p.name)]
-    return sorted((read_round_record(p) for p in files), key=lambda r: r.round)
+    return [read_round_record(path) for path in layout.round_record_files(data_root)]
 
 
 def write_summary(data_root: Path, summary: FederationSummary) -> Path:
-    path = summary_path(data_root)
+    path = layout.summary_file(data_root)
     atomic_write_json(path, summary.model_dump(mode="json"))
     return path
 
 
 def read_summary(data_root: Path) -> FederationSummary | None:
-    path = summary_path(data_root)
+    path = layout.summary_file(data_root)
     if not path.is_file():
         return None
     try:

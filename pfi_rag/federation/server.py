@@ -49,12 +49,11 @@ from pfi_rag.federation.records import (
     SatOut,
     ServerDP,
     UpdateStats,
-    round_adapter_dir,
     write_round_record,
 )
 from pfi_rag.federation.strategies import shared_part
 from pfi_rag.federation.task import FAILURE_CODES
-from pfi_rag.models.adapters import global_adapter_dir
+from pfi_rag.layout import global_adapter_dir, round_adapter_dir
 from pfi_rag.privacy.round_metrics import released_loss_std
 
 logger = logging.getLogger(__name__)

@@ -46,19 +46,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pfi_rag.config import CLIENT_SETTINGS_FILE, Config, with_client_settings
+from pfi_rag import layout
+from pfi_rag.config import Config, with_client_settings
 from pfi_rag.data.audit_canaries import audit_training_documents
 from pfi_rag.data.corpus import load_corpus, require_training_data, too_little_data, warn_locally
 from pfi_rag.federation.protocol import LOSS_AFTER, LOSS_BEFORE, NUM_EXAMPLES, OK, STATUS, TRAIN_SECONDS
 from pfi_rag.federation.strategies import shared_predicate
-from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
+from pfi_rag.models.adapters import read_adapter_info, save_adapter
 from pfi_rag.models.lora import attach_lora, load_lora_arrays, lora_arrays
-from pfi_rag.storage import client_dir
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TIMINGS_LOG = "logs/federation-timings.jsonl"  # under the client's directory; never sent
 
 
 @dataclass
@@ -172,7 +171,7 @@ def train_round(
     from pfi_rag.privacy import BudgetExceeded, PrivacyLedger, build_outgoing_update, train_adapter
 
     phases = Phases()
-    cfg = with_client_settings(cfg, client_dir(cfg.data_root, client_id) / CLIENT_SETTINGS_FILE)
+    cfg = with_client_settings(cfg, layout.client_settings_file(cfg.data_root, client_id))
     strategy = cfg.federation.strategy
     root = cfg.data_root
     # The client's store (current versions; its held-out share is never trained on).
@@ -183,7 +182,7 @@ def train_round(
     # Audit canaries (privacy.audit_canaries, opt-in): extra DP training records, never indexed.
     canaries = audit_training_documents(root, client_id, cfg.privacy)
     ledger = PrivacyLedger.open(root, client_id, cfg.privacy)
-    adapter_info = read_adapter_info(client_adapter_dir(root, client_id))
+    adapter_info = read_adapter_info(layout.client_adapter_dir(root, client_id))
     ledger.check_absorbed(adapter_info.epsilon if adapter_info is not None else None)
     epsilon = cfg.privacy.epsilon_per_round / 2 if strategy == "ditto" else None
     private_metrics = cfg.privacy.round_metrics == "private"
@@ -204,7 +203,7 @@ def train_round(
 
     phases.lap("setup")
     model, tokenizer, _ = fresh_adapter(cfg)
-    personal = read_adapter_arrays(client_adapter_dir(root, client_id))
+    personal = read_adapter_arrays(layout.client_adapter_dir(root, client_id))
     if personal is not None and strategy != "ditto":
         load_lora_arrays(model, personal)
     load_lora_arrays(model, global_shared)  # the shared part comes from the server
@@ -242,7 +241,7 @@ def train_round(
     if save_personal:
         save_adapter(
             model,
-            client_adapter_dir(root, client_id),
+            layout.client_adapter_dir(root, client_id),
             round=server_round,
             source="federated",
             epsilon=ledger.epsilon_spent,
@@ -285,7 +284,7 @@ class Phases:
 
 
 def log_timings(root: Path, client_id: str, server_round: int, phases: Phases, *, evaluated: int) -> None:
-    """Append the round's phase timings to the client's own log (``TIMINGS_LOG``): where a
+    """Append the round's phase timings to the client's own timings log (see layout): where a
     round's time goes, for its operator and ``bench/federation.py``. ``pid`` tells the simulation
     worker or SuperNode process that ran it apart from others."""
     entry = {
@@ -295,7 +294,7 @@ def log_timings(root: Path, client_id: str, server_round: int, phases: Phases, *
         "evaluated": evaluated,
         "phases": {phase: round(seconds, 4) for phase, seconds in phases.seconds.items()},
     }
-    path = client_dir(root, client_id) / TIMINGS_LOG
+    path = layout.client_timings_file(root, client_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")

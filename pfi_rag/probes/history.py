@@ -19,13 +19,8 @@ from pathlib import Path
 
 from pydantic import ConfigDict
 
-from pfi_rag.federation.records import (
-    ROUND_FILE,
-    RecordError,
-    RoundRecord,
-    read_round_record,
-    rounds_dir,
-)
+from pfi_rag import layout
+from pfi_rag.federation.records import RecordError, RoundRecord, read_round_record
 
 HistoryError = RecordError  # a round file is unreadable or malformed; the message names the file
 
@@ -45,7 +40,7 @@ class Round(RoundRecord):
 
 def read_round(path: Path) -> Round:
     record = read_round_record(path)
-    adapter = Path(path).with_suffix("") / "global_adapter"
+    adapter = layout.round_adapter_dir_of(path)
     return Round(
         **dict(record),
         path=Path(path),
@@ -55,8 +50,4 @@ def read_round(path: Path) -> Round:
 
 def read_history(data_root: Path) -> list[Round]:
     """Every recorded round, in round order (empty when the federation never ran)."""
-    directory = rounds_dir(data_root)
-    if not directory.is_dir():
-        return []
-    files = [p for p in directory.iterdir() if ROUND_FILE.fullmatch(p.name)]
-    return sorted((read_round(p) for p in files), key=lambda r: r.number)
+    return [read_round(path) for path in layout.round_record_files(data_root)]
