@@ -111,8 +111,12 @@ class DecodeBatch:
         lock: threading.Lock | None = None,
         identity_adapter: str | None = None,
         gathered=None,
+        prefix=None,
     ):
         self.model = model
+        # A PrefixCache (prefix_cache.py): rows whose prompt starts with its tokens reuse their
+        # adapter's keys and values of it instead of computing them again. Gathered LoRA only.
+        self.prefix = prefix if gathered is not None else None
         # A GatheredLoRA holding every loaded adapter in a slot: one batched product per LoRA layer
         # for a mixed batch instead of PEFT's loop over the adapters present.
         self.gathered = gathered
@@ -187,6 +191,11 @@ class DecodeBatch:
             return []
         if not self.can_join():
             raise RuntimeError("this model's cache cannot take rows mid-flight; start a new batch")
+        if self.prefix is not None:
+            cached = [r for r in rows if r.slot is not None and self.prefix.matches(r.prompt_ids)]
+            if cached:
+                others = [r for r in rows if r not in cached]
+                return self._add_after_prefix(cached) + (self.add(others) if others else [])
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -195,18 +204,66 @@ class DecodeBatch:
                 raise ValueError("a row needs at least one prompt token")
             ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
             mask[i, width - len(row.prompt_ids) :] = 1
-            row.length = len(row.prompt_ids)
-            if not row.params.greedy:
-                row._generator = torch.Generator(device=self.device)
-                if row.params.seed is None:
-                    row._generator.seed()
-                else:
-                    row._generator.manual_seed(row.params.seed)
+            self._start(row)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, L): left padding keeps positions 0..n-1
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         # Keys and values preallocated with headroom: a step writes in place (kv_cache.py).
         cache = preallocated_cache(getattr(self.model, "config", None))
         logits = self._forward(ids, mask, positions, cache, rows)
+        return self._join(rows, cache, mask, logits)
+
+    def _start(self, row: Row) -> None:
+        row.length = len(row.prompt_ids)
+        if not row.params.greedy:
+            row._generator = torch.Generator(device=self.device)
+            if row.params.seed is None:
+                row._generator.seed()
+            else:
+                row._generator.manual_seed(row.params.seed)
+
+    def _prefix_layers(self, slots: list[int]) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each slot's cached prefix keys/values, computing the missing ones in one forward pass."""
+        versions = self.gathered.versions
+        found = {slot: self.prefix.get((slot, versions[slot])) for slot in slots}
+        missing = [slot for slot, layers in found.items() if layers is None]
+        if missing:
+            ids = torch.tensor([self.prefix.ids] * len(missing), device=self.device)
+            cache = DynamicCache(config=getattr(self.model, "config", None))
+            with self.lock, torch.inference_mode(), self.gathered.rows(missing):
+                self.model(input_ids=ids, use_cache=True, **{self._cache_arg: cache}, **self._keep)
+            for i, slot in enumerate(missing):
+                layers = [(c.keys[i : i + 1].clone(), c.values[i : i + 1].clone()) for c in cache.layers]
+                self.prefix.put((slot, versions[slot]), layers)
+                found[slot] = layers
+        return found
+
+    def _add_after_prefix(self, rows: list[Row]) -> list[Row]:
+        """Prefill rows that start with the cached prefix: only their own suffixes go through the model.
+
+        Layout per row: ``[prefix][left padding][suffix]``; positions continue from the prefix.
+        """
+        n = len(self.prefix.ids)
+        layers = self._prefix_layers(sorted({row.slot for row in rows}))
+        width = max(len(r.prompt_ids) for r in rows) - n
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), n + width), dtype=torch.long)
+        mask[:, :n] = 1
+        for i, row in enumerate(rows):
+            suffix = row.prompt_ids[n:]
+            ids[i, width - len(suffix) :] = torch.tensor(suffix)
+            mask[i, n + width - len(suffix) :] = 1
+            self._start(row)
+        positions = (mask.cumsum(-1) - 1)[:, n:]  # (b, width): n.. for the suffix (padding: masked)
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        cache = preallocated_cache(getattr(self.model, "config", None))
+        for index, layer in enumerate(cache.layers):
+            layer.lazy_initialization(layers[rows[0].slot][index][0], layers[rows[0].slot][index][1])
+            layer.keys = torch.cat([layers[row.slot][index][0] for row in rows])  # (b, kv_heads, n, d)
+            layer.values = torch.cat([layers[row.slot][index][1] for row in rows])
+        logits = self._forward(ids, mask, positions, cache, rows)
+        return self._join(rows, cache, mask, logits)
+
+    def _join(self, rows: Sequence[Row], cache, mask: torch.Tensor, logits: torch.Tensor) -> list[Row]:
         tokens = self._sample(rows, logits)
         if self.cache is None:
             self.rows, self.cache, self.mask, self.next_tokens = list(rows), cache, mask, tokens

@@ -59,6 +59,9 @@ class GatheredLoRA:
         self.dtype = dtype  # the LoRA path stays in this dtype whatever the base model's
         self.capacity = max(2, slots + 1)  # slot 0 is "no adapter" and stays zero
         self._free = list(range(self.capacity - 1, 0, -1))
+        # Bumped whenever a slot is filled or emptied: what was computed with a slot (a cached
+        # prompt prefix) is valid only for the version it was computed with.
+        self.versions = [0] * self.capacity
         self._stacks: dict[str, _Stack] = {}
         self._idx: torch.Tensor | None = None  # (B,) slots of the rows in the current forward
         self._single: int | None = None  # the one slot every row shares, if they do
@@ -96,6 +99,7 @@ class GatheredLoRA:
             s[: self.capacity] = stack.scaling
             stack.A, stack.B, stack.scaling = a, b, s
         self._free.extend(range(capacity - 1, self.capacity - 1, -1))
+        self.versions.extend([0] * (capacity - self.capacity))
         self.capacity, self.rank = capacity, rank
 
     def fill(self, adapter_name: str) -> int:
@@ -116,6 +120,7 @@ class GatheredLoRA:
         if not self._free:
             self._grow(capacity=self.capacity * 2)
         slot = self._free.pop()
+        self.versions[slot] += 1
         with torch.no_grad():
             for stack, layer in used:
                 a = layer.lora_A[adapter_name].weight  # (r, in)
@@ -135,6 +140,7 @@ class GatheredLoRA:
             stack.A[slot].zero_()
             stack.B[slot].zero_()
             stack.scaling[slot] = 0
+        self.versions[slot] += 1
         self._free.append(slot)
 
     @property

@@ -27,6 +27,7 @@ from pfi_rag.models.adapter_cache import (
 )
 from pfi_rag.models.decoding import DecodeBatch, Row, SamplingParams
 from pfi_rag.models.gathered_lora import GatheredLoRA
+from pfi_rag.models.prefix_cache import PrefixCache, shared_prefix_ids
 from pfi_rag.models.prompting import PassageLike, Prompt, UsedPassage, build_prompt
 from pfi_rag.models.sampling import TokenLogprob
 
@@ -181,6 +182,8 @@ class Engine:
             model_lock=self.lock,
             gathered=self.gathered,
         )
+        self._prefix: PrefixCache | None = None  # built on first use, for the current system prompt
+        self._prefix_prompt: str | None = None
         self.retrieve = retrieve
         self.retrieval_k = retrieval_k
         self.relevance_floor = relevance_floor  # None: every passage given reaches the prompt
@@ -192,8 +195,10 @@ class Engine:
     @classmethod
     def from_config(cls, cfg: Config, *, retrieve: Retrieve | None = None) -> Engine:
         from pfi_rag.models.loading import load_generator
+        from pfi_rag.models.quantization import quantize_linear_layers
 
         model, tokenizer, _ = load_generator(cfg.models)
+        quantize_linear_layers(model, cfg.serving.weight_format)  # "none": unchanged
         return cls(
             model,
             tokenizer,
@@ -205,6 +210,17 @@ class Engine:
             relevance_floor=cfg.retrieval.relevance_floor,
         )
 
+    def prefix_cache(self) -> PrefixCache | None:
+        """The cache of the prompt prefix every request shares (None when turned off or without
+        gathered LoRA); rebuilt empty if the system prompt changed."""
+        if not self.serving.prefix_cache or self.gathered is None:
+            return None
+        if self._prefix is None or self._prefix_prompt != self.serving.system_prompt:
+            ids = shared_prefix_ids(self.tokenizer, self.serving.system_prompt)
+            self._prefix = PrefixCache(ids, max_entries=2 * self.gathered.capacity)
+            self._prefix_prompt = self.serving.system_prompt
+        return self._prefix
+
     def new_batch(self) -> DecodeBatch:
         return DecodeBatch(
             self.model,
@@ -213,6 +229,7 @@ class Engine:
             lock=self.lock,
             identity_adapter=PLACEHOLDER_ADAPTER,
             gathered=self.gathered,
+            prefix=self.prefix_cache(),
         )
 
     def prepare(
