@@ -63,6 +63,47 @@ def calibrated_table(scores: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rate_cell(row: dict[str, Any], key: str) -> str:
+    """``0.80 (4/5) [0.38, 0.96]``: the rate, its counts and its Wilson 95% interval."""
+    value, interval, counts = row.get(key), row.get(f"{key}_ci"), row.get(f"{key}_of")
+    if value is None or interval is None or counts is None:
+        return "-"
+    return f"{value:.2f} ({counts[0]}/{counts[1]}) [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def interval_table(scores: dict[str, Any]) -> list[str]:
+    """One row per planted failure and intended probe: both kinds of threshold, with intervals,
+    and whether the probe reaches the goal."""
+    lines = [
+        "| planted failure | probe | TPR | FPR | AUROC | calibrated TPR | calibrated FPR | goal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in scores.items():
+        for probe in row["detectors"]:
+            cell = row["probes"].get(probe)
+            if cell is None:
+                continue
+            status = row.get("goal", {}).get(probe, {}).get("status", "-")
+            lines.append(
+                f"| {name} | {probe} | {_rate_cell(cell, 'tpr')} | {_rate_cell(cell, 'fpr')} "
+                f"| {_f(cell.get('auroc'))} | {_rate_cell(cell, 'calibrated_tpr')} "
+                f"| {_rate_cell(cell, 'calibrated_fpr')} | {status} |"
+            )
+    return lines
+
+
+def goal_lines(scores: dict[str, Any]) -> list[str]:
+    """Per planted failure and intended probe: reached or not, and why, from the numbers."""
+    lines = []
+    for name, row in scores.items():
+        for probe, verdict in row.get("goal", {}).items():
+            lines.append(
+                f"- **{name} / {probe}** ({verdict['thresholds']} thresholds): {verdict['status']}. "
+                f"{verdict['why'][0].upper()}{verdict['why'][1:]}."
+            )
+    return lines
+
+
 def false_alarm_table(runs: list[dict[str, Any]]) -> list[str]:
     clean = [r for r in runs if r["scenario"] == "clean"]
     if not clean:
@@ -73,6 +114,13 @@ def false_alarm_table(runs: list[dict[str, Any]]) -> list[str]:
         verdicts = [r["probes"][p]["verdict"] for r in clean if p in r["probes"]]
         lines.append(f"| {p} | {verdicts.count('fail')}/{len(verdicts)} | {verdicts.count('skip')} |")
     return lines
+
+
+def _references(scores: dict[str, Any]) -> str:
+    counts = next(iter(scores.values()), {}).get("references_per_seed", {})
+    if not counts:
+        return "0"
+    return ", ".join(f"{n} for seed {seed}" for seed, n in counts.items())
 
 
 def tradeoff_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -110,15 +158,28 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
             "",
             *detection_table(result["scores"]),
             "",
+            "## Detection with 95% intervals, and the goal",
+            "",
+            "Rates as share (count) [Wilson score 95% interval]. The goal: TPR >= 0.9 at FPR <= 0.1; "
+            "*established* when the TPR interval lies above 0.9 and the FPR interval below 0.1 "
+            "(35 runs a side with no miss and no false alarm), judged at the calibrated thresholds.",
+            "",
+            *interval_table(result["scores"]),
+            "",
+            *goal_lines(result["scores"]),
+            "",
             "## False alarms on the clean runs",
             "",
             *false_alarm_table(result["runs"]),
             "",
             "## Detection with calibrated thresholds",
             "",
-            "Each threshold is the worst value the probe reached on the clean runs of the *other* "
-            "seeds (`pfi-rag calibrate-probes`; leave-one-seed-out, so the FPR is out of sample). "
-            "With N reference runs a healthy run fails with probability at most 1/(N+1).",
+            "Each threshold is the worst value the probe reached on the healthy reports (every "
+            "probed round) of the clean runs of the *other* seeds (`pfi-rag calibrate-probes`; "
+            "leave-one-seed-out, so the FPR is out of sample). With N exchangeable references a "
+            "healthy run fails with probability at most 1/(N+1); here N = "
+            + _references(result["scores"])
+            + ".",
             "",
             *calibrated_table(result["scores"]),
             "",

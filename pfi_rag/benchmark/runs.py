@@ -7,6 +7,7 @@ and every probe's verdict and value.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import statistics
@@ -113,12 +114,13 @@ def _prepare_realtext(cfg: Config, scenario: Scenario, embedder):
     return cfg, planted
 
 
-def federate(cfg: Config, client_mods: list) -> dict[str, Any]:
-    """The real Flower simulation; returns what a plain federation's dashboard would show."""
+def federate(cfg: Config, client_mods: list, on_round=None) -> dict[str, Any]:
+    """The real Flower simulation; returns what a plain federation's dashboard would show.
+    ``on_round(record)`` runs on the server after each round, before the next one starts."""
     from pfi_rag.federation.launcher import run_simulation, summarize
 
     started = time.perf_counter()
-    records = run_simulation(cfg, client_mods=client_mods)
+    records = run_simulation(cfg, client_mods=client_mods, on_round=on_round)
     summary = summarize(cfg, records)
     first, last = (records[0], records[-1]) if records else (None, None)
     return {
@@ -140,15 +142,20 @@ def _mean_client_metric(record, key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def probe(cfg: Config, probes: tuple[str, ...] = PROBES) -> dict[str, dict[str, Any]]:
-    """Every chosen probe's verdict, value and flagged clients (exact, not the private release)."""
+def probe_report(cfg: Config, probes: tuple[str, ...] = PROBES, *, embedder=None):
+    """The probe suite's :class:`~pfi_rag.probes.runner.Report` on the data root's current state
+    (exact, not the private release)."""
     from pfi_rag.probes import ProbeContext, run_suite
 
-    context = ProbeContext(cfg)
+    context = ProbeContext(cfg, embedder=embedder)
     try:
-        report = run_suite(context, suite="all", only=list(probes), private=False)
+        return run_suite(context, suite="all", only=list(probes), private=False)
     finally:
         context.close()
+
+
+def verdicts(report) -> dict[str, dict[str, Any]]:
+    """Every probe's verdict, value and flagged clients, keyed by probe."""
     return {
         s.probe: {
             "verdict": str(s.verdict),
@@ -163,20 +170,63 @@ def probe(cfg: Config, probes: tuple[str, ...] = PROBES) -> dict[str, dict[str, 
     }
 
 
+def probe(cfg: Config, probes: tuple[str, ...] = PROBES, *, embedder=None) -> dict[str, dict[str, Any]]:
+    """Every chosen probe's verdict, value and flagged clients (exact, not the private release)."""
+    return verdicts(probe_report(cfg, probes, embedder=embedder))
+
+
+def save_reference(report, references: Path, name: str) -> Path:
+    """``references/<name>/report.json``, as `pfi-rag probe --out` writes it (without the HTML),
+    so `pfi-rag calibrate-probes references/*/report.json` reads every healthy report."""
+    from pfi_rag.storage import atomic_write_text
+
+    path = references / name / "report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(report.as_dict(), indent=2, allow_nan=False) + "\n")
+    return path
+
+
 def run_one(
-    base: Config, work: Path, scenario: Scenario, *, seed: int, embedder, probes: tuple[str, ...] = PROBES
+    base: Config,
+    work: Path,
+    scenario: Scenario,
+    *,
+    seed: int,
+    embedder,
+    probes: tuple[str, ...] = PROBES,
+    references: Path | None = None,
+    probe_rounds: bool = True,
 ) -> dict:
+    """One planted run. A clean run is a healthy reference: with ``references`` set, its probe
+    report is saved there, and with ``probe_rounds`` also one after each earlier round (the
+    probes run on the server between rounds, on the state that round left: adapters, ledgers,
+    history so far), so N seeds of R rounds leave N x R reports for `pfi-rag calibrate-probes`."""
     started = time.perf_counter()
     root = work / f"{scenario.name}-seed{seed}"
     cfg, planted = prepare_run(base, root, scenario, seed=seed, embedder=embedder)
-    system = federate(cfg, planted.client_mods)
-    verdicts = probe(cfg, probes)
-    return {
+    healthy = scenario.name == "clean" and references is not None
+    round_probes: list[dict[str, Any]] = []
+
+    def probe_round(record) -> None:
+        if record.round >= cfg.federation.rounds:
+            return  # the last round's state is what the run is probed on below
+        report = probe_report(cfg, probes, embedder=embedder)
+        save_reference(report, references, f"clean-seed{seed}-round{record.round:04d}")
+        round_probes.append({"round": record.round, "probes": verdicts(report)})
+
+    system = federate(cfg, planted.client_mods, on_round=probe_round if healthy and probe_rounds else None)
+    report = probe_report(cfg, probes, embedder=embedder)
+    if healthy:
+        save_reference(report, references, f"clean-seed{seed}-round{cfg.federation.rounds:04d}")
+    result = {
         "scenario": scenario.name,
         "seed": seed,
         "planted_clients": planted.clients,
         "planted": planted.detail,
         "system": system,
-        "probes": verdicts,
+        "probes": verdicts(report),
         "seconds": time.perf_counter() - started,
     }
+    if round_probes:
+        result["round_probes"] = round_probes  # earlier rounds' healthy reports (scoring.py)
+    return result

@@ -1,9 +1,12 @@
 """Detection scores of the probes against the planted ground truth.
 
 For each failure and probe: the true positive rate (runs with the failure the probe failed),
-the false positive rate (clean runs it failed), and the AUROC of its metric, clean runs against
-failed ones, oriented so that 1.0 means the metric always ranks the failed run worse. Beside
-them, the federation's own mean training loss, to show whether the failure is silent there.
+the false positive rate (clean runs it failed), each with its Wilson 95% interval
+(:mod:`.stats`), and the AUROC of its metric, clean runs against failed ones, oriented so that
+1.0 means the metric always ranks the failed run worse. The rates are counted twice: at the
+configured thresholds and at thresholds calibrated leave-one-seed-out on the healthy reports of
+the other seeds. Beside them, the federation's own mean training loss, to show whether the
+failure is silent there, and whether each intended probe reaches the detection goal.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import math
 import statistics
 from typing import Any
+
+from pfi_rag.benchmark.stats import goal_verdict, rate_with_interval
 
 
 def auroc(negatives: list[float], positives: list[float]) -> float | None:
@@ -29,24 +34,28 @@ def _badness(entry: dict[str, Any]) -> float | None:
     return value if entry["fails_above"] else -value
 
 
-def _rate(flags: list[bool]) -> float | None:
-    return sum(flags) / len(flags) if flags else None
+def healthy_reports(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """A clean run's probe results as ``report.json``-shaped dicts: one per round it was probed
+    after (``round_probes``, earlier rounds) and its final state."""
+    states = [*(r["probes"] for r in run.get("round_probes", [])), run["probes"]]
+    return [{"probes": [{"probe": name, **entry} for name, entry in probes.items()]} for probes in states]
 
 
-def calibrated_verdicts(runs: list[dict], clean: list[dict]) -> dict[tuple[str, int], dict[str, bool]]:
+def calibrated_verdicts(
+    runs: list[dict], clean: list[dict]
+) -> tuple[dict[tuple[str, int], dict[str, bool]], dict[int, int]]:
     """Per run (by scenario and seed), per probe: does it fail the threshold `pfi-rag calibrate-probes` would
-    set from the clean runs of the *other* seeds? (Leave-one-seed-out, so a clean run is never
-    its own reference: the FPR is out of sample.)"""
+    set from the healthy reports (every round) of the clean runs of the *other* seeds?
+    (Leave-one-seed-out, so a clean run is never its own reference: the FPR is out of sample.)
+    Also returns the number of reference reports each seed was judged against."""
     from pfi_rag.probes.base import Verdict, judge
     from pfi_rag.probes.thresholds import calibrate
 
     thresholds: dict[int, dict[str, Any]] = {}
-    for seed in {r["seed"] for r in runs}:
-        references = [
-            {"probes": [{"probe": name, **entry} for name, entry in r["probes"].items()]}
-            for r in clean
-            if r["seed"] != seed
-        ]
+    counts: dict[int, int] = {}
+    for seed in sorted({r["seed"] for r in runs}):
+        references = [report for r in clean if r["seed"] != seed for report in healthy_reports(r)]
+        counts[seed] = len(references)
         thresholds[seed] = {c.probe: c for c in calibrate(references)} if references else {}
     verdicts: dict[tuple[str, int], dict[str, bool]] = {}
     for run in runs:
@@ -58,22 +67,36 @@ def calibrated_verdicts(runs: list[dict], clean: list[dict]) -> dict[tuple[str, 
                 continue
             verdict = judge(float(value), chosen.threshold, fails_above=chosen.fails_above)
             judged[name] = verdict == Verdict.FAIL
-    return verdicts
+    return verdicts, counts
 
 
 def run_key(run: dict[str, Any]) -> tuple[str, int]:
     return run["scenario"], run["seed"]
 
 
-def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
-    """Per scenario: per probe TPR, FPR (against the clean runs) and AUROC, with the configured
-    and with calibrated thresholds; and the system view."""
-    clean = [r for r in runs if r["scenario"] == "clean"]
-    calibrated = calibrated_verdicts(runs, clean)
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
 
-    def calibrated_rate(group: list[dict[str, Any]], name: str) -> float | None:
+
+def _rates(prefix: str, flags: list[bool]) -> dict[str, Any]:
+    """``prefix`` (the share of True), ``prefix_ci`` (Wilson 95%) and ``prefix_of`` ([k, n])."""
+    value, interval, counts = rate_with_interval(flags)
+    return {prefix: value, f"{prefix}_ci": interval, f"{prefix}_of": counts}
+
+
+def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
+    """Per scenario: per probe TPR, FPR (against the clean runs), their 95% intervals and AUROC,
+    with the configured and with calibrated thresholds; the goal verdict of each intended probe;
+    and the system view."""
+    clean = [r for r in runs if r["scenario"] == "clean"]
+    calibrated, references = calibrated_verdicts(runs, clean)
+
+    def calibrated_flags(group: list[dict[str, Any]], name: str) -> list[bool]:
         failed = [calibrated[run_key(r)].get(name) for r in group]
-        return _rate([f for f in failed if f is not None])
+        return [f for f in failed if f is not None]
+
+    def configured_flags(group: list[dict[str, Any]], name: str) -> list[bool]:
+        return [r["probes"][name]["verdict"] == "fail" for r in group if name in r["probes"]]
 
     probes = sorted({name for r in runs for name in r["probes"]})
     clean_loss = [r["system"]["mean_loss_end"] for r in clean if r["system"]["mean_loss_end"] is not None]
@@ -89,11 +112,11 @@ def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
             neg = [_badness(r["probes"][name]) for r in clean if name in r["probes"]]
             pos = [_badness(r["probes"][name]) for r in failed if name in r["probes"]]
             per_probe[name] = {
-                "tpr": _rate([r["probes"][name]["verdict"] == "fail" for r in failed if name in r["probes"]]),
-                "fpr": _rate([r["probes"][name]["verdict"] == "fail" for r in clean if name in r["probes"]]),
+                **_rates("tpr", configured_flags(failed, name)),
+                **_rates("fpr", configured_flags(clean, name)),
                 "auroc": auroc([v for v in neg if v is not None], [v for v in pos if v is not None]),
-                "calibrated_tpr": calibrated_rate(failed, name),
-                "calibrated_fpr": calibrated_rate(clean, name),
+                **_rates("calibrated_tpr", calibrated_flags(failed, name)),
+                **_rates("calibrated_fpr", calibrated_flags(clean, name)),
                 # Did the probe name the client that carries the failure?
                 "localised": _rate(
                     [
@@ -109,14 +132,34 @@ def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
             "failure": scenario.failure,
             "detectors": list(scenario.detectors),
             "runs": len(failed),
+            "clean_runs": len(clean),
+            "references_per_seed": references,  # healthy reports each seed's thresholds came from
             "probes": per_probe,
             "detector_tpr": max(
                 (per_probe[p]["tpr"] or 0 for p in scenario.detectors if p in per_probe), default=0
             ),
             "caught_by": caught,
+            "goal": {p: goal(per_probe[p]) for p in scenario.detectors if p in per_probe},
             "system": system_view(clean_loss, losses, failed),
         }
     return table
+
+
+def goal(row: dict[str, Any]) -> dict[str, Any]:
+    """The goal (TPR >= 0.9 at FPR <= 0.1) judged at the calibrated thresholds, the benchmark's
+    protocol; at the configured ones where nothing could be calibrated (a single seed)."""
+    kind = "calibrated" if row["calibrated_tpr"] is not None and row["calibrated_fpr"] is not None else ""
+    prefix = f"{kind}_" if kind else ""
+    verdict = goal_verdict(
+        tpr=row[f"{prefix}tpr"],
+        tpr_ci=row[f"{prefix}tpr_ci"],
+        fpr=row[f"{prefix}fpr"],
+        fpr_ci=row[f"{prefix}fpr_ci"],
+        auroc=row["auroc"],
+        failed_runs=row[f"{prefix}tpr_of"][1],
+        clean_runs=row[f"{prefix}fpr_of"][1],
+    )
+    return {"thresholds": kind or "configured", "status": verdict.status, "why": verdict.why}
 
 
 def system_view(clean_loss: list[float], failed_loss: list[float], failed: list[dict]) -> dict[str, Any]:

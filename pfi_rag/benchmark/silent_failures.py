@@ -3,7 +3,9 @@
 The matrix is every scenario (:data:`~pfi_rag.benchmark.scenarios.SCENARIOS`) times the
 preset's seeds, each a real Flower run on its own data root, then the privacy/utility runs.
 Per-run results are appended to ``runs.jsonl`` in the work directory as they finish, so a
-long run that stops keeps what it measured.
+long run that stops keeps what it measured. Every clean run, and every round of it, leaves a
+probe report under ``references/`` in the work directory (:data:`REFERENCES_DIR`): the healthy
+references `pfi-rag calibrate-probes` reads.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pfi_rag.benchmark.scenarios import SCENARIOS, Scenario
 from pfi_rag.benchmark.scoring import score
 from pfi_rag.benchmark.tradeoff import run_tradeoff
 from pfi_rag.config import Config
+
+REFERENCES_DIR = "references"  # <work>/references/clean-seed<k>-round<r>/report.json
 
 VERSIONS = (
     "pfi-rag",
@@ -59,10 +63,13 @@ def run_benchmark(
     tradeoff: bool = True,
     probes: tuple[str, ...] = PROBES,
     world: str = "synthetic",
+    probe_rounds: bool = True,
     on_event: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Every scenario x seed, then the trade-off runs; ``cfg`` already carries the preset's
-    settings (``Preset.overrides()``). Writes the outputs under ``out`` and returns everything."""
+    settings (``Preset.overrides()``). Writes the outputs under ``out`` and returns everything.
+    ``probe_rounds``: also probe each clean run after every earlier round (one more suite per
+    round, for that many more healthy references)."""
     from pfi_rag.models.loading import load_embedder
 
     started = time.perf_counter()
@@ -73,7 +80,16 @@ def run_benchmark(
     for seed in range(preset.seeds if matrix else 0):
         for scenario in scenarios:
             on_event(f"run {scenario.name} seed {seed} ...")
-            result = run_one(cfg, work, scenario, seed=seed, embedder=embedder, probes=probes)
+            result = run_one(
+                cfg,
+                work,
+                scenario,
+                seed=seed,
+                embedder=embedder,
+                probes=probes,
+                references=work / REFERENCES_DIR,
+                probe_rounds=probe_rounds,
+            )
             runs.append(result)
             with log.open("a") as handle:
                 handle.write(json.dumps(result, default=str) + "\n")
@@ -100,6 +116,10 @@ def run_benchmark(
             "clients": cfg.federation.clients,
             "rounds": cfg.federation.rounds,
             "seeds": preset.seeds if matrix else 0,
+            "device": cfg.models.device,
+            "intervals": "Wilson score, 95%",
+            # The healthy reports left for `pfi-rag calibrate-probes` (one per clean run and round).
+            "references": sorted(str(p) for p in (work / REFERENCES_DIR).glob("*/report.json")),
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
             "versions": versions(),
             "seconds": time.perf_counter() - started,
@@ -113,4 +133,4 @@ def run_benchmark(
     return result
 
 
-__all__ = ["PRESETS", "run_benchmark"]
+__all__ = ["PRESETS", "REFERENCES_DIR", "run_benchmark"]

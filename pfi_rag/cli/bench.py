@@ -35,6 +35,12 @@ def register(app: typer.Typer) -> None:
         matrix: bool = typer.Option(True, "--matrix/--no-matrix", help="Run the planted-failure runs."),
         tradeoff: bool = typer.Option(True, "--tradeoff/--no-tradeoff", help="Run the privacy/utility part."),
         out: Path = typer.Option(Path("bench/results"), "--out", help="Where the table, JSON and plots go."),
+        round_references: bool = typer.Option(
+            True,
+            "--round-references/--no-round-references",
+            help="Probe clean runs after every round too: a healthy reference each, one more suite a round.",
+        ),
+        gpu: bool = typer.Option(False, "--gpu", help="Run the models on CUDA (models.device=cuda)."),
     ) -> None:
         """Plant each silent failure in a federated run, score the probes against the ground truth,
         and measure privacy against utility."""
@@ -57,6 +63,12 @@ def register(app: typer.Typer) -> None:
                 fail(str(exc.args[0]))
             picked = (scenario_named("clean", world), *[s for s in named if s.name != "clean"])
         defaults = chosen.overrides()
+        if gpu:
+            import torch
+
+            if not torch.cuda.is_available():
+                fail("--gpu: torch sees no CUDA device here; run without --gpu to use the CPU")
+            defaults["models.device"] = "cuda"
         if world == "realtext":
             from pfi_rag.benchmark.realtext import OVERRIDES, RealTextUnavailable, corpus_dir
 
@@ -91,6 +103,7 @@ def register(app: typer.Typer) -> None:
                 world=world,
                 matrix=matrix,
                 tradeoff=tradeoff,
+                probe_rounds=round_references,
                 on_event=lambda line: console.print(line, highlight=False, soft_wrap=True),
             )
         except FederationFailed as exc:
@@ -98,4 +111,10 @@ def register(app: typer.Typer) -> None:
         console.print((out / "silent-failures.md").read_text(), highlight=False, soft_wrap=True)
         for name, path in result["outputs"].items():
             console.print(f"{name}: {path}")
+        if result["meta"]["references"]:
+            console.print(
+                f"{len(result['meta']['references'])} healthy probe reports for "
+                f"`pfi-rag calibrate-probes {work}/references/*/report.json --out thresholds.toml`",
+                soft_wrap=True,
+            )
         console.rule(f"[bold green]benchmark finished in {(time.perf_counter() - started) / 60:.1f} min")
