@@ -97,7 +97,12 @@ def run_simulation(
             num_supernodes=len(clients),
             backend_config={
                 # One CPU per client: on 2 cores, two clients train at a time.
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                # models.device=cuda: the clients share one GPU (Ray hides the GPU from a worker
+                # that asks for none, and the model's load would then find no CUDA device).
+                "client_resources": {
+                    "num_cpus": 1,
+                    "num_gpus": 1.0 / len(clients) if cfg.models.device == "cuda" else 0.0,
+                },
                 # Workers' output (library warnings, Flower's actor shutdown lines) is forwarded
                 # unless Flower's console is set to errors only, as the CLI does by default
                 # (pfi_rag/cli/output.py); a worker's failure still reaches the server as a reply.
