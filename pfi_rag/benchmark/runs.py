@@ -78,8 +78,8 @@ def prepare_run(base: Config, root: Path, scenario: Scenario, *, seed: int, embe
     (config of the run, what was planted)."""
     from pfi_rag.data.records import load_client_data
     from pfi_rag.data.synth import synthesize
+    from pfi_rag.layout import list_clients
     from pfi_rag.retriever import ClientStore
-    from pfi_rag.storage import list_clients
 
     if root.exists():
         shutil.rmtree(root)

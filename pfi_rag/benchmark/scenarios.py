@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pfi_rag.config import CLIENT_SETTINGS_FILE, Config
+from pfi_rag.config import Config
 from pfi_rag.data.records import Document, Instruction, load_client_data, load_shared_eval, write_jsonl
+from pfi_rag.layout import client_data_dir, client_dir, client_settings_file, list_clients
 from pfi_rag.probes.lm import COMPLIANCES
-from pfi_rag.storage import client_dir, list_clients
 
 TARGET = "client-01"  # the one client that carries a single-client failure (a mid-sized one)
 
@@ -44,14 +44,14 @@ class Scenario:
 
 
 def _data_dir(root: Path, client: str) -> Path:
-    return client_dir(root, client) / "data"
+    return client_data_dir(root, client)
 
 
 def _write_settings(root: Path, client: str, **privacy: float | int) -> None:
     """The client's own [privacy] settings (see config.with_client_settings)."""
     client_dir(root, client).mkdir(parents=True, exist_ok=True)
     lines = ["[privacy]"] + [f"{key} = {value!r}" for key, value in privacy.items()]
-    (client_dir(root, client) / CLIENT_SETTINGS_FILE).write_text("\n".join(lines) + "\n")
+    client_settings_file(root, client).write_text("\n".join(lines) + "\n")
 
 
 def hard_training(cfg: Config, *, learning_rate: float = 0.02, steps: int = 4) -> dict[str, float | int]:

@@ -36,10 +36,10 @@ def train_without_privacy(cfg: Config) -> dict[str, Any]:
     from pfi_rag.data.corpus import load_corpus
     from pfi_rag.federation.aggregation import weighted_mean
     from pfi_rag.federation.task import fresh_adapter
-    from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir, save_adapter
+    from pfi_rag.layout import client_adapter_dir, global_adapter_dir, list_clients
+    from pfi_rag.models.adapters import save_adapter
     from pfi_rag.models.lora import load_lora_arrays, lora_arrays
     from pfi_rag.privacy import train_adapter
-    from pfi_rag.storage import list_clients
 
     model, tokenizer, _ = fresh_adapter(cfg)
     global_arrays = lora_arrays(model)

@@ -203,7 +203,8 @@ def _train_client(cfg, corpus, ledger, epsilon, noise_multiplier, steps, seed, q
     from peft import PeftModel
 
     from pfi_rag.data.audit_canaries import audit_training_documents
-    from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info, save_adapter
+    from pfi_rag.layout import client_adapter_dir
+    from pfi_rag.models.adapters import read_adapter_info, save_adapter
     from pfi_rag.models.loading import load_generator
     from pfi_rag.models.lora import attach_lora
     from pfi_rag.privacy import PrivacyError, train_adapter

@@ -24,7 +24,8 @@ from typing import Any, Literal
 from peft import PeftModel, get_peft_model
 
 from pfi_rag.config import AdapterConfig
-from pfi_rag.models.adapters import AdapterInfo, client_adapter_dir, global_adapter_dir, peek_adapter_info
+from pfi_rag.layout import client_adapter_dir, global_adapter_dir
+from pfi_rag.models.adapters import AdapterInfo, peek_adapter_info
 from pfi_rag.models.decoding import BASE_ADAPTER
 from pfi_rag.models.gathered_lora import GatheredLoRA, UnsupportedAdapter
 from pfi_rag.models.lora import lora_config

@@ -15,7 +15,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pfi_rag.storage import atomic_directory, client_dir, recover_directory
+# Where adapters live is pfi_rag.layout's; tests and benches still import the two names from here.
+from pfi_rag.layout import client_adapter_dir, global_adapter_dir  # noqa: F401
+from pfi_rag.storage import atomic_directory, recover_directory
 
 METADATA_FILE = "pfi-rag-adapter.json"
 
@@ -37,14 +39,6 @@ class AdapterInfo:
         if not path.is_file():
             return None
         return cls(**json.loads(path.read_text(encoding="utf-8")))
-
-
-def client_adapter_dir(data_root: Path, client_id: str) -> Path:
-    return client_dir(data_root, client_id) / "adapter"
-
-
-def global_adapter_dir(data_root: Path) -> Path:
-    return Path(data_root) / "federation" / "global_adapter"
 
 
 def read_adapter_info(directory: Path) -> AdapterInfo | None:

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pfi_rag.models.adapters import client_adapter_dir, read_adapter_info
+from pfi_rag.layout import client_adapter_dir
+from pfi_rag.models.adapters import read_adapter_info
 from pfi_rag.privacy.accounting import MECHANISMS, epsilon_of
 from pfi_rag.privacy.ledger import verify_chain
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pfi_rag.layout import client_probe_results_file
 from pfi_rag.privacy.errors import PrivacyError
 from pfi_rag.probes.base import (
     FLAGGED_CLIENTS,
@@ -34,7 +35,7 @@ from pfi_rag.probes.base import (
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.registry import probes_for
 from pfi_rag.probes.release import TOLERANCE_Z, Release, distribution, release_metrics
-from pfi_rag.storage import atomic_write_json, client_dir
+from pfi_rag.storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ def _release_all(
                 for name, value in result.metrics.items():
                     exact[f"{probe.name}.{name}"] = value
                     bounds[f"{probe.name}.{name}"] = probe.bounds[name]
-        atomic_write_json(client_dir(ctx.data_root, client) / "probes" / "latest.json", {"results": local})
+        atomic_write_json(client_probe_results_file(ctx.data_root, client), {"results": local})
         if not exact:
             continue
         try:  # the privacy package charges the client's ledger; the probes only read
