@@ -10,7 +10,11 @@ Why the worst value: if a new healthy run and the N references are exchangeable,
 it is worse than all of them is at most 1 / (N + 1) (a conformal bound). So 19 references give
 at most a 5% false alarm rate per probe, 4 references 20%. The bound holds for any metric
 distribution; it does not hold if the references were not healthy or not comparable (another
-model, other data sizes).
+model, other data sizes). Reports of earlier rounds of one run (the silent-failure benchmark
+leaves one per clean run and round under ``bench-silent-failures/references/``) are correlated
+and younger than a final state: for a metric that grows with the rounds their values are milder,
+the threshold comes out tighter, and a healthy final state fails more often than 1 / (N + 1).
+Count on the bound only for references taken at the same point of a run.
 
 The output is a TOML ``[probes]`` table of ``<probe>_threshold`` keys, used through
 ``probes.thresholds_file`` (config.with_probe_thresholds).
