@@ -22,7 +22,6 @@ from pydantic_settings import (
 )
 
 DEFAULT_CONFIG_FILE = "pfi-rag.toml"
-CLIENT_SETTINGS_FILE = "settings.toml"  # clients/<id>/settings.toml: that client's own [privacy]
 
 
 class Section(BaseModel):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pfi_rag.config import CLIENT_SETTINGS_FILE, ConfigError
+from pfi_rag.config import ConfigError
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.strategies import shared_part
 from pfi_rag.federation.task import SatOut, fresh_adapter, read_adapter_arrays, train_round
-from pfi_rag.models.adapters import client_adapter_dir
+from pfi_rag.layout import client_adapter_dir, client_settings_file
 from pfi_rag.privacy import PrivacyLedger
-from pfi_rag.storage import client_dir
 from tests.test_federation import tiny_federation_config
 
 
@@ -57,7 +56,7 @@ def test_a_client_trains_with_its_own_privacy_settings_and_bad_ones_are_named(tm
     """clients/<id>/settings.toml changes that client's [privacy] only; the ledger enforces it."""
     synthesize(tmp_path, clients=2, seed=0)
     cfg = tiny_federation_config(tmp_path, model_cache)
-    settings = client_dir(tmp_path, "client-00") / CLIENT_SETTINGS_FILE
+    settings = client_settings_file(tmp_path, "client-00")
     settings.write_text("[privacy]\nlocal_steps = 3\nepsilon_per_round = 0.5\n")
     global_arrays = shared_part(fresh_adapter(cfg)[2], "fedavg")
     own = train_round(cfg, "client-00", global_arrays, server_round=1)

@@ -16,13 +16,13 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from pfi_rag.config import Config, PrivacyConfig
 from pfi_rag.data.synth import synthesize
+from pfi_rag.layout import client_dir, client_ledger_file
 from pfi_rag.privacy import BudgetExceeded, PrivacyError, PrivacyLedger
 from pfi_rag.privacy.accounting import epsilon_of, noise_for_spend
 from pfi_rag.privacy.release import release_metrics
 from pfi_rag.probes.base import Verdict
 from pfi_rag.probes.budget import BudgetProbe
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.storage import client_dir
 from tests.test_privacy_cli import run
 
 CLIENT = "client-00"
@@ -147,7 +147,7 @@ def test_the_budget_is_fixed_at_creation_and_changed_only_on_purpose(isolated_en
     assert any("budget changed from 3.0 to 6.0" in v for v in flagged.evidence["violations"])
 
     # An edited history is flagged.
-    path = client_dir(root, CLIENT) / "privacy.json"
+    path = client_ledger_file(root, CLIENT)
     state = json.loads(path.read_text())
     state["spends"][0]["noise_multiplier"] *= 2  # someone claims more noise than was applied
     path.write_text(json.dumps(state))

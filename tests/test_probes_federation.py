@@ -23,14 +23,13 @@ from pfi_rag.federation.records import (
     UpdateStats,
     write_round_record,
 )
-from pfi_rag.models.adapters import client_adapter_dir
+from pfi_rag.layout import client_adapter_dir, client_ledger_file, client_probe_results_file
 from pfi_rag.probes import ProbeContext, Verdict, run_suite
 from pfi_rag.probes.budget import BudgetProbe
 from pfi_rag.probes.federation_health import SilentFailuresProbe, UpdateOutliersProbe
 from pfi_rag.probes.history import HistoryError, read_history
 from pfi_rag.probes.registry import probe_named
 from pfi_rag.probes.release import TOLERANCE_Z, distribution
-from pfi_rag.storage import client_dir
 from tests.probe_support import fresh_lora, make_context, make_data, one_torch_thread, save
 
 CLIENTS = ["client-00", "client-01", "client-02", "client-03"]
@@ -175,7 +174,7 @@ def test_silent_failures_flags_errors_no_ops_and_absent_clients(root):
 
 
 def write_ledger(root, client, spends, **top):
-    path = client_dir(root, client) / "privacy.json"
+    path = client_ledger_file(root, client)
     path.write_text(json.dumps({"epsilon_max": 8.0, "delta": 1e-5, "spends": spends, **top}))
 
 
@@ -255,7 +254,7 @@ def test_private_report_matches_plain_within_stated_noise(root, tiny_models_conf
     assert [s.kind for s in ledger.spends] == ["dp-sgd", "probe-release"]
     assert 0.99 <= ledger.spends[-1].epsilon_spent <= 1.0 + 1e-9
     assert private.privacy["epsilon_spent_total"]["client-00"] == ledger.epsilon_spent
-    assert (client_dir(root, "client-00") / "probes" / "latest.json").is_file()
+    assert client_probe_results_file(root, "client-00").is_file()
 
 
 def test_cli_gates_on_failures_and_bad_input(root, isolated_env):

@@ -11,10 +11,10 @@ import pytest
 from pfi_rag.config import RetrievalConfig
 from pfi_rag.data.records import Document, load_client_data
 from pfi_rag.data.synth import client_ids, synthesize
+from pfi_rag.layout import InvalidClientId
 from pfi_rag.retriever import ClientStore, RetrieverError, StoreBusy
 from pfi_rag.retriever import index as vindex
 from pfi_rag.retriever.chunking import chunk_text
-from pfi_rag.storage import InvalidClientId
 
 
 @pytest.fixture(scope="module")
