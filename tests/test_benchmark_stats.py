@@ -143,7 +143,7 @@ def test_calibration_draws_on_every_healthy_round_of_the_other_seeds(tmp_path):
         "| biased_client | bias | 0.00 (0/2) [0.00, 0.66] | 0.00 (0/2) [0.00, 0.66] | 0.75 "
         "| 0.50 (1/2) [0.09, 0.91] | 0.00 (0/2) [0.00, 0.66] | weak |"
     ) in table
-    assert "- **biased_client / bias** (calibrated thresholds): weak. AUROC 0.75" in table
+    assert "| biased_client (amplified bias) | bias (calibrated) | weak | AUROC 0.75: failed and" in table
     assert "N = 2 for seed 0, 2 for seed 1" in table
 
 

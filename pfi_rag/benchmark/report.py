@@ -92,15 +92,21 @@ def interval_table(scores: dict[str, Any]) -> list[str]:
     return lines
 
 
-def goal_lines(scores: dict[str, Any]) -> list[str]:
-    """Per planted failure and intended probe: reached or not, and why, from the numbers."""
-    lines = []
+def goal_table(scores: dict[str, Any]) -> list[str]:
+    """Per planted failure: the intended probe that came closest to the goal, and why not."""
+    from pfi_rag.benchmark.stats import STATUSES
+
+    lines = ["| planted failure | closest probe | goal | why |", "|---|---|---|---|"]
     for name, row in scores.items():
-        for probe, verdict in row.get("goal", {}).items():
-            lines.append(
-                f"- **{name} / {probe}** ({verdict['thresholds']} thresholds): {verdict['status']}. "
-                f"{verdict['why'][0].upper()}{verdict['why'][1:]}."
-            )
+        verdicts = row.get("goal", {})
+        if not verdicts:
+            continue
+        probe = min(verdicts, key=lambda p: STATUSES.index(verdicts[p]["status"]))
+        verdict = verdicts[probe]
+        lines.append(
+            f"| {name} ({row['failure']}) | {probe} ({verdict['thresholds']}) | {verdict['status']} "
+            f"| {verdict['why']} |"
+        )
     return lines
 
 
@@ -166,7 +172,7 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
             "",
             *interval_table(result["scores"]),
             "",
-            *goal_lines(result["scores"]),
+            *goal_table(result["scores"]),
             "",
             "## False alarms on the clean runs",
             "",

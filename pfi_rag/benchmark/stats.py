@@ -57,10 +57,20 @@ def runs_to_establish(goal: float = GOAL_TPR, *, z: float = Z95) -> int:
     return math.ceil(goal * z * z / (1 - goal) - 1e-9)
 
 
+# Best first: how close a probe came to the goal.
+STATUSES = (
+    "established",
+    "met, not established",
+    "separates, threshold misses",
+    "weak",
+    "at chance",
+    "unknown",
+)
+
+
 @dataclass(frozen=True)
 class GoalVerdict:
-    # established | met, not established | separates, threshold misses | weak | at chance | unknown
-    status: str
+    status: str  # one of STATUSES
     why: str
 
 
