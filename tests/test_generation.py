@@ -57,13 +57,8 @@ def save_random_adapter(base, directory: Path, *, seed: int, round: int | None =
     save_adapter(model, directory, round=round, source="federated" if round is not None else "local")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread: on the shared 2-core machine, two contending threads made decoding ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread (tests/conftest.py): on the shared 2-core machine two threads decoded ~5x slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

@@ -11,7 +11,10 @@ from pfi_rag.config import AdapterConfig, ServingConfig
 from pfi_rag.models import Engine, GenerationRequest
 from pfi_rag.models.adapters import client_adapter_dir, save_adapter
 from pfi_rag.models.lora import attach_lora
-from tests.test_generation import PASSAGES, QUESTION, one_torch_thread, save_random_adapter  # noqa: F401
+from tests.test_generation import PASSAGES, QUESTION, save_random_adapter
+
+# One torch thread (tests/conftest.py): on the shared 2-core machine two threads decoded ~5x slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_strong_adapter(base, directory, *, seed: int, rank: int = 8) -> None:

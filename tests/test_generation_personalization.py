@@ -21,13 +21,8 @@ from pfi_rag.models.scoring import continuation_nll
 SYSTEM = ServingConfig().system_prompt
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread: on the shared 2-core machine, two contending threads made decoding ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread (tests/conftest.py): on the shared 2-core machine two threads decoded ~5x slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def chat_prompt(tokenizer, question: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 
+import pytest
 import torch
 
 from pfi_rag.config import AdapterConfig, RetrievalConfig, ServingConfig
@@ -12,7 +13,10 @@ from pfi_rag.data.records import Document
 from pfi_rag.models import Engine, GenerationRequest
 from pfi_rag.models.sampling import repeated_ngram_tokens, repetition_adjusted
 from pfi_rag.retriever import ClientStore
-from tests.test_generation import PASSAGES, QUESTION, Passage, one_torch_thread  # noqa: F401
+from tests.test_generation import PASSAGES, QUESTION, Passage
+
+# One torch thread (tests/conftest.py): on the shared 2-core machine two threads decoded ~5x slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_engine(tiny_generator, root, **kwargs) -> Engine:
