@@ -11,6 +11,7 @@ the tree below is the whole of what a data root can hold (docs/architecture.md s
         adapter/                    its LoRA adapter (PEFT format)
         local_adapter/              the adapter it trained alone (the fairness baseline)
         privacy.json                its privacy ledger
+        .privacy.lock               flocked while a process writes that ledger
         settings.toml               optional: its own [privacy] settings
         audit/canaries.json         its audit canaries (privacy.audit_canaries)
         probes/latest.json          its own latest probe results
@@ -124,6 +125,11 @@ def client_local_adapter_dir(data_root: Path, client_id: str) -> Path:
 def client_ledger_file(data_root: Path, client_id: str) -> Path:
     """``clients/<id>/privacy.json``: the privacy ledger (accountant state, budget, every spend)."""
     return client_dir(data_root, client_id) / "privacy.json"
+
+
+def client_ledger_lock_file(data_root: Path, client_id: str) -> Path:
+    """``clients/<id>/.privacy.lock``: flocked by the one process writing the client's ledger."""
+    return client_dir(data_root, client_id) / ".privacy.lock"
 
 
 def client_settings_file(data_root: Path, client_id: str) -> Path:

@@ -15,9 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# Client ids and directories moved to pfi_rag.layout; these names stay importable from here.
-from pfi_rag.layout import InvalidClientId, client_dir, list_clients, validate_client_id  # noqa: F401
-
 
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
