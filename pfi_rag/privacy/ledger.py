@@ -35,7 +35,6 @@ from pfi_rag.storage import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = ".privacy.lock"
 FORMAT = 2
 # Room for float rounding when a spend lands exactly on the budget.
 BUDGET_SLACK = 1e-9
@@ -96,8 +95,10 @@ def _now() -> str:
 class PrivacyLedger:
     """The privacy state of one client. Open with :meth:`open`; one instance per training call."""
 
-    def __init__(self, path: Path, *, client_id: str, cfg: PrivacyConfig, state: dict | None):
-        self.path = path
+    def __init__(self, data_root: Path, *, client_id: str, cfg: PrivacyConfig, state: dict | None):
+        self.path = layout.client_ledger_file(data_root, client_id)
+        self._lock_path = layout.client_ledger_lock_file(data_root, client_id)
+        self._adapter_dir = layout.client_adapter_dir(data_root, client_id)  # named in errors only
         self.client_id = client_id
         self._cfg = cfg
         self._load(state or {})
@@ -146,8 +147,8 @@ class PrivacyLedger:
     @classmethod
     def open(cls, data_root: Path, client_id: str, cfg: PrivacyConfig) -> PrivacyLedger:
         """Read ``clients/<id>/privacy.json`` (an empty ledger if there is none); writes nothing."""
-        path = layout.client_ledger_file(data_root, client_id)
-        return cls(path, client_id=client_id, cfg=cfg, state=read_json(path))
+        state = read_json(layout.client_ledger_file(data_root, client_id))
+        return cls(data_root, client_id=client_id, cfg=cfg, state=state)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -227,7 +228,7 @@ class PrivacyLedger:
             f"client {self.client_id!r}'s adapter has absorbed epsilon {absorbed:.4g} but its ledger "
             f"records only {self.epsilon_spent:.4g}: the ledger ({self.path.name}) was deleted or "
             "replaced, so further training cannot be accounted. To start over deliberately, remove "
-            f"the client's adapter directory ({self.path.parent / 'adapter'}) and train a fresh one"
+            f"the client's adapter directory ({self._adapter_dir}) and train a fresh one"
         )
 
     def _refuse(self, spent: float, after: float) -> None:
@@ -248,7 +249,7 @@ class PrivacyLedger:
     def locked(self) -> Iterator[None]:
         """Hold the client's ledger lock: one writer per client at a time, so checks stay true."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.parent / LOCK_FILE, "w") as handle:
+        with open(self._lock_path, "w") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
