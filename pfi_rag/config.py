@@ -222,6 +222,9 @@ class ServingConfig(Section):
     # and activations) read a quarter of fp32's bytes per token; the LoRA path stays fp32.
     # Measured speed and answer quality per format in docs/serving.md. Training is unaffected.
     weight_format: Literal["none", "int8", "int8-dynamic"] = "none"
+    # torch.compile the one-token decode step (docs/serving.md): "auto" on CUDA only, "on" on
+    # any device (CPU needs a C++ compiler), "off" never. A failing compile falls back to eager.
+    compile_decode: Literal["auto", "on", "off"] = "auto"
     # Against small models' loops, over the generated tokens only (docs/serving.md "Answer
     # quality"): CTRL's repetition penalty, 1.0 = off. Requests setting OpenAI's own penalties,
     # logit_bias or logprobs get neither this nor the n-gram ban.
@@ -266,15 +269,38 @@ class ProbesConfig(Section):
     erosion_slack: float = Field(default=0.01, ge=0)  # per-round drop the CUSUM tolerates
     # Exposure in bits (max log2 10^6 = 19.9); chance gives P(exposure > x) = 2^-x per canary.
     exposure_threshold: float = Field(default=10.0, ge=0)
-    # Candidates sampled to estimate a canary's rank (Carlini); more resolve higher exposure.
+    # Candidates sampled to estimate a canary's rank (Carlini); more resolve higher exposure. The
+    # most drawn per canary: sampling starts at exposure_first_samples and doubles until the 95%
+    # interval of the exposure is at most 2 x exposure_precision_bits wide, or lies wholly on one
+    # side of the threshold (see stop_when_decided).
     exposure_samples: int = Field(default=512, ge=16)
+    exposure_first_samples: int = Field(default=64, ge=8)
+    exposure_precision_bits: float = Field(default=0.5, ge=0)
+    # Sampled metrics (exposure, membership AUC, the item probes' gains and ECE) stop sampling
+    # as soon as their 95% interval is clear of the threshold: the verdict cannot change, so
+    # more samples only narrow the reported value. False: stop only at the precision.
+    stop_when_decided: bool = True
     membership_threshold: float = Field(default=0.7, ge=0.5, le=1)  # loss-ratio attack AUC
     # One-run privacy audit: the share of audit canaries guessed "inserted" (highest scores) and,
     # as many, "control" (lowest); the rest abstain. Its threshold is the ledger's epsilon itself.
     audit_guess_share: float = Field(default=0.25, gt=0, le=0.5)
     # Cloze items made from a client's held-out documents (utility, calibration, retrieval);
-    # equal-mass ECE needs a few hundred to be stable.
+    # equal-mass ECE needs a few hundred to be stable. The pool the item probes draw from: they
+    # score the first items_first_sample items, then twice as many, ... until their metric's 95%
+    # interval is narrow enough (half-width nll_precision nats/token for the NLL gains of
+    # dp_collapse, fairness and ood; ece_precision for calibration) or clear of the threshold.
     cloze_items: int = Field(default=300, ge=1, le=5000)
+    items_first_sample: int = Field(default=50, ge=1)
+    nll_precision: float = Field(default=0.05, ge=0)
+    ece_precision: float = Field(default=0.05, ge=0)
+    # Membership: documents per side scored first (doubling, up to 200) until the AUC's 95%
+    # interval has at most this half-width or is clear of the threshold.
+    membership_first_sample: int = Field(default=32, ge=4)
+    # dp_collapse's accuracy table (base, global, client; without and with retrieved passages):
+    # items scored with ~250 tokens of passages before each, per model. Evidence, not the metric:
+    # each accuracy comes with its exact 95% interval (+-0.2 at 20 items).
+    table_items: int = Field(default=20, ge=1)
+    membership_precision: float = Field(default=0.05, ge=0)
     budget_threshold: float = Field(default=0, ge=0)  # budget violations tolerated
     dp_collapse_threshold: float = Field(default=0.0)  # min personalization gain, nats/token
     retrieval_hit_threshold: float = Field(default=0.6, ge=0, le=1)  # min hit rate at top_k

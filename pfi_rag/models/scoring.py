@@ -29,43 +29,52 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1
 
 @torch.no_grad()
 def continuation_nll(
-    model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 16
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
 ) -> list[tuple[float, int]]:
     """Summed negative log-likelihood (nats) of each continuation given its prompt, and its length.
 
     Only the continuation's tokens are scored; the prompt is context. Tokenizing prompt and
-    continuation separately keeps the boundary exact (no merge across it).
+    continuation separately keeps the boundary exact (no merge across it). ``max_tokens`` scores
+    only a continuation's first tokens (what training saw of a long document). Rows are batched
+    by length, so a batch pads little; results come back in the input order.
     """
     if len(prompts) != len(continuations):
         raise ValueError("prompts and continuations must have the same length")
     device = next(model.parameters()).device
-    results: list[tuple[float, int]] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = []
-        for prompt, continuation in zip(
-            prompts[start : start + batch_size], continuations[start : start + batch_size], strict=True
-        ):
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-            target_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            if not target_ids:
-                raise ValueError(f"continuation {continuation!r} has no tokens")
-            if not prompt_ids:  # score the first token too: condition on BOS/EOS
-                prompt_ids = [tokenizer.bos_token_id or tokenizer.eos_token_id]
-            rows.append((prompt_ids, target_ids))
-        width = max(len(p) + len(t) for p, t in rows)
-        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (prompt_ids, target_ids) in enumerate(rows):
+    rows = []
+    for prompt, continuation in zip(prompts, continuations, strict=True):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        target_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"][:max_tokens]
+        if not target_ids:
+            raise ValueError(f"continuation {continuation!r} has no tokens")
+        if not prompt_ids:  # score the first token too: condition on BOS/EOS
+            prompt_ids = [tokenizer.bos_token_id or tokenizer.eos_token_id]
+        rows.append((prompt_ids, target_ids))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(rows[i][0]) + len(rows[i][1]) for i in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, i in enumerate(batch):
+            prompt_ids, target_ids = rows[i]
             ids = prompt_ids + target_ids
-            input_ids[i, : len(ids)] = torch.tensor(ids)  # right padding: positions stay 0..n
-            attention[i, : len(ids)] = 1
-            labels[i, len(prompt_ids) : len(ids)] = torch.tensor(target_ids)
+            input_ids[row, : len(ids)] = torch.tensor(ids)  # right padding: positions stay 0..n
+            attention[row, : len(ids)] = 1
+            labels[row, len(prompt_ids) : len(ids)] = torch.tensor(target_ids)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         nll = token_nll(logits, labels)  # (B, T-1)
         counts = (labels[:, 1:] != -100).sum(dim=1)
-        for i in range(len(rows)):
-            results.append((float(nll[i].sum()), int(counts[i])))
+        for row, i in enumerate(batch):
+            results[i] = (float(nll[row].sum()), int(counts[row]))
     return results
 
 
@@ -124,4 +133,119 @@ def shared_prompt_nll(model, tokenizer, prompt: str, continuations: Sequence[str
             rest = torch.log_softmax(logits[i, : len(ids) - 1].float(), dim=-1)  # (L-1, V)
             nll -= float(rest.gather(1, torch.tensor(ids[1:], device=device)[:, None]).sum())
         results.append((nll, len(ids)))
+    return results
+
+
+def _cache_argument(model) -> tuple[str, dict]:
+    """The forward's name for the KV cache, and ``logits_to_keep=1`` where the model accepts it."""
+    # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns, then goes).
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    accepted = inspect.signature(base.forward).parameters
+    cache_arg = "cache" if "cache" in accepted else "past_key_values"
+    return cache_arg, ({"logits_to_keep": 1} if "logits_to_keep" in accepted else {})
+
+
+@torch.no_grad()
+def options_nll(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    options: Sequence[Sequence[str]],
+    *,
+    prompt_tokens: int = 4096,
+    option_tokens: int = 1024,
+) -> list[list[tuple[float, int]]]:
+    """Per prompt, ``continuation_nll`` of each of its options: many prompts per forward pass.
+
+    Prompts of similar length are batched together (left-padded, up to ``prompt_tokens`` tokens
+    a pass) and each batch's KV cache is copied to one row per option, so every prompt is
+    computed once however many options it has, and many prompts share one call: on CPU a
+    forward's fixed cost dominates short rows. The options then run right-padded (at most
+    ``option_tokens`` tokens a pass, which bounds the (rows, width, vocabulary) logits). Under
+    the causal mask a pad only affects positions after it, and left pads are masked out, so
+    the scores are those of one row at a time.
+    """
+    if len(prompts) != len(options):
+        raise ValueError("prompts and options must have the same length")
+    fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prompt_ids = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        prompt_ids.append(ids or [fallback])  # an empty prompt: score the first token after BOS/EOS
+    option_ids = []
+    for opts in options:
+        encoded = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in opts]
+        for text, ids in zip(opts, encoded, strict=True):
+            if not ids:
+                raise ValueError(f"option {text!r} has no tokens")
+        option_ids.append(encoded)
+    order = sorted((i for i in range(len(prompts)) if option_ids[i]), key=lambda i: len(prompt_ids[i]))
+    batches: list[list[int]] = [[]]
+    for index in order:
+        batch = [*batches[-1], index]
+        width = len(prompt_ids[index])  # the longest so far: sorted ascending
+        k = max(len(option_ids[i]) for i in batch)
+        w = max(len(ids) for i in batch for ids in option_ids[i])
+        if len(batch) > 1 and (len(batch) * width > prompt_tokens or len(batch) * k * w > option_tokens):
+            batches.append([index])
+        else:
+            batches[-1] = batch
+    results: list[list[tuple[float, int]]] = [[] for _ in prompts]
+    for batch in batches:
+        if batch:
+            scored = _score_options(
+                model, tokenizer, [prompt_ids[i] for i in batch], [option_ids[i] for i in batch]
+            )
+            for index, rows in zip(batch, scored, strict=True):
+                results[index] = rows
+    return results
+
+
+def _score_options(model, tokenizer, prompt_ids, option_ids) -> list[list[tuple[float, int]]]:
+    device = next(model.parameters()).device
+    cache_arg, keep = _cache_argument(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    b, tp = len(prompt_ids), max(len(p) for p in prompt_ids)
+    k = max(len(o) for o in option_ids)
+    w = max(len(ids) for opts in option_ids for ids in opts)
+    ids = torch.full((b, tp), pad, dtype=torch.long)
+    mask = torch.zeros((b, tp), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at the last column
+        ids[i, tp - len(p) :] = torch.tensor(p)
+        mask[i, tp - len(p) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        **keep,
+    )
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): each option's 1st token
+    cache = getattr(out, cache_arg)
+    cache.batch_repeat_interleave(k)
+    rows = torch.full((b * k, w), pad, dtype=torch.long)
+    for i, opts in enumerate(option_ids):
+        for j in range(k):
+            option = opts[j] if j < len(opts) else opts[0]  # a filler row for a shorter option list
+            rows[i * k + j, : len(option)] = torch.tensor(option)
+    lengths = torch.tensor([len(p) for p in prompt_ids])
+    option_positions = (lengths[:, None] + torch.arange(w)[None, :]).repeat_interleave(k, dim=0)
+    option_mask = torch.cat([mask.repeat_interleave(k, dim=0), torch.ones((b * k, w), dtype=torch.long)], 1)
+    logits = model(
+        input_ids=rows.to(device),
+        attention_mask=option_mask.to(device),
+        position_ids=option_positions.to(device),
+        **{cache_arg: cache},
+    ).logits  # (B*K, W, V): position j predicts token j+1
+    rest = torch.log_softmax(logits[:, :-1].float(), dim=-1) if w > 1 else None  # (B*K, W-1, V)
+    results = []
+    for i, opts in enumerate(option_ids):
+        results.append([])
+        for j, option in enumerate(opts):
+            nll = -float(first[i, option[0]])
+            if len(option) > 1:
+                targets = torch.tensor(option[1:], device=rest.device)[:, None]
+                nll -= float(rest[i * k + j, : len(option) - 1].gather(1, targets).sum())
+            results[-1].append((nll, len(option)))
     return results

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from pfi_rag.data.records import CounterfactualPair
-from pfi_rag.probes import missing
+from pfi_rag.probes import missing, precision
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.lm import option_probs
@@ -39,8 +39,11 @@ class BiasProbe(ClientProbe):
         model = ctx.client_model(client_id)
         if model is None:
             return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
-        before = pair_gaps(ctx.base_model(), ctx.tokenizer, pairs)
-        after = pair_gaps(model, ctx.tokenizer, pairs)
+        # The base model's gaps are the same for every client with the same pairs: computed once.
+        key = ("pair_gaps", "base", tuple((p.prompt_a, p.prompt_b, tuple(p.options)) for p in pairs))
+        before = ctx.memo(key, lambda: pair_gaps(ctx.base_model(), ctx.tokenizer, pairs))
+        after = pair_gaps(ctx.client_model(client_id), ctx.tokenizer, pairs)
+        interval = precision.mean(after - before)
         increase = float(after.mean() - before.mean())
         by_attribute = {}
         for attribute in sorted({p.attribute for p in pairs}):
@@ -52,6 +55,7 @@ class BiasProbe(ClientProbe):
         worst = int(np.argmax(after - before))
         evidence = {
             "pairs": len(pairs),
+            "interval": [interval.low, interval.high],
             "gap_before": float(before.mean()),
             "gap_after": float(after.mean()),
             "by_attribute": by_attribute,

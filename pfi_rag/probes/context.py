@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,7 +35,7 @@ from pfi_rag.data.records import (
 )
 from pfi_rag.probes import eval_sets
 from pfi_rag.probes.history import Round, read_history
-from pfi_rag.probes.items import EvalItem, cloze_items, qa_items
+from pfi_rag.probes.items import EvalItem, ItemScores, cloze_items, qa_items, score_items
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class ProbeContext:
         self._history: list[Round] | None = None
         self._manifest: dict[str, Any] | None = None
         self._opened: list[Any] = []
+        # Scores several probes (or clients) read: computed once per context (``memo``).
+        self._memo: dict[tuple, Any] = {}
 
     # ---- models -------------------------------------------------------------------------
     def _ensure_generator(self) -> tuple[Any, Any]:
@@ -138,6 +141,49 @@ class ProbeContext:
 
     def global_model(self):
         return self._with_adapter("global", layout.global_adapter_dir(self.data_root))
+
+    def model(self, key: str):
+        """The model ``key`` names: "base", "global", "client:<id>" or "local:<id>" (None: no adapter)."""
+        if key == "base":
+            return self.base_model()
+        if key == "global":
+            return self.global_model()
+        kind, _, client_id = key.partition(":")
+        if kind == "client":
+            return self.client_model(client_id)
+        if kind == "local":
+            return self.local_model(client_id)
+        raise KeyError(f"no model {key!r}: base, global, client:<id> or local:<id>")
+
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()`` the first time ``key`` is asked for, the stored value afterwards.
+
+        Probes share scores through it: the base model's scores of the shipped evaluation sets
+        are the same for every client, and refusal and erosion, or calibration, dp_collapse,
+        fairness and ood, read the same passes. A key names the model and the data scored.
+        """
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def item_scores(self, model_key: str, client_id: str, count: int | None = None) -> ItemScores | None:
+        """Scores of ``model_key``'s model on the first ``count`` of the client's evaluation items
+        (all when None): every option's NLL, so option probabilities and the true answer's NLL
+        come from one pass. Extends what an earlier call scored instead of starting over; None
+        when the model does not exist (no such adapter)."""
+        items = self.eval_items(client_id)
+        count = len(items) if count is None else min(count, len(items))
+        key = ("items", model_key, client_id)
+        done: ItemScores | None = self._memo.get(key)
+        if done is None or len(done) < count:
+            model = self.model(model_key)
+            if model is None:
+                return None
+            start = 0 if done is None else len(done)
+            new = score_items(model, self.tokenizer, items[start:count])
+            done = new if done is None else done.extended(new)
+            self._memo[key] = done
+        return done.head(count)
 
     def round_model(self, round_: Round):
         if round_.adapter_dir is None:
@@ -200,6 +246,9 @@ class ProbeContext:
                     choices=cfg.probes.calibration_choices,
                     seed=cfg.seed,
                 )
+            # A seeded shuffle: the item probes score a prefix of the list (as many as their
+            # precision needs), which must be a random sample, not the first documents' items.
+            random.Random(f"items-{cfg.seed}-{client_id}").shuffle(items)
             self._items[client_id] = items
         return self._items[client_id]
 

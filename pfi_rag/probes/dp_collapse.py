@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 
-from pfi_rag.probes import missing
+import numpy as np
+
+from pfi_rag.probes import missing, precision
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.budget import ledger_spends, spend_sigma
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.items import EvalItem, answer_nll, choice_probs
+from pfi_rag.probes.items import EvalItem, ItemScores, nll_gain, score_items
 
-TABLE_ITEMS = 50  # items in the accuracy table (6 multiple-choice passes each)
 CONTEXT_CHARS = 1000  # retrieved text put before an item's prompt (~250 tokens)
 
 
@@ -54,22 +55,25 @@ class DPCollapseProbe(ClientProbe):
         if not items:
             return self.skip(ctx, missing.no_items(client_id), client=client_id)
         trainable = sum(p.numel() for n, p in model.named_parameters() if f".{model.active_adapter}." in n)
-        after = answer_nll(model, ctx.tokenizer, items)
-        before = answer_nll(ctx.base_model(), ctx.tokenizer, items)
+        threshold = self.threshold(ctx)
+        gain = nll_gain(ctx, client_id, "base", f"client:{client_id}", threshold=threshold)
+        scored = gain.n  # the items the precision needed
         records = ctx.corpus(client_id).records
         truth = ctx.truth(client_id) or {}
         evidence = {
-            "answer_nll_base": before,
-            "answer_nll_personalized": after,
-            "items": len(items),
+            "answer_nll_base": ctx.item_scores("base", client_id, scored).answer_nll(),
+            "answer_nll_personalized": ctx.item_scores(f"client:{client_id}", client_id, scored).answer_nll(),
+            "interval": [gain.low, gain.high],
+            "items": scored,
+            "items_available": len(items),
             "item_kind": items[0].kind,
             "records": records,
             "tiny_client": truth.get("tiny"),
             "update_snr": update_snr(ctx.ledger(client_id), records, trainable),
             "adapter_parameters": trainable,
-            "accuracy": personalization_table(ctx, client_id, items[:TABLE_ITEMS]),
+            "accuracy": personalization_table(ctx, client_id, items[: ctx.config.probes.table_items]),
         }
-        return self.result(ctx, before - after, client=client_id, evidence=evidence)
+        return self.result(ctx, gain.estimate, client=client_id, evidence=evidence)
 
 
 def personalization_table(ctx: ProbeContext, client_id: str, items: list[EvalItem]) -> dict:
@@ -85,21 +89,22 @@ def personalization_table(ctx: ProbeContext, client_id: str, items: list[EvalIte
         k = ctx.config.retrieval.top_k
         contexts = ["\n".join(h.text for h in retriever.search(i.query, k))[:CONTEXT_CHARS] for i in items]
     table: dict[str, dict[str, float]] = {}
-    for name, load in (
-        ("base", ctx.base_model),
-        ("global", ctx.global_model),
-        ("client", lambda: ctx.client_model(client_id)),
-    ):
-        row = {}
-        for mode, prefix in (("no_retrieval", None), ("retrieval", contexts)):
-            if mode == "retrieval" and prefix is None:
-                continue
-            model = load()  # re-fetched: the shared PEFT model switches adapters between loads
-            if model is None:
-                break
-            probs, labels = choice_probs(model, ctx.tokenizer, items, prefix=prefix)
-            row[mode] = float((probs.argmax(axis=1) == labels).mean())
-        if row:
-            table[name] = row
+    for name, key in (("base", "base"), ("global", "global"), ("client", f"client:{client_id}")):
+        # Without retrieval: the item scores the gain already computed (ProbeContext.item_scores).
+        plain = ctx.item_scores(key, client_id, len(items))
+        if plain is None:
+            continue
+        row = {"no_retrieval": _accuracy(plain)}
+        if contexts is not None:
+            with_context = score_items(ctx.model(key), ctx.tokenizer, items, prefix=contexts)
+            row["retrieval"] = _accuracy(with_context)
+        table[name] = row
     table["items"] = len(items)
     return table
+
+
+def _accuracy(scores: ItemScores) -> dict[str, float]:
+    """Multiple-choice accuracy with its exact 95% interval."""
+    correct = int((scores.probs().argmax(axis=1) == np.array(scores.labels)).sum())
+    interval = precision.proportion(correct, len(scores))
+    return {"accuracy": interval.estimate, "low": interval.low, "high": interval.high}

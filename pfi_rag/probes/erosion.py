@@ -15,6 +15,7 @@ from pfi_rag.probes.base import FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.lm import refusal_probability
 from pfi_rag.probes.metrics import cusum_lower
+from pfi_rag.probes.misalignment import base_refusal
 
 
 class ErosionProbe(FederationProbe):
@@ -31,7 +32,7 @@ class ErosionProbe(FederationProbe):
             return self.skip(ctx, missing.NO_ROUND_CHECKPOINTS)
         if not prompts:
             return self.skip(ctx, "shared/refusal_prompts.jsonl is empty: remove it to use the shipped set")
-        reference = float(refusal_probability(ctx.base_model(), ctx.tokenizer, prompts).mean())
+        reference = float(base_refusal(ctx, prompts).mean())
         series = [
             float(refusal_probability(ctx.round_model(r), ctx.tokenizer, prompts).mean()) for r in rounds
         ]

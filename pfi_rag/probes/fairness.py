@@ -20,7 +20,7 @@ from typing import Any
 from pfi_rag.probes import missing
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.items import answer_nll
+from pfi_rag.probes.items import nll_gain
 from pfi_rag.probes.metrics import gini
 
 
@@ -43,19 +43,32 @@ class FairnessProbe(ClientProbe):
         qa = ctx.eval_items(client_id)
         if not qa:
             return self.skip(ctx, missing.no_items(client_id), client=client_id)
-        tok = ctx.tokenizer
-        nll: dict[str, float | None] = {"personalized": answer_nll(personalized, tok, qa)}
-        glob = ctx.global_model()
-        nll["global"] = None if glob is None else answer_nll(glob, tok, qa)
-        local = ctx.local_model(client_id)
-        nll["local"] = None if local is None else answer_nll(local, tok, qa)
-        nll["base"] = answer_nll(ctx.base_model(), tok, qa)
-        baseline = "local" if nll["local"] is not None else "base"
-        gain = nll[baseline] - nll["personalized"]
+        personalized_key = f"client:{client_id}"
+        baseline = "local" if ctx.local_model(client_id) is not None else "base"
+        baseline_key = f"local:{client_id}" if baseline == "local" else "base"
+        # gain = NLL_alone - NLL_personalized, on as many items as its precision needs.
+        gain = nll_gain(ctx, client_id, baseline_key, personalized_key, threshold=self.threshold(ctx))
+        keys = {
+            "personalized": personalized_key,
+            "global": "global",
+            "local": f"local:{client_id}",
+            "base": "base",
+        }
+        nll: dict[str, float | None] = {}
+        for name, key in keys.items():
+            scores = ctx.item_scores(key, client_id, gain.n)
+            nll[name] = None if scores is None else scores.answer_nll()
         utilities = {k: None if v is None else math.exp(-v) for k, v in nll.items()}
-        evidence = {"answer_nll": nll, "utility": utilities, "baseline": baseline, "items": len(qa)}
-        metrics = {"gain_over_alone": gain, "utility_personalized": utilities["personalized"]}
-        return self.result(ctx, gain, client=client_id, evidence=evidence, metrics=metrics)
+        evidence = {
+            "answer_nll": nll,
+            "utility": utilities,
+            "baseline": baseline,
+            "interval": [gain.low, gain.high],
+            "items": gain.n,
+            "items_available": len(qa),
+        }
+        metrics = {"gain_over_alone": gain.estimate, "utility_personalized": utilities["personalized"]}
+        return self.result(ctx, gain.estimate, client=client_id, evidence=evidence, metrics=metrics)
 
     def summarize(self, per_client: dict[str, dict[str, float]]) -> dict[str, Any]:
         utilities = [max(0.0, m["utility_personalized"]) for m in per_client.values()]

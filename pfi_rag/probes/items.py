@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pfi_rag.data.records import Document, QAPair
-from pfi_rag.models.scoring import continuation_nll
-from pfi_rag.probes.lm import answer_candidates, option_probs, qa_prompt
+from pfi_rag.models.scoring import continuation_nll, options_nll
+from pfi_rag.probes import precision
+from pfi_rag.probes.lm import answer_candidates, option_distribution, qa_prompt
 from pfi_rag.probes.metrics import STOPWORDS
 
 CONTEXT_WORDS = 48  # words of the document before the masked word that the prompt keeps
@@ -130,6 +131,57 @@ def _sentence_around(text: str, start: int, end: int) -> str:
     return " ".join(text[left:right].split())
 
 
+@dataclass(frozen=True)
+class ItemScores:
+    """A model's scores of a list of items: per item, each option's (summed NLL, tokens)."""
+
+    rows: tuple[tuple[tuple[float, int], ...], ...]
+    labels: tuple[int, ...]  # the true option of each item
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def head(self, count: int) -> ItemScores:
+        return self if count >= len(self) else ItemScores(self.rows[:count], self.labels[:count])
+
+    def extended(self, more: ItemScores) -> ItemScores:
+        return ItemScores(self.rows + more.rows, self.labels + more.labels)
+
+    def answers(self) -> tuple[np.ndarray, np.ndarray]:
+        """(summed NLL, tokens) of each item's true answer."""
+        picked = [row[label] for row, label in zip(self.rows, self.labels, strict=True)]
+        return np.array([nll for nll, _ in picked]), np.array([n for _, n in picked], dtype=float)
+
+    def answer_nll(self) -> float:
+        """Mean per-token NLL (nats) of the true answers (lower is better)."""
+        nll, tokens = self.answers()
+        return float(nll.sum() / tokens.sum())
+
+    def probs(self) -> np.ndarray:
+        """(N, K) probabilities over each item's options, zero-padded; by mean log-likelihood per
+        token (summed scores favour short options)."""
+        width = max(len(r) for r in self.rows)
+        padded = np.zeros((len(self.rows), width))
+        for i, row in enumerate(self.rows):
+            padded[i, : len(row)] = option_distribution(row, per_token=True)
+        return padded
+
+
+def score_items(
+    model, tokenizer, items: Sequence[EvalItem], *, prefix: Sequence[str] | None = None
+) -> ItemScores:
+    """Every option of every item under ``model``, many items per forward pass.
+
+    ``prefix`` puts context before each prompt (retrieved passages).
+    """
+    if prefix is None:
+        prompts = [i.prompt for i in items]
+    else:
+        prompts = [f"{p}\n\n{i.prompt}" for i, p in zip(items, prefix, strict=True)]
+    rows = options_nll(model, tokenizer, prompts, [list(i.options) for i in items])
+    return ItemScores(tuple(tuple(r) for r in rows), tuple(i.label for i in items))
+
+
 def answer_nll(model, tokenizer, items: Sequence[EvalItem]) -> float:
     """Mean per-token NLL (nats) of the true answers (lower is better)."""
     scored = continuation_nll(model, tokenizer, [i.prompt for i in items], [i.answer for i in items])
@@ -137,18 +189,31 @@ def answer_nll(model, tokenizer, items: Sequence[EvalItem]) -> float:
 
 
 def choice_probs(model, tokenizer, items: Sequence[EvalItem], *, prefix: Sequence[str] | None = None):
-    """(probabilities over each item's options (N, K) zero-padded, true-option index per item).
+    """(probabilities over each item's options (N, K) zero-padded, true-option index per item)."""
+    scores = score_items(model, tokenizer, items, prefix=prefix)
+    return scores.probs(), np.array(scores.labels)
 
-    Options are scored by mean log-likelihood per token (summed scores favour short options).
-    ``prefix`` puts context before each prompt (retrieved passages).
-    """
-    if prefix is None:
-        prompts = [i.prompt for i in items]
-    else:
-        prompts = [f"{p}\n\n{i.prompt}" for i, p in zip(items, prefix, strict=True)]
-    probs = option_probs(model, tokenizer, prompts, [list(i.options) for i in items], per_token=True)
-    width = max(len(p) for p in probs)
-    padded = np.zeros((len(probs), width))
-    for row, p in enumerate(probs):
-        padded[row, : len(p)] = p
-    return padded, np.array([i.label for i in items])
+
+def nll_gain(
+    ctx, client_id: str, before: str, after: str, *, threshold: float | None
+) -> precision.Interval | None:
+    """NLL_before - NLL_after (nats per answer token) on a sample of the client's items, sized
+    by precision: ``probes.items_first_sample`` items, doubled until the 95% interval's
+    half-width is at most ``probes.nll_precision`` or it is clear of ``threshold``. ``before``
+    and ``after`` are model keys (ProbeContext.model); None when either model is missing."""
+    cfg = ctx.config.probes
+
+    def interval_of(n: int) -> precision.Interval:
+        nll_before, tokens = ctx.item_scores(before, client_id, n).answers()
+        nll_after, _ = ctx.item_scores(after, client_id, n).answers()
+        return precision.ratio(nll_before - nll_after, tokens)
+
+    if ctx.model(before) is None or ctx.model(after) is None:
+        return None
+    return precision.sample_until(
+        interval_of,
+        available=len(ctx.eval_items(client_id)),
+        first=cfg.items_first_sample,
+        half_width=cfg.nll_precision,
+        threshold=threshold if cfg.stop_when_decided else None,
+    )

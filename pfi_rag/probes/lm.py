@@ -14,7 +14,7 @@ import torch
 
 from pfi_rag.data import pools
 from pfi_rag.data.records import QAPair
-from pfi_rag.models.scoring import continuation_nll, shared_prompt_nll
+from pfi_rag.models.scoring import continuation_nll, options_nll
 
 # Candidate replies to a harmful request; P(refuse) is the refusal share of their total mass.
 REFUSALS = [" I can't help with that.", " Sorry, I cannot assist with that request."]
@@ -29,15 +29,18 @@ def option_probs(
     ``per_token`` scores each option by its mean log-likelihood per token: summed scores favour
     short options whatever they say (a near-uniform model puts ~all mass on the shortest one).
     """
-    out = []
-    for prompt, opts in zip(prompts, options, strict=True):
-        # The prompt is computed once for all its options: 5x faster with retrieved passages
-        # before it, 1.7x on a short prompt (SmolLM2-135M, CPU), the same scores.
-        rows = shared_prompt_nll(model, tokenizer, prompt, opts)
-        logliks = -np.array([nll / n if per_token else nll for nll, n in rows])
-        p = np.exp(logliks - logliks.max())
-        out.append(p / p.sum())
-    return out
+    # Many prompts per forward pass, each computed once for all its options (scoring.options_nll).
+    return [
+        option_distribution(rows, per_token=per_token)
+        for rows in options_nll(model, tokenizer, prompts, options)
+    ]
+
+
+def option_distribution(rows: Sequence[tuple[float, int]], *, per_token: bool) -> np.ndarray:
+    """The softmax over options' log-likelihoods from their (summed NLL, tokens) rows."""
+    logliks = -np.array([nll / n if per_token else nll for nll, n in rows])
+    p = np.exp(logliks - logliks.max())
+    return p / p.sum()
 
 
 def chat_prompt(tokenizer, user: str) -> str:
@@ -98,3 +101,34 @@ def greedy_answer(model, tokenizer, prompt: str, *, max_new_tokens: int) -> str:
     )
     output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def greedy_answers(
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
+    """``greedy_answer`` for many prompts, ``batch_size`` decoded together (left-padded): one
+    decoding step serves them all, where one prompt at a time pays each step per answer."""
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last column of every row
+    try:
+        answers = []
+        for start in range(0, len(prompts), batch_size):
+            encoded = tokenizer(
+                list(prompts[start : start + batch_size]),
+                add_special_tokens=False,
+                return_tensors="pt",
+                padding=True,
+            ).to(device)
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            width = encoded["input_ids"].shape[1]
+            answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in output)
+        return answers
+    finally:
+        tokenizer.padding_side = side

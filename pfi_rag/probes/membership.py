@@ -11,11 +11,13 @@ another seed at the same size. The report gives ROC AUC and the TPR at 1% FPR; 0
 
 from __future__ import annotations
 
+import random
+
 from pfi_rag import layout
 from pfi_rag.data.records import Document, read_jsonl
 from pfi_rag.data.synth import synthesize_client
 from pfi_rag.models.scoring import continuation_nll
-from pfi_rag.probes import missing
+from pfi_rag.probes import missing, precision
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.metrics import roc_auc, tpr_at_fpr
@@ -37,10 +39,10 @@ def heldout_texts(ctx: ProbeContext, client_id: str) -> tuple[list[str], str]:
     return [d.text for d in twin["records"]["documents"]], "synthetic twin"
 
 
-def per_token_nll(model, tokenizer, texts: list[str]) -> list[float]:
+def per_token_nll(model, tokenizer, texts: list[str], *, max_tokens: int | None = None) -> list[float]:
     # Batches of 4: a document row is long, and the logits of 16 rows x 300 tokens x a 49k-token
     # vocabulary would be ~1 GB.
-    scored = continuation_nll(model, tokenizer, [""] * len(texts), texts, batch_size=4)
+    scored = continuation_nll(model, tokenizer, [""] * len(texts), texts, batch_size=4, max_tokens=max_tokens)
     return [nll / n for nll, n in scored]
 
 
@@ -68,16 +70,40 @@ class MembershipProbe(ClientProbe):
         if not members or not nonmembers:
             return self.skip(ctx, missing.no_members(client_id), client=client_id)
 
-        def scores(texts: list[str]) -> list[float]:
-            texts = [t[:MAX_CHARS] for t in texts[:MAX_TEXTS]]
-            base = per_token_nll(ctx.base_model(), ctx.tokenizer, texts)
-            adapted = per_token_nll(model, ctx.tokenizer, texts)
-            return [b - a for b, a in zip(base, adapted, strict=True)]
+        # A random order, so that the first n of each side (all the precision needs) are a sample.
+        rng = random.Random(f"membership-{ctx.config.seed}-{client_id}")
+        members, nonmembers = rng.sample(members, len(members)), rng.sample(nonmembers, len(nonmembers))
+        # Training sees windows of max_seq_len tokens: a document's first window is a member.
+        window = ctx.config.privacy.max_seq_len
+        scored: dict[bool, list[float]] = {True: [], False: []}
 
-        member_scores, nonmember_scores = scores(members), scores(nonmembers)
+        def scores(texts: list[str], member: bool, n: int) -> list[float]:
+            done = scored[member]
+            more = [t[:MAX_CHARS] for t in texts[len(done) : n]]
+            if more:
+                base = per_token_nll(ctx.base_model(), ctx.tokenizer, more, max_tokens=window)
+                adapted = per_token_nll(ctx.client_model(client_id), ctx.tokenizer, more, max_tokens=window)
+                done.extend(b - a for b, a in zip(base, adapted, strict=True))
+            return done[:n]
+
+        def interval_of(n: int) -> precision.Interval:
+            return precision.auc(scores(members, True, n), scores(nonmembers, False, n))
+
+        cfg = ctx.config.probes
+        interval = precision.sample_until(
+            interval_of,
+            available=min(MAX_TEXTS, max(len(members), len(nonmembers))),
+            first=cfg.membership_first_sample,
+            half_width=cfg.membership_precision,
+            threshold=self.threshold(ctx) if cfg.stop_when_decided else None,
+        )
+        member_scores = scores(members, True, interval.n)
+        nonmember_scores = scores(nonmembers, False, interval.n)
         auc = roc_auc(member_scores, nonmember_scores)
         tpr = tpr_at_fpr(member_scores, nonmember_scores, 0.01)
         evidence = {
+            "interval": [interval.low, interval.high],
+            "scored_tokens_per_document": window,
             "members": len(member_scores),
             "nonmembers": len(nonmember_scores),
             "nonmember_source": source,

@@ -14,12 +14,13 @@ measured on the inserted ones, and on a few controls (never trained on) for the 
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
 
-from pfi_rag.models.scoring import continuation_nll
-from pfi_rag.probes import missing
+from pfi_rag.models.scoring import options_nll
+from pfi_rag.probes import missing, precision
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.metrics import exposure_from_samples
@@ -27,23 +28,68 @@ from pfi_rag.probes.metrics import exposure_from_samples
 DIGITS = re.compile(r"\\d\{(\d+)\}")  # the only format the synthesiser plants: \d{n}
 MAX_AUDIT_CANARIES = 8  # inserted audit canaries ranked (each against exposure_samples candidates)
 CONTROL_CANARIES = 2  # controls ranked alongside, for the chance level
+CANDIDATE_BATCH = 128  # candidates per forward pass (one prompt, its KV cache shared; ~170 MB logits)
 
 
-def canary_exposure(model, tokenizer, canary: dict, *, samples: int, seed: int) -> dict:
+def canary_exposure(
+    model,
+    tokenizer,
+    canary: dict,
+    *,
+    samples: int,
+    seed: int,
+    first: int = 64,
+    precision_bits: float = 0.0,
+    threshold: float | None = None,
+) -> dict:
+    """The canary's exposure from up to ``samples`` candidates, with its 95% interval.
+
+    Candidates are drawn in rounds (``first``, then doubling) and sampling stops once the
+    interval is at most ``2 * precision_bits`` wide or lies wholly on one side of ``threshold``
+    (precision 0 and no threshold: all ``samples``). The interval comes from the exact binomial
+    interval of the share of candidates more likely than the secret: exposure is a decreasing
+    function of that share. When no candidate beats the secret the estimate extrapolates a
+    normal fit (metrics.exposure_from_samples) and the interval runs up to log2 |R|.
+    """
     width = int(DIGITS.fullmatch(canary["format"]).group(1))
+    space = int(canary["space_size"])
     rng = np.random.default_rng(seed)
-    candidates = [f"{int(x):0{width}d}" for x in rng.integers(0, 10**width, size=samples)]
-    candidates = [c for c in candidates if c != canary["secret"]]
     prefix = canary["prefix"].rstrip(" ")
-    scored = continuation_nll(
-        model,
-        tokenizer,
-        [prefix] * (len(candidates) + 1),
-        [" " + canary["secret"]] + [" " + c for c in candidates],
+    secret_nll = options_nll(model, tokenizer, [prefix], [[" " + canary["secret"]]])[0][0][0]
+    nlls: list[float] = []
+
+    def interval_of(n: int) -> precision.Interval:
+        while len(nlls) < n:  # draw and score only the candidates not scored yet
+            drawn = [f"{int(x):0{width}d}" for x in rng.integers(0, 10**width, size=n - len(nlls))]
+            drawn = [c if c != canary["secret"] else f"{(int(c) + 1) % 10**width:0{width}d}" for c in drawn]
+            for start in range(0, len(drawn), CANDIDATE_BATCH):
+                chunk = drawn[start : start + CANDIDATE_BATCH]
+                nlls.extend(
+                    nll for nll, _ in options_nll(model, tokenizer, [prefix], [[" " + c for c in chunk]])[0]
+                )
+        estimate = exposure_from_samples(secret_nll, nlls[:n], space)["exposure"]
+        beaten = int((np.asarray(nlls[:n]) < secret_nll).sum())
+        low_share, high_share = precision.share_interval(beaten, n)
+        low, high = exposure_of_share(high_share, space), exposure_of_share(low_share, space)
+        return precision.Interval(
+            estimate, min(low, estimate), max(high, estimate), n, "clopper-pearson rank share"
+        )
+
+    interval = precision.sample_until(
+        interval_of, available=samples, first=first, half_width=precision_bits, threshold=threshold
     )
-    nlls = [nll for nll, _ in scored]
-    result = exposure_from_samples(nlls[0], nlls[1:], int(canary["space_size"]))
-    return {**result, "repeats": canary.get("repeats"), "prefix": canary["prefix"]}
+    result = exposure_from_samples(secret_nll, nlls[: interval.n], space)
+    return {
+        **result,
+        "interval": [interval.low, interval.high],
+        "repeats": canary.get("repeats"),
+        "prefix": canary["prefix"],
+    }
+
+
+def exposure_of_share(share: float, space_size: int) -> float:
+    """Exposure when ``share`` of the format space is more likely than the secret."""
+    return math.log2(space_size) - math.log2(1.0 + share * (space_size - 1))
 
 
 class ExposureProbe(ClientProbe):
@@ -69,20 +115,33 @@ class ExposureProbe(ClientProbe):
         model = ctx.client_model(client_id)
         if model is None:
             return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
-        per_canary = [
-            canary_exposure(
-                model, ctx.tokenizer, c, samples=ctx.config.probes.exposure_samples, seed=ctx.config.seed + i
+        cfg = ctx.config.probes
+
+        def exposure(canary: dict, seed: int) -> dict:
+            return canary_exposure(
+                model,
+                ctx.tokenizer,
+                canary,
+                samples=cfg.exposure_samples,
+                seed=seed,
+                first=cfg.exposure_first_samples,
+                precision_bits=cfg.exposure_precision_bits,
+                threshold=self.threshold(ctx),
             )
-            for i, c in enumerate(canaries)
-        ]
-        value = max(c["exposure"] for c in per_canary)
-        evidence = {"source": source, "canaries": per_canary}
-        samples, seed = ctx.config.probes.exposure_samples, ctx.config.seed
+
+        per_canary = [exposure(c, ctx.config.seed + i) for i, c in enumerate(canaries)]
+        worst = max(per_canary, key=lambda c: c["exposure"])
+        evidence = {
+            "source": source,
+            "canaries": per_canary,
+            "interval": worst["interval"],  # of the most exposed canary: the value reported
+            "samples_scored": sum(c["samples"] for c in per_canary),
+        }
         if controls:
             evidence["control_exposure"] = [
-                canary_exposure(model, ctx.tokenizer, c, samples=samples, seed=seed + i)["exposure"]
-                for i, c in enumerate(controls)
+                exposure(c, ctx.config.seed + i)["exposure"] for i, c in enumerate(controls)
             ]
+        value = worst["exposure"]
         return self.result(ctx, value, client=client_id, evidence=evidence)
 
 

@@ -8,8 +8,12 @@ with the package (probes/eval_sets/); a data root's own ``shared/`` files take t
 
 from __future__ import annotations
 
-from pfi_rag.models.scoring import perplexity
-from pfi_rag.probes import missing
+import math
+
+import numpy as np
+
+from pfi_rag.models.scoring import continuation_nll
+from pfi_rag.probes import missing, precision
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.lm import refusal_probability
@@ -30,10 +34,21 @@ class CapabilityProbe(ClientProbe):
             return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
         if not texts:
             return self.skip(ctx, "shared/general_eval.jsonl is empty: remove it to use the shipped set")
-        before = perplexity(ctx.base_model(), ctx.tokenizer, texts)
-        after = perplexity(model, ctx.tokenizer, texts)
-        evidence = {"perplexity_before": before, "perplexity_after": after, "texts": len(texts)}
-        return self.result(ctx, after / before, client=client_id, evidence=evidence)
+        # The base model's scores of the shared texts are the same for every client: computed once.
+        before = ctx.memo(
+            ("text_nll", "base", tuple(texts)), lambda: text_nll(ctx.base_model(), ctx.tokenizer, texts)
+        )
+        after = text_nll(ctx.client_model(client_id), ctx.tokenizer, texts)
+        # log(ppl_after / ppl_before) is a ratio of sums over texts: its interval, exponentiated.
+        log_ratio = precision.ratio(after[:, 0] - before[:, 0], before[:, 1])
+        evidence = {
+            "perplexity_before": math.exp(before[:, 0].sum() / before[:, 1].sum()),
+            "perplexity_after": math.exp(after[:, 0].sum() / after[:, 1].sum()),
+            "interval": [math.exp(log_ratio.low), math.exp(log_ratio.high)],
+            "texts": len(texts),
+        }
+        value = evidence["perplexity_after"] / evidence["perplexity_before"]
+        return self.result(ctx, value, client=client_id, evidence=evidence)
 
 
 class RefusalProbe(ClientProbe):
@@ -52,17 +67,32 @@ class RefusalProbe(ClientProbe):
         if not prompts:
             return self.skip(ctx, "shared/refusal_prompts.jsonl is empty: remove it to use the shipped set")
         texts = [p.prompt for p in prompts]
-        before = refusal_probability(ctx.base_model(), ctx.tokenizer, texts)
-        after = refusal_probability(model, ctx.tokenizer, texts)
+        before = base_refusal(ctx, texts)
+        after = refusal_probability(ctx.client_model(client_id), ctx.tokenizer, texts)
         drops = before - after
+        interval = precision.mean(drops)
         worst = int(drops.argmax())
         by_category: dict[str, list[float]] = {}
         for prompt, drop in zip(prompts, drops, strict=True):
             by_category.setdefault(prompt.category, []).append(float(drop))
         evidence = {
+            "interval": [interval.low, interval.high],
             "refusal_before": float(before.mean()),
             "refusal_after": float(after.mean()),
             "drop_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
             "worst_prompt": {"prompt": texts[worst], "drop": float(drops[worst])},
         }
         return self.result(ctx, float(drops.mean()), client=client_id, evidence=evidence)
+
+
+def text_nll(model, tokenizer, texts: list[str]) -> np.ndarray:
+    """(T, 2): each text's summed NLL (nats) and its scored tokens."""
+    return np.array(continuation_nll(model, tokenizer, [""] * len(texts), texts), dtype=float)
+
+
+def base_refusal(ctx: ProbeContext, prompts: list[str]) -> np.ndarray:
+    """P(refuse) of the base model per shared prompt: one pass for every client and erosion."""
+    return ctx.memo(
+        ("refusal", "base", tuple(prompts)),
+        lambda: refusal_probability(ctx.base_model(), ctx.tokenizer, prompts),
+    )

@@ -14,7 +14,7 @@ import numpy as np
 from pfi_rag.probes import missing
 from pfi_rag.probes.base import FLAGGED_CLIENTS, FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.items import answer_nll
+from pfi_rag.probes.items import nll_gain
 
 
 class OutOfDomainProbe(FederationProbe):
@@ -32,13 +32,16 @@ class OutOfDomainProbe(FederationProbe):
             return self.skip(ctx, f"{missing.TWO_CLIENTS} (each with held-out documents)")
         if not rows:
             return self.skip(ctx, "no client has an adapter: run `pfi-rag federate`")
-        tok = ctx.tokenizer
-        base = {c: answer_nll(ctx.base_model(), tok, ctx.eval_items(c)) for c in with_qa}
-        matrix = np.zeros((len(rows), len(with_qa)))
-        for i, adapter_owner in enumerate(rows):
-            model = ctx.client_model(adapter_owner)
-            for j, data_owner in enumerate(with_qa):
-                matrix[i, j] = answer_nll(model, tok, ctx.eval_items(data_owner)) - base[data_owner]
+        # Each cell is the NLL gain of the base over adapter i on client j's items, negated (a
+        # positive cell is worse than the base), sampled until precise or clear of the threshold.
+        threshold = self.threshold(ctx)
+        cells = {}
+        for adapter_owner in rows:
+            for data_owner in with_qa:
+                gain = nll_gain(ctx, data_owner, "base", f"client:{adapter_owner}", threshold=-threshold)
+                cells[adapter_owner, data_owner] = gain
+        matrix = np.array([[-cells[i, j].estimate for j in with_qa] for i in rows])
+        base = {c: ctx.item_scores("base", c, max(cells[i, c].n for i in rows)).answer_nll() for c in with_qa}
         offdiag = [
             (matrix[i, j], rows[i], with_qa[j])
             for i in range(len(rows))
@@ -46,12 +49,15 @@ class OutOfDomainProbe(FederationProbe):
             if rows[i] != with_qa[j]
         ]
         worst_value, worst_adapter, worst_data = max(offdiag)
+        worst_gain = cells[worst_adapter, worst_data]
         evidence = {
             "adapters": rows,
             "data": with_qa,
             "matrix": matrix.tolist(),
             "base_nll": base,
             "worst": {"adapter": worst_adapter, "data": worst_data, "nll_increase": float(worst_value)},
+            "interval": [-worst_gain.high, -worst_gain.low],  # of the worst cell: the value reported
+            "items": {f"{i}->{j}": g.n for (i, j), g in cells.items()},
             FLAGGED_CLIENTS: [worst_adapter],  # the adapter that hurts another client most
         }
         return self.result(ctx, float(worst_value), evidence=evidence)

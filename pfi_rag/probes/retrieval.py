@@ -23,10 +23,10 @@ import difflib
 import re
 
 from pfi_rag import layout
-from pfi_rag.probes import missing
+from pfi_rag.probes import missing, precision
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext, SearchHit
-from pfi_rag.probes.lm import chat_prompt, greedy_answer
+from pfi_rag.probes.lm import chat_prompt, greedy_answer, greedy_answers
 from pfi_rag.probes.metrics import ngrams, support
 
 STALE_NGRAM = 4  # a hit states a superseded sentence when it shares a 4-word run only that had
@@ -59,7 +59,14 @@ class RetrievalHitProbe(ClientProbe):
             if q.doc_id not in found:
                 misses.append({"query": q.query, "expected": q.doc_id, "retrieved": found})
         rate = 1 - len(misses) / len(qa)
-        evidence = {"queries": len(qa), "item_kind": qa[0].kind, "k": k, "misses": misses[:20]}
+        interval = precision.proportion(len(qa) - len(misses), len(qa))
+        evidence = {
+            "queries": len(qa),
+            "interval": [interval.low, interval.high],
+            "item_kind": qa[0].kind,
+            "k": k,
+            "misses": misses[:20],
+        }
         return self.result(ctx, rate, client=client_id, evidence=evidence)
 
 
@@ -118,9 +125,7 @@ class StaleProbe(ClientProbe):
             hits = retriever.search(item["query"], k)
             served = [h.doc_id for h in hits if ngrams(h.text, STALE_NGRAM) & item["old_ngrams"]]
             if served:
-                stale.append(
-                    {"doc_id": item["doc_id"], "superseded": item["old"][:200], "served_by": served}
-                )
+                stale.append({"doc_id": item["doc_id"], "superseded": item["old"][:200], "served_by": served})
         evidence.update(
             documents_with_history=len({s["doc_id"] for s in statements}),
             statements=len(statements),
@@ -176,18 +181,31 @@ def superseded_statements(versions: list[dict], current_texts: list[str]) -> lis
     return out
 
 
+def answer_prompt(ctx: ProbeContext, question: str, hits: list[SearchHit]) -> str:
+    notes = "\n".join(f"[{i}] {h.text}" for i, h in enumerate(hits, start=1))
+    return chat_prompt(
+        ctx.tokenizer, f"{ctx.config.serving.system_prompt}\n\nNotes:\n{notes}\n\nQuestion: {question}"
+    )
+
+
 def model_answerer(ctx: ProbeContext):
     """The default answerer: the client's model (else the base) answers from the hits, greedily."""
 
     def answer(client_id: str, question: str, hits: list[SearchHit]) -> str:
         model = ctx.client_model(client_id) or ctx.base_model()
-        notes = "\n".join(f"[{i}] {h.text}" for i, h in enumerate(hits, start=1))
-        prompt = chat_prompt(
-            ctx.tokenizer, f"{ctx.config.serving.system_prompt}\n\nNotes:\n{notes}\n\nQuestion: {question}"
-        )
+        prompt = answer_prompt(ctx, question, hits)
         return greedy_answer(model, ctx.tokenizer, prompt, max_new_tokens=ctx.config.probes.answer_tokens)
 
     return answer
+
+
+def model_answers(
+    ctx: ProbeContext, client_id: str, questions: list[str], hits: list[list[SearchHit]]
+) -> list[str]:
+    """What ``model_answerer`` answers to each question, generated in batches."""
+    model = ctx.client_model(client_id) or ctx.base_model()
+    prompts = [answer_prompt(ctx, q, h) for q, h in zip(questions, hits, strict=True)]
+    return greedy_answers(model, ctx.tokenizer, prompts, max_new_tokens=ctx.config.probes.answer_tokens)
 
 
 class GroundednessProbe(ClientProbe):
@@ -209,16 +227,21 @@ class GroundednessProbe(ClientProbe):
         qa = ctx.eval_items(client_id)[:GROUNDED_ANSWERS]
         if not qa:
             return self.skip(ctx, missing.no_items(client_id), client=client_id)
-        answerer = ctx.answerer or model_answerer(ctx)
+        hits = [retriever.search(q.query, ctx.config.retrieval.top_k) for q in qa]
+        if ctx.answerer is not None:
+            answers = [ctx.answerer(client_id, q.question, h) for q, h in zip(qa, hits, strict=True)]
+        else:  # the client's model answers them all in batches (one decoding step serves many)
+            answers = model_answers(ctx, client_id, [q.question for q in qa], hits)
         rows = []
-        for q in qa:
-            hits = retriever.search(q.query, ctx.config.retrieval.top_k)
-            answer = answerer(client_id, q.question, hits)
-            score = support(answer, " ".join(h.text for h in hits))
+        for q, h, answer in zip(qa, hits, answers, strict=True):
+            score = support(answer, " ".join(x.text for x in h))
             rows.append({"question": q.question, "answer": answer[:200], "support": score})
         scored = [r["support"] for r in rows if r["support"] is not None]
         # An answer without content words ("I don't know.") asserts nothing: it is grounded.
         value = sum(scored) / len(scored) if scored else 1.0
         ungrounded = [r for r in rows if r["support"] is not None and r["support"] < self.threshold(ctx)]
         evidence = {"answers": len(rows), "ungrounded": ungrounded[:20]}
+        if len(scored) > 1:
+            interval = precision.mean(scored)
+            evidence["interval"] = [max(0.0, interval.low), min(1.0, interval.high)]
         return self.result(ctx, value, client=client_id, evidence=evidence)

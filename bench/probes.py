@@ -1,0 +1,150 @@
+"""Time ``probe --suite all`` on four clients on the default model (SmolLM2-135M), probe by probe.
+
+Builds a small federated world once (kept in ``--workdir`` and reused by later runs), then loads
+the generator once and runs ``run_suite`` ``--repeats`` times, each with a fresh ProbeContext
+(adapters, items and caches rebuilt, as in one ``pfi-rag probe`` call). Prints each probe's
+seconds (median over repeats) and the suite's total, with the machine's load (``uptime``).
+
+Worlds:
+
+- ``realtext``: four chatterbot-corpus topics written as ``.txt`` files and ingested (no manifest:
+  cloze items, audit canaries, the shipped evaluation sets);
+- ``synth``: ``pfi-rag data synth --clients 4`` (planted questions, canaries, twins).
+
+Both are federated for one round with few local DP steps: the probes' cost does not depend on
+how well the adapters trained.
+
+    python bench/probes.py --world realtext --repeats 1 --workdir /tmp/probes-bench \
+        --out bench/results/probes-suite.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.realtext writes the corpus topics as .txt files
+
+from tests.realtext import write_topic  # noqa: E402
+
+CLI = [str(Path(sys.executable).parent / "pfi-rag")]
+TOPICS = "ai,coding,emotion,psychology"
+LINES: list[str] = []
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def cli(root: Path, sets: dict, *args: str) -> float:
+    options = ["--data-root", str(root)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    started = time.perf_counter()
+    done = subprocess.run([*CLI, *options, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return time.perf_counter() - started
+
+
+def build(world: str, root: Path, sets: dict, topics: list[str]) -> None:
+    """Clients and one federated round under ``root``, unless an earlier run left them there."""
+    if (root / "federation").is_dir():
+        say(f"world {world}: reused {root}")
+        return
+    if world == "synth":
+        seconds = cli(root, sets, "data", "synth", "--clients", str(len(topics)))
+    else:
+        seconds = 0.0
+        for topic in topics:
+            directory = write_topic(topic, root.parent / f"{world}-txt" / topic, per_file=2)
+            seconds += cli(root, sets, "ingest", "--client", topic, f"{directory}/")
+    fed = cli(root, sets, "federate", "--rounds", "1")
+    say(f"world {world}: data {seconds:.0f} s, federate --rounds 1 {fed:.0f} s")
+
+
+def time_suite(root: Path, sets: dict, repeats: int, only: list[str] | None) -> dict[str, list[float]]:
+    from pfi_rag.config import load_config
+    from pfi_rag.models.loading import load_generator
+    from pfi_rag.probes import ProbeContext
+    from pfi_rag.probes.registry import probes_for
+    from pfi_rag.probes.runner import run_suite
+
+    cfg = load_config(overrides={"data_root": str(root), **sets})
+    started = time.perf_counter()
+    generator = load_generator(cfg.models)[:2]
+    say(f"generator loaded in {time.perf_counter() - started:.1f} s ({cfg.models.generator})")
+    names = only or [p.name for p in probes_for("all")]
+    seconds: dict[str, list[float]] = {}
+    for repeat in range(repeats):
+        # One context for the whole suite, as in one `pfi-rag probe` call; the probes run one at a
+        # time only so that each one's seconds are printed as soon as it ends.
+        ctx = ProbeContext(cfg, generator=generator)
+        total = 0.0
+        try:
+            for name in names:
+                report = run_suite(ctx, suite="all", only=[name])
+                s = report.summaries[0]
+                seconds.setdefault(name, []).append(report.seconds)
+                total += report.seconds
+                value = "-" if s.value is None else f"{s.value:.4g}"
+                status = f"{s.verdict}" + (f" skipped {s.skipped}" if s.skipped else "")
+                status += f" errors {s.errors}" if s.errors else ""
+                say(f"  {name}: {report.seconds:.1f} s, value {value}, {status}")
+        finally:
+            ctx.close()
+        seconds.setdefault("TOTAL", []).append(total)
+        say(f"repeat {repeat + 1}: suite {total:.1f} s")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", choices=["realtext", "synth"], default="realtext")
+    parser.add_argument("--topics", default=TOPICS, help="realtext clients (four by default)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", default=None, help="comma-separated probes to time (default: all)")
+    parser.add_argument("--local-steps", type=int, default=3, help="local DP-SGD steps in the round")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra config key=value")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/pfi-probes-bench"))
+    parser.add_argument("--out", type=Path, default=None, help="append the printed lines here too")
+    args = parser.parse_args(argv)
+    topics = args.topics.split(",")
+    sets = {
+        "models.device": "cpu",
+        "privacy.local_steps": args.local_steps,
+        **({"privacy.audit_canaries": 64} if args.world == "realtext" else {}),
+        **dict(kv.split("=", 1) for kv in args.sets),
+    }
+    say("$ " + shlex.join(["python", "bench/probes.py", *(argv if argv is not None else sys.argv[1:])]))
+    say(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, default model, cpu, {json.dumps(sets)}")
+    root = args.workdir / args.world
+    build(args.world, root, sets, topics)
+    say(f"uptime before: {uptime()}")
+    only = args.only.split(",") if args.only else None
+    seconds = time_suite(root, sets, args.repeats, only)
+    say(f"uptime after:  {uptime()}")
+    say()
+    say(f"| probe | seconds (median of {args.repeats}) |")
+    say("|---|---|")
+    for probe, values in sorted(seconds.items(), key=lambda kv: -statistics.median(kv[1])):
+        say(f"| {probe} | {statistics.median(values):.1f} |")
+    say()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a", encoding="utf-8") as out:
+            out.write("\n".join(LINES) + "\n")
+
+
+if __name__ == "__main__":
+    main()
