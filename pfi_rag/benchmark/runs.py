@@ -170,11 +170,6 @@ def verdicts(report) -> dict[str, dict[str, Any]]:
     }
 
 
-def probe(cfg: Config, probes: tuple[str, ...] = PROBES, *, embedder=None) -> dict[str, dict[str, Any]]:
-    """Every chosen probe's verdict, value and flagged clients (exact, not the private release)."""
-    return verdicts(probe_report(cfg, probes, embedder=embedder))
-
-
 def save_reference(report, references: Path, name: str) -> Path:
     """``references/<name>/report.json``, as `pfi-rag probe --out` writes it (without the HTML),
     so `pfi-rag calibrate-probes references/*/report.json` reads every healthy report."""
