@@ -35,7 +35,9 @@ def register(app: typer.Typer) -> None:
 
         def log_libraries(root: Path) -> None:
             # Flower's, Ray's and transformers' own output goes here instead of between the steps.
-            path = root / "logs" / "libraries.log"
+            from pfi_rag.layout import library_log_file
+
+            path = library_log_file(root)
             handlers.append(output.log_libraries_to(path))
             console.print(f"library log (Flower, Ray, transformers): {path}; --verbose prints it instead")
 

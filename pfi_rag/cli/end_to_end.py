@@ -27,13 +27,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pfi_rag import layout
 from pfi_rag.config import Config
 from pfi_rag.presets import Preset
 from pfi_rag.storage import atomic_write_json
 
 DEMO_MARKER = ".pfi-rag-demo"
-DEMO_DIR = "demo"  # under the configured data root
-ANSWERS_FILE = "answers.json"  # the HTTP answers of step 4, as the service returned them
 CLIENTS = 4
 ASKED = ("client-00", "client-01")  # the two clients who ask the same question over HTTP
 PASSAGES = 2  # retrieved per HTTP answer: a 135M model answers better from fewer, better passages
@@ -110,7 +109,7 @@ class DemoResult:
 def demo_lock(parent: Path) -> Iterator[None]:
     """One demo per data root at a time: a second one would replace the first's files mid-run."""
     parent.mkdir(parents=True, exist_ok=True)
-    with open(parent / ".pfi-rag-demo.lock", "a") as lock:
+    with open(layout.demo_lock_file(parent), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -299,7 +298,7 @@ def ask_over_http(cfg: Config, embedder, out: Console) -> tuple[list[Answer], in
     finally:
         server.stop()
     out.print("server stopped")
-    atomic_write_json(cfg.data_root / ANSWERS_FILE, [asdict(answer) for answer in answers])
+    atomic_write_json(layout.answers_file(cfg.data_root), [asdict(answer) for answer in answers])
     done(out, started)
     return answers, other.status_code
 
@@ -353,7 +352,7 @@ def run_probes(cfg: Config, probes: tuple[str, ...] | None, out: Console):
         report = run_suite(context, suite="all", only=list(probes) if probes else None, on_step=progress)
     finally:
         context.close()
-    _, html_path = write_report(report, cfg.data_root / "report")
+    _, html_path = write_report(report, layout.report_dir(cfg.data_root))
     table = Table("probe", "mode", "worst / value", "fails when", "verdict", box=None)
     for s in report.summaries:
         value = "-" if s.value is None else f"{s.value:.3g}"
@@ -383,20 +382,21 @@ def list_artefacts(cfg: Config, out: Console) -> dict[str, Path]:
     if ray.is_initialized():
         ray.shutdown()
     root = Path(cfg.data_root)
+    client = layout.list_clients(root)[0]  # each client's files are laid out as this one's
     artefacts = {
         "data root": root,
-        "client data": root / "clients" / "<id>" / "data",
-        "client indexes": root / "clients" / "<id>" / "index",
-        "client adapters": root / "clients" / "<id>" / "adapter",
-        "privacy ledgers": root / "clients" / "<id>" / "privacy.json",
-        "global adapter": root / "federation" / "global_adapter",
-        "round history": root / "federation" / "rounds",
-        "federation summary": root / "federation" / "summary.json",
-        "API key hashes": root / "keys.json",
-        "HTTP answers": root / ANSWERS_FILE,
-        "probe report": root / "report" / "report.html",
-        "probe report (JSON)": root / "report" / "report.json",
-        "ground truth": root / "manifest.json",
+        f"{client}'s data": layout.client_data_dir(root, client),
+        f"{client}'s index": layout.client_index_dir(root, client),
+        f"{client}'s adapter": layout.client_adapter_dir(root, client),
+        f"{client}'s privacy ledger": layout.client_ledger_file(root, client),
+        "global adapter": layout.global_adapter_dir(root),
+        "round history": layout.rounds_dir(root),
+        "federation summary": layout.summary_file(root),
+        "API key hashes": layout.keys_file(root),
+        "HTTP answers": layout.answers_file(root),
+        "probe report": layout.report_dir(root) / "report.html",
+        "probe report (JSON)": layout.report_dir(root) / "report.json",
+        "ground truth": layout.manifest_file(root),
     }
     table = Table("artefact", "path", box=None)
     for name, path in artefacts.items():
@@ -413,7 +413,7 @@ def run_demo(
     directory once it exists (the CLI routes the libraries' log output into it)."""
     from pfi_rag.models.loading import load_embedder
 
-    root = (Path(cfg.data_root) / DEMO_DIR).absolute()  # printed paths work from any directory
+    root = layout.demo_root(cfg.data_root).absolute()  # printed paths work from any directory
     with demo_lock(Path(cfg.data_root)):
         prepare_root(root)
         if on_root is not None:
