@@ -32,6 +32,7 @@ the tree below is the whole of what a data root can hold (docs/architecture.md s
       answers.json                  the demo's HTTP answers
       logs/libraries.log            Flower's, Ray's and transformers' output during the demo
       demo/                         `pfi-rag demo`'s own data root, laid out as this one
+      .pfi-rag-demo.lock            flocked while a demo rebuilds demo/
 
 Only the standard library is imported: every layer may use this module, and it uses none of
 them. Nothing here writes; :mod:`pfi_rag.storage` writes atomically.
@@ -265,3 +266,8 @@ def library_log_file(data_root: Path) -> Path:
 def demo_root(data_root: Path) -> Path:
     """``demo/``: the data root ``pfi-rag demo`` builds its world in, replaced on each run."""
     return Path(data_root) / "demo"
+
+
+def demo_lock_file(data_root: Path) -> Path:
+    """``.pfi-rag-demo.lock``: flocked by the one demo rebuilding ``demo/`` at a time."""
+    return Path(data_root) / ".pfi-rag-demo.lock"
