@@ -43,6 +43,7 @@ from pathlib import Path
 
 import httpx
 
+from pfi_rag import layout
 from pfi_rag.api.auth import KeyStore
 from pfi_rag.config import Config, ModelsConfig
 from pfi_rag.data.records import load_client_data
@@ -327,7 +328,7 @@ def mixed_load(load: Load, seconds: float, concurrency: int) -> dict:
 def prepare(root: Path, url: str) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Keys (hashes on disk) and documents (ingested over HTTP) for each synthetic client."""
     clients = sorted(synthesize(root, clients=CLIENTS, seed=0)["clients"])
-    store = KeyStore(root / "keys.json")
+    store = KeyStore(layout.keys_file(root))
     keys, questions = {}, {}
     for client in clients:
         keys[client] = store.create(client)[0]

@@ -25,6 +25,7 @@ def synth(
     ),
 ) -> None:
     """Write each client's documents, held-out QA, canaries, versioned facts and counterfactuals."""
+    from pfi_rag import layout
     from pfi_rag.data.synth import ingest_synthetic, synthesize
 
     cfg = config_from(ctx)
@@ -44,5 +45,5 @@ def synth(
         from pfi_rag.models.loading import load_embedder
 
         ingest_synthetic(out, list(manifest["clients"]), cfg.retrieval, load_embedder(cfg.models))
-        console.print(f"documents written to each client's store under {out / 'clients'}")
-    console.print(f"ground truth: {out / 'manifest.json'}")
+        console.print(f"documents written to each client's store under {layout.clients_dir(out)}")
+    console.print(f"ground truth: {layout.manifest_file(out)}")
