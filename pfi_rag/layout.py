@@ -4,38 +4,39 @@ The rest of the package asks this module for a path and never joins directory na
 the tree below is the whole of what a data root can hold (docs/architecture.md shows it too)::
 
     <data_root>/
-      clients/<id>/                 everything of one client, and nothing of another
-        data/                       its raw records (*.jsonl; synthetic or imported)
-        index/                      its retriever: docstore.sqlite, faiss.index, lock
-        split.json                  which of its documents are held out from training
-        adapter/                    its LoRA adapter (PEFT format)
-        local_adapter/              the adapter it trained alone (the fairness baseline)
-        privacy.json                its privacy ledger
-        .privacy.lock               flocked while a process writes that ledger
-        settings.toml               optional: its own [privacy] settings
-        audit/canaries.json         its audit canaries (privacy.audit_canaries)
-        probes/latest.json          its own latest probe results
-        logs/federation.log         what went wrong on its side of a round
-        logs/federation-timings.jsonl   where its rounds' time went, phase by phase
+      clients/<id>/                         everything of one client, and nothing of another
+        data/                               its raw records (*.jsonl; synthetic or imported)
+        index/                              its retriever: docstore.sqlite, faiss.index, lock
+        split.json                          which of its documents are held out from training
+        adapter/                            its LoRA adapter (PEFT format)
+        local_adapter/                      the adapter it trained alone (fairness baseline)
+        privacy.json                        its privacy ledger
+        .privacy.lock                       flocked while a process writes that ledger
+        settings.toml                       optional: its own [privacy] settings
+        audit/canaries.json                 its audit canaries (privacy.audit_canaries)
+        probes/latest.json                  its own latest probe results
+        logs/federation.log                 what went wrong on its side of a round
+        logs/federation-timings.jsonl       where its rounds' time went, phase by phase
       federation/
-        global_adapter/             the latest global adapter
-        rounds/round-0001.json      the record of round 1
+        global_adapter/                     the latest global adapter
+        rounds/round-0001.json              the record of round 1
         rounds/round-0001/global_adapter/   the global adapter after round 1
-        checkpoint/                 the server's resumable state
-        summary.json                the launcher's per-round and per-client table
-        deploy/                     `pfi-rag deploy local`: app, config, logs, certificates
-      shared/                       evaluation sets every client shares (synthetic data)
-      manifest.json                 ground truth of the synthetic data
-      keys.json                     API key hashes
-      server.lock                   held by the one server serving this root
-      report/                       the latest probe report (report.json, report.html)
-      answers.json                  the demo's HTTP answers
-      logs/libraries.log            Flower's, Ray's and transformers' output during the demo
-      demo/                         `pfi-rag demo`'s own data root, laid out as this one
-      .pfi-rag-demo.lock            flocked while a demo rebuilds demo/
+        checkpoint/                         the server's resumable state
+        summary.json                        the launcher's per-round and per-client table
+        deploy/                             `pfi-rag deploy local`: app, config, logs, certificates
+      shared/                               evaluation sets every client shares (synthetic data)
+      manifest.json                         ground truth of the synthetic data
+      keys.json                             API key hashes
+      server.lock                           held by the one server serving this root
+      report/                               the demo's probe report (report.json, report.html)
+      answers.json                          the demo's HTTP answers
+      logs/libraries.log                    Flower's, Ray's and transformers' output in the demo
+      demo/                                 `pfi-rag demo`'s own data root, laid out as this one
+      .pfi-rag-demo.lock                    flocked while a demo rebuilds demo/
 
 Only the standard library is imported: every layer may use this module, and it uses none of
-them. Nothing here writes; :mod:`pfi_rag.storage` writes atomically.
+them. Nothing here writes (two functions list directories); :mod:`pfi_rag.storage` writes
+atomically.
 """
 
 from __future__ import annotations
