@@ -139,8 +139,11 @@ class PrivacyConfig(Section):
     # The released loss sums run over this many records drawn without replacement (all of them
     # when a client has fewer), so the evaluation costs the same, and the reply comes as soon,
     # whatever a client's record count. One client's released mean then carries noise of std
-    # round_metrics_noise * sqrt(3) * round_metrics_loss_clip / this (6.5 nats at the defaults).
-    round_metrics_sample: int = Field(default=32, ge=1)
+    # round_metrics_noise * sqrt(3) * round_metrics_loss_clip / this (13 nats at the defaults:
+    # only a mean over many clients says something). Its two passes cost about as much as
+    # 2 * this / 3 records' DP steps (docs/federation.md), so it is kept small beside
+    # local_steps * batch_size.
+    round_metrics_sample: int = Field(default=16, ge=1)
     # Audit canaries (docs/probes.md, "privacy audit"): N > 0 makes this client generate N random
     # secrets once, insert a random half of them into its DP training (never its index, never an
     # answer) and keep the other half as controls, so the probes can bound the epsilon achieved.

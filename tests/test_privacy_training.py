@@ -251,8 +251,8 @@ def test_round_metrics_are_released_noised_inside_the_rounds_spend(tiny_generato
     released = result.released_metrics
     assert set(released) == {"num-examples", "loss-before", "loss-after"}
     assert released["num-examples"] != RECORDS and released["loss-before"] != result.loss_before
-    # The losses were evaluated on the fixed-size sample: 32 records' worth for these 6.
-    assert result.evaluated == cfg.round_metrics_sample == 32
+    # The losses were evaluated on the fixed-size sample: 16 records' worth for these 6.
+    assert result.evaluated == cfg.round_metrics_sample == 16
 
 
 @pytest.mark.parametrize("records", [1000, 40])  # more records than the sample, and fewer

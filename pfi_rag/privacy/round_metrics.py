@@ -26,7 +26,7 @@ by the ledger with the round's DP-SGD steps, and the round's spend is solved wit
 
 The means shown are post-processing of the noised values and the public constant ``sample``:
 sum / min(noised n, sample). With few records, or a small sample, they are rough: at z = 10,
-clip 12 and a sample of 32, one client's mean carries noise of std 6.5 nats. Averaged over many
+clip 12 and a sample of 16, one client's mean carries noise of std 13 nats. Averaged over many
 clients they are what a federation's loss curve needs.
 """
 
