@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,22 +12,6 @@ from pfi_rag.config import Config, ModelsConfig
 from pfi_rag.data.synth import synthesize
 from pfi_rag.models.adapters import save_adapter
 from pfi_rag.probes.context import ProbeContext
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run torch on one thread, then restore the setting.
-
-    The tiny model's ops last microseconds: a second intra-op thread buys nothing, and on a
-    loaded 2-core machine its spin-waits cost ~5x the CPU time (measured: 5 LoRA steps 2.5 s
-    of CPU on two threads, 0.5 s on one).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def lora_for_tests(seed: int, base):

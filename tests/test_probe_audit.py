@@ -26,7 +26,6 @@ from pfi_rag.probes.audit import audit, epsilon_lower_bound, guess_counts, p_val
 from pfi_rag.probes.base import Verdict
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.privacy_audit import AuditProbe, audit_canaries, canary_scores
-from tests.probe_support import one_torch_thread
 
 CLIENT = "alice"
 CANARIES = 64  # 16 guessed in, 16 out: all 32 right gives a bound of 2.32 at most
@@ -79,28 +78,27 @@ def _adapter(tiny_generator):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_generator, tmp_path_factory):
+def runs(tiny_generator, tmp_path_factory, one_torch_thread):
     """One DP run (epsilon 2, ledger kept) and one non-private run, on the same 64 canaries."""
     root = tmp_path_factory.mktemp("audit")
     base, tokenizer, _ = tiny_generator
     cfg = PrivacyConfig(audit_canaries=CANARIES, batch_size=16, learning_rate=0.05)
     inserted = audit_training_documents(root, CLIENT, cfg)
     canaries = load_canaries(root, CLIENT)
-    with one_torch_thread():
-        private = _adapter(tiny_generator)
-        ledger = PrivacyLedger.open(root, CLIENT, cfg)
-        train_adapter(
-            private, tokenizer, documents=inserted, instructions=[], cfg=cfg, ledger=ledger,
-            epsilon=2.0, steps=3, seed=1,
-        )  # fmt: skip
-        save_adapter(private, client_adapter_dir(root, CLIENT))
-        public = _adapter(tiny_generator)
-        train_adapter(
-            public, tokenizer, documents=inserted, instructions=[], cfg=cfg, ledger=None,
-            steps=10, seed=1, private=False,
-        )  # fmt: skip
-        public.eval()
-        public_scores = canary_scores(base, public, tokenizer, canaries)
+    private = _adapter(tiny_generator)
+    ledger = PrivacyLedger.open(root, CLIENT, cfg)
+    train_adapter(
+        private, tokenizer, documents=inserted, instructions=[], cfg=cfg, ledger=ledger,
+        epsilon=2.0, steps=3, seed=1,
+    )  # fmt: skip
+    save_adapter(private, client_adapter_dir(root, CLIENT))
+    public = _adapter(tiny_generator)
+    train_adapter(
+        public, tokenizer, documents=inserted, instructions=[], cfg=cfg, ledger=None,
+        steps=10, seed=1, private=False,
+    )  # fmt: skip
+    public.eval()
+    public_scores = canary_scores(base, public, tokenizer, canaries)
     return root, canaries, public, public_scores
 
 

@@ -30,15 +30,13 @@ from pfi_rag.probes.federation_health import SilentFailuresProbe, UpdateOutliers
 from pfi_rag.probes.history import HistoryError, read_history
 from pfi_rag.probes.registry import probe_named
 from pfi_rag.probes.release import TOLERANCE_Z, distribution
-from tests.probe_support import fresh_lora, make_context, make_data, one_torch_thread, save
+from tests.probe_support import fresh_lora, make_context, make_data, save
 
 CLIENTS = ["client-00", "client-01", "client-02", "client-03"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+# One torch thread for the module (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_round(root, number, *, norms, cosines=None, failures=(), participants=None, metrics=None):

@@ -24,16 +24,14 @@ from pfi_rag.probes.membership import MembershipProbe
 from pfi_rag.probes.memorization import ExposureProbe
 from pfi_rag.probes.misalignment import CapabilityProbe, RefusalProbe
 from pfi_rag.probes.ood import OutOfDomainProbe
-from tests.probe_support import fresh_lora, make_context, make_data, one_torch_thread, save, train_lora
+from tests.probe_support import fresh_lora, make_context, make_data, save, train_lora
 
 SMALL = "client-03"  # the synthesiser's tiny client: 6 documents, 1 canary, 4 facts
 OTHER = "client-02"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_torch_thread():
-        yield
+# One torch thread for the module (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
