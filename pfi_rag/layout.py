@@ -32,6 +32,7 @@ the tree below is the whole of what a data root can hold (docs/architecture.md s
       answers.json                          the demo's HTTP answers
       logs/libraries.log                    Flower's, Ray's and transformers' output in the demo
       demo/                                 `pfi-rag demo`'s own data root, laid out as this one
+      bench-silent-failures/                `pfi-rag bench`'s runs, one data root each, and runs.jsonl
       .pfi-rag-demo.lock                    flocked while a demo rebuilds demo/
 
 Only the standard library is imported: every layer may use this module, and it uses none of
@@ -272,3 +273,8 @@ def demo_root(data_root: Path) -> Path:
 def demo_lock_file(data_root: Path) -> Path:
     """``.pfi-rag-demo.lock``: flocked by the one demo rebuilding ``demo/`` at a time."""
     return Path(data_root) / ".pfi-rag-demo.lock"
+
+
+def bench_dir(data_root: Path) -> Path:
+    """``bench-silent-failures/``: the benchmark's run log and one data root per run, replaced."""
+    return Path(data_root) / "bench-silent-failures"
