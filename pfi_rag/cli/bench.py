@@ -8,9 +8,8 @@ from pathlib import Path
 
 import typer
 
+from pfi_rag import layout
 from pfi_rag.cli.common import config_with_defaults, console, fail
-
-WORK_DIR = "bench-silent-failures"  # under the data root; replaced on each run
 
 
 def register(app: typer.Typer) -> None:
@@ -81,7 +80,7 @@ def register(app: typer.Typer) -> None:
                 console.print("the privacy/utility part runs on the synthetic world only: left out")
             tradeoff = False
         cfg = config_with_defaults(ctx, defaults)  # an explicit --set wins over the preset
-        work = Path(cfg.data_root) / WORK_DIR
+        work = layout.bench_dir(cfg.data_root)  # replaced on each run
         if work.exists():
             shutil.rmtree(work)
         parts = [f"{len(picked)} scenarios x {chosen.seeds} seeds"] if matrix else []

@@ -100,6 +100,7 @@ def register(app: typer.Typer) -> None:
         """Run federated DP personalization on Flower's simulation engine (resumes after a crash)."""
         from pfi_rag.federation.launcher import plan_participants, run_simulation, summarize
         from pfi_rag.federation.server import FederationFailed
+        from pfi_rag.layout import summary_file
 
         overrides = {
             "federation.clients": clients,
@@ -136,7 +137,7 @@ def register(app: typer.Typer) -> None:
             print_json(summary.model_dump(mode="json"))
         else:
             print_summary(summary)
-            console.print(f"summary: {cfg.data_root / 'federation' / 'summary.json'}")
+            console.print(f"summary: {summary_file(cfg.data_root)}")
 
     deploy_app = typer.Typer(help="Run the federation as real SuperLink/SuperNode processes.")
     app.add_typer(deploy_app, name="deploy")
