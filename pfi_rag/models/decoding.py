@@ -112,11 +112,14 @@ class DecodeBatch:
         identity_adapter: str | None = None,
         gathered=None,
         prefix=None,
+        compiled=None,
     ):
         self.model = model
         # A PrefixCache (prefix_cache.py): rows whose prompt starts with its tokens reuse their
         # adapter's keys and values of it instead of computing them again. Gathered LoRA only.
         self.prefix = prefix if gathered is not None else None
+        # A CompiledDecode (compiled.py) runs the one-token steps; prefill stays eager.
+        self.compiled = compiled
         # A GatheredLoRA holding every loaded adapter in a slot: one batched product per LoRA layer
         # for a mixed batch instead of PEFT's loop over the adapters present.
         self.gathered = gathered
@@ -149,15 +152,16 @@ class DecodeBatch:
         joinable = (DynamicLayer, PreallocatedLayer)
         return self.cache is None or all(type(layer) in joinable for layer in self.cache.layers)
 
-    def _forward(self, input_ids, mask, positions, cache, rows: Sequence[Row]) -> torch.Tensor:
+    def _forward(self, input_ids, mask, positions, cache, rows: Sequence[Row], *, step: bool = False):
         slots = [row.slot for row in rows]
         gathered = self.gathered is not None and None not in slots
         with self.lock, torch.inference_mode():
             # Gathered LoRA routes rows by slot; otherwise PEFT's own adapter selection does.
             routing = self.gathered.rows(slots) if gathered else contextlib.nullcontext()
             extra = {} if gathered else self._select_peft_adapters(rows)
+            forward = self.compiled if step and self.compiled is not None else self.model
             with routing:
-                out = self.model(
+                out = forward(
                     input_ids=input_ids,
                     attention_mask=mask,
                     position_ids=positions,
@@ -286,7 +290,8 @@ class DecodeBatch:
             return []
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)  # (B, T+1)
         positions = torch.tensor([[r.length] for r in self.rows], device=self.device)  # (B, 1)
-        logits = self._forward(self.next_tokens[:, None], self.mask, positions, self.cache, self.rows)
+        tokens = self.next_tokens[:, None]  # (B, 1)
+        logits = self._forward(tokens, self.mask, positions, self.cache, self.rows, step=True)
         for row in self.rows:
             row.length += 1
         self.next_tokens = self._sample(self.rows, logits)

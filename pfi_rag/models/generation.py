@@ -25,6 +25,7 @@ from pfi_rag.models.adapter_cache import (
     ServedAdapter,
     serving_model,
 )
+from pfi_rag.models.compiled import CompiledDecode, wants_compile
 from pfi_rag.models.decoding import DecodeBatch, Row, SamplingParams
 from pfi_rag.models.gathered_lora import GatheredLoRA
 from pfi_rag.models.prefix_cache import PrefixCache, shared_prefix_ids
@@ -182,6 +183,9 @@ class Engine:
             model_lock=self.lock,
             gathered=self.gathered,
         )
+        self.compiled = None  # the decode step under torch.compile (serving.compile_decode)
+        if wants_compile(self.serving.compile_decode, next(self.model.parameters()).device):
+            self.compiled = CompiledDecode(self.model)
         self._prefix: PrefixCache | None = None  # built on first use, for the current system prompt
         self._prefix_prompt: str | None = None
         self.retrieve = retrieve
@@ -230,6 +234,7 @@ class Engine:
             identity_adapter=PLACEHOLDER_ADAPTER,
             gathered=self.gathered,
             prefix=self.prefix_cache(),
+            compiled=self.compiled,
         )
 
     def prepare(

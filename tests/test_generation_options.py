@@ -1,0 +1,65 @@
+"""Serving options on the tiny random Llama: int8 base weights under LoRA, when the decode step compiles."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pfi_rag.config import ServingConfig
+from pfi_rag.models import Engine, GenerationRequest
+from pfi_rag.models.adapters import client_adapter_dir
+from pfi_rag.models.compiled import wants_compile
+from pfi_rag.models.quantization import Int8Linear, quantize_linear_layers, weight_bytes_read_per_token
+from tests.test_generation import PASSAGES, QUESTION
+from tests.test_generation_gathered import save_strong_adapter
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8-dynamic"])
+def test_int8_base_weights_keep_the_logits_and_the_fp32_lora_path(tiny_generator, tmp_path, fmt):
+    base, tokenizer, _ = tiny_generator
+    save_strong_adapter(base, client_adapter_dir(tmp_path, "c1"), seed=1)
+    engines = {}
+    for name in ("none", fmt):
+        model = copy.deepcopy(base)
+        replaced = quantize_linear_layers(model, name)
+        assert replaced == (0 if name == "none" else 2 * 7 + 1)  # 7 per layer and the output head
+        engines[name] = Engine(model, tokenizer, data_root=tmp_path, serving=ServingConfig(max_new_tokens=8))
+    quantized = engines[fmt].model.get_base_model()
+    assert weight_bytes_read_per_token(quantized) < weight_bytes_read_per_token(base) / 3
+    lora = [p for n, p in engines[fmt].model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)  # only the base model is int8
+
+    request = GenerationRequest("c1", QUESTION, passages=PASSAGES)
+    jobs = {name: engine.prepare(request) for name, engine in engines.items()}
+    logits = {}
+    for name, job in jobs.items():
+        job.lease.release()
+        ids = torch.tensor([job.prompt.input_ids])
+        with torch.inference_mode(), engines[name].gathered.rows([job.row.slot]):
+            logits[name] = engines[name].model(input_ids=ids).logits[0, -1]
+    assert jobs[fmt].row.slot != 0  # the adapter took a slot on the int8 model too
+    correlation = torch.corrcoef(torch.stack([logits[fmt], logits["none"]]))[0, 1]
+    assert correlation > 0.98  # close, not equal
+    assert not torch.equal(logits[fmt], logits["none"])
+    assert len(engines[fmt].generate(request).token_ids) == 8
+
+
+def test_int8_refuses_a_wrapped_model_and_unknown_formats(tiny_generator, tmp_path):
+    engine = Engine(copy.deepcopy(tiny_generator[0]), tiny_generator[1], data_root=tmp_path)
+    with pytest.raises(ValueError, match="before LoRA"):
+        quantize_linear_layers(engine.model, "int8")
+    with pytest.raises(ValueError, match="int8-dynamic"):
+        quantize_linear_layers(copy.deepcopy(tiny_generator[0]), "int4")
+    assert not any(isinstance(m, Int8Linear) for m in engine.model.modules())
+
+
+def test_the_decode_step_compiles_on_cuda_only_by_default(tiny_generator, tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [wants_compile("auto", cpu), wants_compile("auto", cuda)] == [False, True]
+    assert [wants_compile("on", cpu), wants_compile("off", cuda)] == [True, False]
+    engine = Engine(copy.deepcopy(tiny_generator[0]), tiny_generator[1], data_root=tmp_path)
+    assert engine.compiled is None and engine.new_batch().compiled is None  # CPU: eager, as before
