@@ -187,8 +187,10 @@ def train_round(
     epsilon = cfg.privacy.epsilon_per_round / 2 if strategy == "ditto" else None
     private_metrics = cfg.privacy.round_metrics == "private"
 
-    def dp_train(model, after_step=None, release_metrics=False):
+    def dp_train(model, after_step=None, release_metrics=False, evaluate=False):
         # No seed: sampling and noise come from the OS, so the server cannot regenerate them.
+        # evaluate: exact metrics need the losses over every record; a release evaluates its own
+        # fixed-size sample; Ditto's personal training needs no losses at all.
         return train_adapter(
             model,
             tokenizer,
@@ -199,6 +201,7 @@ def train_round(
             epsilon=epsilon,
             after_step=after_step,
             release_metrics=release_metrics,
+            evaluate=evaluate,
         )
 
     phases.lap("setup")
@@ -210,7 +213,7 @@ def train_round(
     before = lora_arrays(model)
     phases.lap("model")
     try:
-        result = dp_train(model, release_metrics=private_metrics)
+        result = dp_train(model, release_metrics=private_metrics, evaluate=not private_metrics)
     except BudgetExceeded:
         return SatOut(reason="budget_exhausted")
     phases.add(result.phases)

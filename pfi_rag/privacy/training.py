@@ -112,6 +112,7 @@ def train_adapter(
     private: bool = True,
     after_step: Callable[[], None] | None = None,
     release_metrics: bool = False,
+    evaluate: bool = True,
 ) -> TrainResult:
     """Train ``model``'s active LoRA adapter in place with DP-SGD and charge ``ledger``.
 
@@ -124,6 +125,8 @@ def train_adapter(
     it can regenerate the noise and subtract it. None (every real client) draws it from the OS.
     ``release_metrics`` also releases the round's record count and losses, noised
     (:mod:`pfi_rag.privacy.round_metrics`), inside the same spend.
+    ``evaluate=False`` skips the loss evaluation before and after training (``loss_before`` and
+    ``loss_after`` are nan) for a caller that does not read them; a release still evaluates.
     Raises :class:`BudgetExceeded` before reading any record if the spend would pass the budget.
     On return the model is a plain PeftModel again (Opacus hooks removed) in eval mode.
     """
@@ -151,6 +154,7 @@ def train_adapter(
         progress=progress,
         after_step=after_step,
         phases=phases,
+        evaluate=evaluate,
     )
     if not private:
         if ledger is not None:
@@ -208,6 +212,7 @@ def _train(
     progress: Callable[[StepInfo], None] | None,
     after_step: Callable[[], None] | None,
     phases: dict[str, float],
+    evaluate: bool,
 ) -> TrainResult:
     """The training loop: data, evaluation, DP wrapping, steps, cleanup, ledger commit, evaluation."""
     started = clock = time.perf_counter()
@@ -228,7 +233,8 @@ def _train(
             examples, cfg.round_metrics_sample, np.random.default_rng([seed, 3])
         )
     else:
-        evaluated, counted = list(examples), len(examples)
+        evaluated = list(examples) if evaluate else []
+        counted = len(evaluated)
     lap("tokenize")
     losses_before = record_losses(model, evaluated, collate, cfg.batch_size)[:counted]
     lap("evaluate")
@@ -323,8 +329,8 @@ def _train(
         history = [*engine.accountant.history, *plan["also"]]
         total = spent = epsilon_of(history, delta=delta, mechanism=mechanism)
     return TrainResult(
-        loss_before=sum(losses_before) / len(losses_before),
-        loss_after=sum(losses_after) / len(losses_after),
+        loss_before=sum(losses_before) / len(losses_before) if losses_before else math.nan,
+        loss_after=sum(losses_after) / len(losses_after) if losses_after else math.nan,
         epsilon=spent,
         epsilon_total=total,
         delta=delta,
