@@ -3,7 +3,9 @@
 Builds a small federated world once (kept in ``--workdir`` and reused by later runs), then loads
 the generator once and runs ``run_suite`` ``--repeats`` times, each with a fresh ProbeContext
 (adapters, items and caches rebuilt, as in one ``pfi-rag probe`` call). Prints each probe's
-seconds (median over repeats) and the suite's total, with the machine's load (``uptime``).
+wall and CPU seconds (median over repeats) and the suite's total, with the machine's load
+(``uptime``). The model runs on one thread (models.threads default on two cores), so on an idle
+machine CPU seconds are wall seconds; on a busy one they are what the load does not inflate.
 
 Worlds:
 
@@ -73,7 +75,8 @@ def build(world: str, root: Path, sets: dict, topics: list[str]) -> None:
     say(f"world {world}: data {seconds:.0f} s, federate --rounds 1 {fed:.0f} s")
 
 
-def time_suite(root: Path, sets: dict, repeats: int, only: list[str] | None) -> dict[str, list[float]]:
+def time_suite(root: Path, sets: dict, repeats: int, only: list[str] | None):
+    """Per probe (and TOTAL): wall seconds and CPU seconds of each repeat."""
     from pfi_rag.config import load_config
     from pfi_rag.models.loading import load_generator
     from pfi_rag.probes import ProbeContext
@@ -86,26 +89,32 @@ def time_suite(root: Path, sets: dict, repeats: int, only: list[str] | None) -> 
     say(f"generator loaded in {time.perf_counter() - started:.1f} s ({cfg.models.generator})")
     names = only or [p.name for p in probes_for("all")]
     seconds: dict[str, list[float]] = {}
+    cpu_seconds: dict[str, list[float]] = {}  # this process's CPU time: what load does not inflate
     for repeat in range(repeats):
         # One context for the whole suite, as in one `pfi-rag probe` call; the probes run one at a
         # time only so that each one's seconds are printed as soon as it ends.
         ctx = ProbeContext(cfg, generator=generator)
-        total = 0.0
+        total = total_cpu = 0.0
         try:
             for name in names:
+                cpu = time.process_time()
                 report = run_suite(ctx, suite="all", only=[name])
+                cpu = time.process_time() - cpu
                 s = report.summaries[0]
                 seconds.setdefault(name, []).append(report.seconds)
+                cpu_seconds.setdefault(name, []).append(cpu)
                 total += report.seconds
+                total_cpu += cpu
                 value = "-" if s.value is None else f"{s.value:.4g}"
                 status = f"{s.verdict}" + (f" skipped {s.skipped}" if s.skipped else "")
                 status += f" errors {s.errors}" if s.errors else ""
-                say(f"  {name}: {report.seconds:.1f} s, value {value}, {status}")
+                say(f"  {name}: {report.seconds:.1f} s wall, {cpu:.1f} s cpu, value {value}, {status}")
         finally:
             ctx.close()
         seconds.setdefault("TOTAL", []).append(total)
-        say(f"repeat {repeat + 1}: suite {total:.1f} s")
-    return seconds
+        cpu_seconds.setdefault("TOTAL", []).append(total_cpu)
+        say(f"repeat {repeat + 1}: suite {total:.1f} s wall, {total_cpu:.1f} s cpu")
+    return seconds, cpu_seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,13 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     build(args.world, root, sets, topics)
     say(f"uptime before: {uptime()}")
     only = args.only.split(",") if args.only else None
-    seconds = time_suite(root, sets, args.repeats, only)
+    seconds, cpu_seconds = time_suite(root, sets, args.repeats, only)
     say(f"uptime after:  {uptime()}")
     say()
-    say(f"| probe | seconds (median of {args.repeats}) |")
-    say("|---|---|")
-    for probe, values in sorted(seconds.items(), key=lambda kv: -statistics.median(kv[1])):
-        say(f"| {probe} | {statistics.median(values):.1f} |")
+    say(f"| probe | wall s (median of {args.repeats}) | cpu s (median) |")
+    say("|---|---|---|")
+    for probe, values in sorted(cpu_seconds.items(), key=lambda kv: -statistics.median(kv[1])):
+        say(f"| {probe} | {statistics.median(seconds[probe]):.1f} | {statistics.median(values):.1f} |")
     say()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

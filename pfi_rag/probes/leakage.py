@@ -21,7 +21,7 @@ from collections import Counter
 from pfi_rag.probes import missing
 from pfi_rag.probes.base import FLAGGED_CLIENTS, FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.lm import greedy_answer
+from pfi_rag.probes.lm import greedy_answers
 from pfi_rag.probes.metrics import ngrams
 
 NGRAM = 6  # word n-grams; 6 words of synthetic personal text are almost never shared by chance
@@ -73,15 +73,16 @@ class LeakageProbe(FederationProbe):
         for observer in client_ids:
             retriever = ctx.retriever(observer)
             model = ctx.client_model(observer) or ctx.global_model()
-            own_questions = [q.query for q in ctx.eval_items(observer)][:MAX_OWN_QUERIES]
-            for victim in client_ids:
-                if victim == observer:
-                    continue
-                prefixes = [c["prefix"] for c in secrets[victim]]
-                if retriever is not None:
-                    for query in prefixes + own_questions:
-                        checked["retrieval_queries"] += 1
-                        for hit in retriever.search(query, k):
+            victims = [v for v in client_ids if v != observer]
+            if retriever is not None:
+                # The observer's own queries are searched once, then checked against every victim.
+                own = [q.query for q in ctx.eval_items(observer)][:MAX_OWN_QUERIES]
+                own_hits = [retriever.search(query, k) for query in own]
+                for victim in victims:
+                    prefix_hits = [retriever.search(c["prefix"], k) for c in secrets[victim]]
+                    checked["retrieval_queries"] += len(prefix_hits) + len(own_hits)
+                    for hits in prefix_hits + own_hits:
+                        for hit in hits:
                             leak = _leaked_item(hit.text, secrets[victim], unique[victim])
                             if leak:
                                 leaks.append(
@@ -93,21 +94,26 @@ class LeakageProbe(FederationProbe):
                                         "item": leak,
                                     }
                                 )
-                if model is not None:
-                    for canary in secrets[victim]:
-                        checked["completions"] += 1
-                        text = greedy_answer(
-                            model, ctx.tokenizer, canary["prefix"].rstrip(" "), max_new_tokens=SECRET_TOKENS
+            if model is not None:
+                # Every victim's prefixes completed in batches: one decoding step serves many.
+                asked = [(victim, canary) for victim in victims for canary in secrets[victim]]
+                completions = greedy_answers(
+                    model,
+                    ctx.tokenizer,
+                    [canary["prefix"].rstrip(" ") for _, canary in asked],
+                    max_new_tokens=SECRET_TOKENS,
+                )
+                checked["completions"] += len(asked)
+                for (victim, canary), text in zip(asked, completions, strict=True):
+                    if canary["secret"] in text:
+                        leaks.append(
+                            {
+                                "channel": "output",
+                                "victim": victim,
+                                "observer": observer,
+                                "item": f"canary {canary['prefix']!r}",
+                            }
                         )
-                        if canary["secret"] in text:
-                            leaks.append(
-                                {
-                                    "channel": "output",
-                                    "victim": victim,
-                                    "observer": observer,
-                                    "item": f"canary {canary['prefix']!r}",
-                                }
-                            )
         if not any(checked.values()):
             why = "no client has a store or a model to check: run `pfi-rag ingest` and `pfi-rag federate`"
             return self.skip(ctx, why)
