@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pfi_rag.config import Config, load_config
+from pfi_rag.config import load_config
 from pfi_rag.data.records import load_client_data
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.checkpoint import load_checkpoint
@@ -28,25 +28,9 @@ from pfi_rag.federation.task import fresh_adapter, read_adapter_arrays
 from pfi_rag.layout import client_adapter_dir, global_adapter_dir, round_record_files
 from pfi_rag.privacy import PrivacyLedger
 from pfi_rag.privacy.accounting import epsilon_of
+from tests.federation_support import tiny_federation_config
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_federation_config(root: Path, model_cache: Path, **overrides) -> Config:
-    return load_config(
-        overrides={
-            "data_root": str(root),
-            "models.generator": "tiny-random",
-            "models.device": "cpu",
-            "models.cache_dir": str(model_cache),
-            "privacy.local_steps": 2,
-            "privacy.batch_size": 4,
-            "privacy.max_seq_len": 48,
-            "privacy.epsilon_per_round": 4.0,
-            "privacy.epsilon_max": 100.0,
-            **overrides,
-        }
-    )
 
 
 class CaptureOutgoing:

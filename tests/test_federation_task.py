@@ -11,7 +11,7 @@ from pfi_rag.federation.strategies import shared_part
 from pfi_rag.federation.task import SatOut, fresh_adapter, read_adapter_arrays, train_round
 from pfi_rag.layout import client_adapter_dir, client_settings_file
 from pfi_rag.privacy import PrivacyLedger
-from tests.test_federation import tiny_federation_config
+from tests.federation_support import tiny_federation_config
 
 
 def test_ditto_spends_twice_per_round_and_keeps_a_personal_adapter_near_the_global(tmp_path, model_cache):

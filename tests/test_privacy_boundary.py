@@ -24,7 +24,7 @@ from pfi_rag.federation.protocol import ARRAYS, CONFIG, PRIVACY, UPDATE, to_arra
 from pfi_rag.federation.strategies import shared_part
 from pfi_rag.federation.task import FAILURE_CODES, fresh_adapter
 from pfi_rag.layout import client_data_dir, client_log_file, client_timings_file, federation_dir
-from tests.test_federation import tiny_federation_config
+from tests.federation_support import tiny_federation_config
 
 CLIENT = "client-00"
 # Fields that carry the DP-noised values; everything else must be equal between the two clients.
