@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pfi_rag.benchmark.report import JSON_FILE, MARKDOWN_FILE
 from pfi_rag.benchmark.scenarios import TARGET, scenario_named
 from pfi_rag.benchmark.scoring import auroc, score, system_view
-from pfi_rag.benchmark.silent_failures import PRESETS, run_benchmark
+from pfi_rag.benchmark.silent_failures import PRESETS, REFERENCES_DIR, run_benchmark
 from pfi_rag.cli import app
 from pfi_rag.config import load_config
 from pfi_rag.models.adapters import global_adapter_dir, read_adapter_info
@@ -134,7 +134,9 @@ def test_cli_refuses_an_unknown_preset_or_scenario(isolated_env):
 @pytest.mark.slow  # two real Flower runs on clients ingested from chatterbot-corpus text: a few minutes
 def test_realtext_world_plants_on_ingested_text_and_scores_it(isolated_env, tmp_path, model_cache):
     """Clean and poisoned runs on chatterbot-corpus topics ingested as .txt files (no manifest,
-    no synthetic data): the poisoned update is found on the real-text target and scored."""
+    no synthetic data): the poisoned update is found on the real-text target and scored. The
+    clean run leaves a healthy probe report per round (one probed on the server between the
+    rounds, one at the end), each on its round's state, that `pfi-rag calibrate-probes` takes."""
     from pfi_rag.benchmark import realtext
 
     preset = replace(PRESETS["quick"], seeds=1)
@@ -172,6 +174,17 @@ def test_realtext_world_plants_on_ingested_text_and_scores_it(isolated_env, tmp_
     assert clean["probes"]["exposure"]["verdict"] in ("pass", "fail")  # measured on audit canaries
     assert clean["system"]["failures"] == 0 and math.isfinite(clean["system"]["mean_loss_end"])
     assert "realtext world" in (out / MARKDOWN_FILE).read_text()
+
+    reports = sorted((tmp_path / "work" / REFERENCES_DIR).glob("*/report.json"))
+    assert [p.parent.name for p in reports] == ["clean-seed0-round0001", "clean-seed0-round0002"]
+    assert result["meta"]["references"] == [str(p) for p in reports]
+    assert [r["round"] for r in clean["round_probes"]] == [1]
+    saved = [{s["probe"]: s for s in json.loads(p.read_text())["probes"]} for p in reports]
+    assert [len(r["update_outliers"]["evidence"]["rounds"]) for r in saved] == [1, 2]  # the history so far
+    thresholds = tmp_path / "thresholds.toml"
+    calibrated = CliRunner().invoke(app, ["calibrate-probes", *map(str, reports), "--out", str(thresholds)])
+    assert calibrated.exit_code == 0, calibrated.output
+    assert "2 reference report(s)" in thresholds.read_text() and "33%" in calibrated.output
 
 
 def test_realtext_world_refuses_bad_input_and_names_the_missing_corpus(isolated_env, monkeypatch):

@@ -1,11 +1,8 @@
-"""The benchmark's statistics and bookkeeping: Wilson intervals, the detection goal, calibration
-on every healthy round, the report's tables, the healthy reports a run leaves for
-`pfi-rag calibrate-probes`, and the --gpu refusal."""
+"""The benchmark's statistics: Wilson intervals, the detection goal, calibration on every
+healthy round, the report's tables, and the --gpu refusal. (The healthy reports a real run
+leaves for `pfi-rag calibrate-probes`: the real-text test in test_benchmark.py.)"""
 
 from __future__ import annotations
-
-import json
-from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -145,47 +142,6 @@ def test_calibration_draws_on_every_healthy_round_of_the_other_seeds(tmp_path):
     ) in table
     assert "| biased_client (amplified bias) | bias (calibrated) | weak | AUROC 0.75: failed and" in table
     assert "N = 2 for seed 0, 2 for seed 1" in table
-
-
-@pytest.mark.slow  # one real Flower run of the clean scenario on the tiny model
-def test_a_clean_run_leaves_a_healthy_report_per_round_for_calibrate_probes(
-    isolated_env, tmp_path, model_cache
-):
-    """Two rounds of one clean seed leave two reports (one probed between the rounds on the
-    server, one at the end), each on the state of its round, that `pfi-rag calibrate-probes`
-    takes as they are."""
-    from pfi_rag.benchmark.silent_failures import PRESETS, REFERENCES_DIR, run_benchmark
-    from pfi_rag.config import load_config
-
-    preset = replace(PRESETS["quick"], seeds=1, rounds=2, local_steps=1)
-    cfg = load_config(
-        None,
-        {"data_root": str(tmp_path / "data"), "models.cache_dir": str(model_cache), **preset.overrides()},
-    )
-    work = tmp_path / "work"
-    result = run_benchmark(
-        cfg,
-        preset=preset,
-        out=tmp_path / "results",
-        work=work,
-        scenarios=(scenario_named("clean"),),
-        tradeoff=False,
-        probes=("update_outliers", "budget", "silent_failures"),
-    )
-
-    reports = sorted((work / REFERENCES_DIR).glob("*/report.json"))
-    assert [p.parent.name for p in reports] == ["clean-seed0-round0001", "clean-seed0-round0002"]
-    assert result["meta"]["references"] == [str(p) for p in reports]
-    (run,) = result["runs"]
-    assert [r["round"] for r in run["round_probes"]] == [1]
-    saved = [{s["probe"]: s for s in json.loads(p.read_text())["probes"]} for p in reports]
-    assert [len(r["update_outliers"]["evidence"]["rounds"]) for r in saved] == [1, 2]  # history so far
-    assert [r["silent_failures"]["evidence"]["rounds"] for r in saved] == [1, 2]
-    assert all(r["budget"]["verdict"] in ("pass", "fail") for r in saved)
-    out = tmp_path / "thresholds.toml"
-    calibrated = CliRunner().invoke(app, ["calibrate-probes", *map(str, reports), "--out", str(out)])
-    assert calibrated.exit_code == 0, calibrated.output
-    assert "2 reference report(s)" in out.read_text() and "33%" in calibrated.output
 
 
 def test_gpu_option_refuses_clearly_without_cuda(isolated_env):
