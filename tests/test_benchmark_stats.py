@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from pfi_rag.benchmark.report import MARKDOWN_FILE, write_outputs
 from pfi_rag.benchmark.scenarios import TARGET, scenario_named
-from pfi_rag.benchmark.scoring import score
+from pfi_rag.benchmark.scoring import calibration_summary, score
 from pfi_rag.benchmark.stats import goal_verdict, runs_to_establish, wilson
 from pfi_rag.cli import app
 
@@ -131,6 +131,7 @@ def test_calibration_draws_on_every_healthy_round_of_the_other_seeds(tmp_path):
             "seconds": 60.0,
         },
         "scores": scores,
+        "calibration": calibration_summary(runs),
         "runs": runs,
         "tradeoff": [],
     }
@@ -142,6 +143,7 @@ def test_calibration_draws_on_every_healthy_round_of_the_other_seeds(tmp_path):
     ) in table
     assert "| biased_client (amplified bias) | bias (calibrated) | weak | AUROC 0.75: failed and" in table
     assert "N = 2 for seed 0, 2 for seed 1" in table
+    assert "| bias | above | 0.5 | 0.2 | 0.3 |" in table  # each seed's threshold: the others' worst
 
 
 def test_gpu_option_refuses_clearly_without_cuda(isolated_env):

@@ -129,6 +129,26 @@ def _references(scores: dict[str, Any]) -> str:
     return ", ".join(f"{n} for seed {seed}" for seed, n in counts.items())
 
 
+def thresholds_table(calibration: dict[Any, dict[str, Any]]) -> list[str]:
+    """Per probe: the configured threshold and the calibrated one each seed was judged against."""
+    if not calibration:
+        return []
+    seeds = list(calibration)
+    probes = sorted({p for entry in calibration.values() for p in entry["thresholds"]})
+    columns = [f"seed {s} ({calibration[s]['references']} refs)" for s in seeds]
+    lines = [
+        "| probe | fails | configured | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(seeds),
+    ]
+    for probe in probes:
+        known = [calibration[s]["thresholds"].get(probe) for s in seeds]
+        first = next(k for k in known if k is not None)
+        side = "above" if first["fails_above"] else "below"
+        cells = ["-" if k is None else f"{k['threshold']:.4g}" for k in known]
+        lines.append(f"| {probe} | {side} | {first['configured']:.4g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def tradeoff_table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
@@ -188,6 +208,10 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
             + ".",
             "",
             *calibrated_table(result["scores"]),
+            "",
+            "The thresholds (per seed, from the other seeds' healthy reports):",
+            "",
+            *thresholds_table(result.get("calibration", {})),
             "",
         ]
     if result["tradeoff"]:

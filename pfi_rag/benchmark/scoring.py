@@ -41,33 +41,53 @@ def healthy_reports(run: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"probes": [{"probe": name, **entry} for name, entry in probes.items()]} for probes in states]
 
 
-def calibrated_verdicts(
-    runs: list[dict], clean: list[dict]
-) -> tuple[dict[tuple[str, int], dict[str, bool]], dict[int, int]]:
-    """Per run (by scenario and seed), per probe: does it fail the threshold `pfi-rag calibrate-probes` would
-    set from the healthy reports (every round) of the clean runs of the *other* seeds?
-    (Leave-one-seed-out, so a clean run is never its own reference: the FPR is out of sample.)
-    Also returns the number of reference reports each seed was judged against."""
-    from pfi_rag.probes.base import Verdict, judge
+def thresholds_by_seed(runs: list[dict]) -> dict[int, dict[str, Any]]:
+    """Per seed: the thresholds `pfi-rag calibrate-probes` would set from the healthy reports
+    (every round) of the clean runs of the *other* seeds, by probe (leave-one-seed-out), and
+    how many reports they came from."""
     from pfi_rag.probes.thresholds import calibrate
 
-    thresholds: dict[int, dict[str, Any]] = {}
-    counts: dict[int, int] = {}
+    clean = [r for r in runs if r["scenario"] == "clean"]
+    by_seed: dict[int, dict[str, Any]] = {}
     for seed in sorted({r["seed"] for r in runs}):
         references = [report for r in clean if r["seed"] != seed for report in healthy_reports(r)]
-        counts[seed] = len(references)
-        thresholds[seed] = {c.probe: c for c in calibrate(references)} if references else {}
+        chosen = {c.probe: c for c in calibrate(references)} if references else {}
+        by_seed[seed] = {"references": len(references), "thresholds": chosen}
+    return by_seed
+
+
+def calibration_summary(runs: list[dict]) -> dict[int, dict[str, Any]]:
+    """:func:`thresholds_by_seed`, JSON-ready: per seed the reference count and each threshold."""
+    return {
+        seed: {
+            "references": entry["references"],
+            "thresholds": {
+                name: {"threshold": c.threshold, "configured": c.configured, "fails_above": c.fails_above}
+                for name, c in entry["thresholds"].items()
+            },
+        }
+        for seed, entry in thresholds_by_seed(runs).items()
+    }
+
+
+def calibrated_verdicts(runs: list[dict]) -> dict[tuple[str, int], dict[str, bool]]:
+    """Per run (by scenario and seed), per probe: does it fail its seed's calibrated threshold
+    (:func:`thresholds_by_seed`)? Leave-one-seed-out, so a clean run is never its own
+    reference: the FPR is out of sample."""
+    from pfi_rag.probes.base import Verdict, judge
+
+    thresholds = thresholds_by_seed(runs)
     verdicts: dict[tuple[str, int], dict[str, bool]] = {}
     for run in runs:
         verdicts[run_key(run)] = judged = {}
         for name, entry in run["probes"].items():
-            chosen = thresholds[run["seed"]].get(name)
+            chosen = thresholds[run["seed"]]["thresholds"].get(name)
             value = entry.get("value")
             if chosen is None or value is None or entry["verdict"] not in ("pass", "fail"):
                 continue
             verdict = judge(float(value), chosen.threshold, fails_above=chosen.fails_above)
             judged[name] = verdict == Verdict.FAIL
-    return verdicts, counts
+    return verdicts
 
 
 def run_key(run: dict[str, Any]) -> tuple[str, int]:
@@ -89,7 +109,8 @@ def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
     with the configured and with calibrated thresholds; the goal verdict of each intended probe;
     and the system view."""
     clean = [r for r in runs if r["scenario"] == "clean"]
-    calibrated, references = calibrated_verdicts(runs, clean)
+    calibrated = calibrated_verdicts(runs)
+    references = {seed: e["references"] for seed, e in thresholds_by_seed(runs).items()}
 
     def calibrated_flags(group: list[dict[str, Any]], name: str) -> list[bool]:
         failed = [calibrated[run_key(r)].get(name) for r in group]

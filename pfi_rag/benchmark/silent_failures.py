@@ -24,7 +24,7 @@ from typing import Any
 from pfi_rag.benchmark.report import write_outputs
 from pfi_rag.benchmark.runs import PRESETS, PROBES, Preset, run_one
 from pfi_rag.benchmark.scenarios import SCENARIOS, Scenario
-from pfi_rag.benchmark.scoring import score
+from pfi_rag.benchmark.scoring import calibration_summary, score
 from pfi_rag.benchmark.tradeoff import run_tradeoff
 from pfi_rag.config import Config
 
@@ -126,6 +126,8 @@ def run_benchmark(
         },
         "scenarios": {s.name: {"failure": s.failure, "detectors": list(s.detectors)} for s in scenarios},
         "scores": score(runs, scenarios),
+        # Per seed: the leave-one-seed-out thresholds its runs were judged against.
+        "calibration": calibration_summary(runs),
         "runs": runs,
         "tradeoff": tradeoff_rows,
     }
