@@ -13,6 +13,9 @@ the same run, same passages:
 - ``repetition``: the earlier prompt with the current repetition defaults only;
 - ``after``: both (today's defaults).
 
+With ``--weights none,int8,int8-dynamic`` the run compares base-weight formats instead
+(``serving.weight_format``, pfi_rag/models/quantization.py), each with today's defaults.
+
 Per setting: citation rate (the answer cites some [n] it was given), right citation (it cites
 the passage from the document that holds the answer), exact answer (the planted value appears
 in the answer), and loops (a word 3-gram repeated three times or more).
@@ -34,6 +37,7 @@ from pfi_rag.data.records import load_client_data
 from pfi_rag.data.synth import synthesize
 from pfi_rag.models import Engine, GenerationRequest, prompting
 from pfi_rag.models.loading import load_embedder, load_generator
+from pfi_rag.models.quantization import quantize_linear_layers
 from pfi_rag.retriever import ClientStore
 
 EARLIER_SYSTEM_PROMPT = (
@@ -78,6 +82,35 @@ def score(results, questions) -> dict:
             "loop_rate": looped / n}  # fmt: skip
 
 
+def compare_weights(args, root: Path, requests, questions, floor: float, started: float) -> None:
+    """Today's defaults on each base-weight format, same questions and passages."""
+    out = {}
+    print(f"{len(requests)} synthetic questions, {args.tokens} new tokens, greedy, relevance floor {floor}")
+    reference = None
+    for fmt in args.weights.split(","):
+        model, tokenizer, _ = load_generator(ModelsConfig())
+        quantize_linear_layers(model, fmt)
+        serving = ServingConfig(max_new_tokens=args.tokens, weight_format=fmt)
+        engine = Engine(model, tokenizer, data_root=root, serving=serving, relevance_floor=floor)
+        results = answer_all(engine, requests)
+        out[fmt] = score(results, questions)
+        texts = [r.text for r in results]
+        reference = reference or texts
+        same = sum(a == b for a, b in zip(texts, reference, strict=True))
+        out[fmt]["same_text_as_first"] = same / len(texts)
+        print(
+            f"{fmt:<13} citation {out[fmt]['citation_rate']:5.0%}  right citation "
+            f"{out[fmt]['right_citation_rate']:5.0%}  exact answer {out[fmt]['exact_answer_rate']:5.0%}  "
+            f"loops {out[fmt]['loop_rate']:5.0%}  same answer text as {args.weights.split(',')[0]}: "
+            f"{out[fmt]['same_text_as_first']:5.0%}"
+        )
+        for result, qa in list(zip(results, questions, strict=True))[: args.show]:
+            print(f"    Q: {qa.question} (answer: {qa.answer}) -> {result.text.strip()[:160]!r}")
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", type=int, default=20)
@@ -86,6 +119,7 @@ def main() -> None:
     parser.add_argument("--show", type=int, default=3, help="Print this many answers per setting.")
     parser.add_argument("--penalty", type=float, help="Repetition penalty to try (default: the config's).")
     parser.add_argument("--ngram", type=int, help="No-repeat n-gram size to try (default: the config's).")
+    parser.add_argument("--weights", help="compare these serving.weight_format values (comma-separated)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -107,6 +141,9 @@ def main() -> None:
                 requests.append(request)
     questions, requests = questions[: args.questions], requests[: args.questions]
     model, tokenizer, _ = load_generator(models)
+    if args.weights:
+        compare_weights(args, root, requests, questions, retrieval.relevance_floor, started)
+        return
     engine = Engine(model, tokenizer, data_root=root, relevance_floor=retrieval.relevance_floor)
     now = ServingConfig(max_new_tokens=args.tokens)
     tried = {"repetition_penalty": args.penalty, "no_repeat_ngram": args.ngram}

@@ -7,8 +7,15 @@
    at a time: tokens/s of each, and whether the greedy tokens are identical; then prefill and
    decode timed apart for gathered LoRA and PEFT's mixed-adapter path (target: batched decode at
    least 4x one at a time on one GPU), and a batch of 8 adapters vs 8 rows on one adapter.
+4. The same with the decode step under torch.compile (``serving.compile_decode``, on by default
+   on CUDA): time of the first compiled batch (compiling), decode speed-ups against the eager
+   engine, and whether its greedy tokens equal the eager ones.
 
-Runs on cpu too (``--device cpu``), which is how it is checked without a GPU.
+Runs on cpu too, which is how it is checked without a GPU; a quick dry run:
+
+    .venv/bin/python bench/gpu_smoke.py --device cpu --steps 2 --repeats 1 --tokens 8 --modes hooks
+
+(step 4 is skipped on cpu unless ``--compile``: inductor's CPU compile takes minutes.)
 """
 
 from __future__ import annotations
@@ -22,7 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-from generate import batch_shapes, concurrent_clients, make_adapters  # bench/generate.py, beside this file
+from generate import (  # bench/generate.py, beside this file
+    batch_shapes,
+    concurrent_clients,
+    make_adapters,
+    run_batch,
+)
 
 from pfi_rag.config import AdapterConfig, ModelsConfig, PrivacyConfig, ServingConfig
 from pfi_rag.data.records import load_client_data
@@ -76,6 +88,31 @@ def train_steps(base, tokenizer, documents, *, mode: str | None, steps: int, dev
     }
 
 
+def compiled_decode(eager: Engine, base, tokenizer, root: Path, requests, repeats: int) -> dict:
+    """Step 4: the decode step under torch.compile against the eager engine, same requests."""
+    serving = ServingConfig(compile_decode="on")
+    compiled = Engine(base, tokenizer, data_root=root, serving=serving, adapter=AdapterConfig())
+    started = time.perf_counter()
+    first = run_batch(compiled, requests)  # compiles (one graph, dynamic shapes)
+    for request in requests[:2]:
+        run_batch(compiled, [request])  # batch of one: a recompile at most
+    compile_s = time.perf_counter() - started
+    same = first["token_ids"] == run_batch(eager, requests)["token_ids"]
+    shapes = batch_shapes({"eager": eager, "compiled": compiled}, requests, repeats)
+    row = shapes["compiled"]
+    speed = row["batch"]["decode_tok_s"] / shapes["eager"]["batch"]["decode_tok_s"]
+    alone = row["alone"]["decode_tok_s"] / shapes["eager"]["alone"]["decode_tok_s"]
+    failed = compiled.compiled.failed
+    print(
+        f"4. compiled decode ({compile_s:.0f} s to compile and warm up; "
+        f"{'FELL BACK TO EAGER: ' + failed if failed else f'{compiled.compiled.calls} compiled steps'}): "
+        f"batch of 8 adapters {row['batch']['decode_tok_s']:.1f} tok/s = {speed:.2f}x eager, one at a time "
+        f"{row['alone']['decode_tok_s']:.1f} tok/s = {alone:.2f}x eager; batched / one at a time "
+        f"{row['decode_speedup']:.2f}x (target >= 4x); greedy tokens equal to eager: {same}"
+    )
+    return {"compile_s": compile_s, "failed": failed, "equal_to_eager": same, "shapes": shapes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generator", default="smollm2")
@@ -83,6 +120,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4, help="training steps per mode (first dropped)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="hooks,functorch,ghost", help="DP grad_sample_modes to time")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the compiled decode step (default: on cuda only)")  # fmt: skip
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -102,7 +142,7 @@ def main() -> None:
     plain = train_steps(base, tokenizer, documents, mode=None, steps=args.steps, device=device)
     default_mode = grad_sample_mode_for(PrivacyConfig().grad_sample_mode, device)
     private = {}
-    for mode in ("hooks", "functorch", "ghost"):
+    for mode in args.modes.split(","):
         run = train_steps(base, tokenizer, documents, mode=mode, steps=args.steps, device=device)
         private[mode] = run
         print(
@@ -115,7 +155,10 @@ def main() -> None:
     clients = [f"client-{i:02d}" for i in range(CLIENTS)]
     make_adapters(base, root, clients)
     peft_base = copy.deepcopy(base)
-    engine = Engine(base, tokenizer, data_root=root, serving=ServingConfig(), adapter=AdapterConfig())
+    wants = args.compile or (args.compile is None and device.type == "cuda")
+    compile_base = copy.deepcopy(base) if wants else None
+    eager = ServingConfig(compile_decode="off")
+    engine = Engine(base, tokenizer, data_root=root, serving=eager, adapter=AdapterConfig())
     requests = [
         GenerationRequest(c, load_client_data(root, c).qa[0].question, max_new_tokens=args.tokens, stop=[])
         for c in clients
@@ -138,6 +181,8 @@ def main() -> None:
             f"batch/alone {row['prefill_speedup']:.2f}x; greedy identical: {row['batched_equals_alone']}"
         )
     batched["shapes"] = shapes
+    if compile_base is not None:
+        batched["compiled"] = compiled_decode(engine, compile_base, tokenizer, root, requests, args.repeats)
     report = {"device": gpu, "load_s": loaded, "train": {"plain": plain, **private}, "generate": batched}
     print(json.dumps(report, default=str))
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -1,18 +1,22 @@
 """One decode stream on CPU against its memory-bandwidth limit, per weight format, with its quality cost.
 
-    .venv/bin/python bench/one_stream.py [--tokens 32] [--repeats 3] [--json out.json]
+    .venv/bin/python bench/one_stream.py [--tokens 32] [--repeats 5] [--formats ...] [--json out.json]
 
 One request decoding alone reads every weight once per token, so its speed is bounded by
-memory bandwidth / weight bytes. For each format (fp32, bf16; the LoRA path stays fp32), in a
-fresh process each: decode tokens/s (prefill excluded) of one greedy request through the
-serving engine, the
-measured copy bandwidth of this machine at that moment (a 256 MiB tensor copied, read + write)
-and the limit it implies, and the quality cost: mean negative log-likelihood per token of the
-synthetic QA's held-out answers given their prompt with the right note, against fp32's, and how
-many greedy answers match fp32's token for token.
+memory bandwidth / bytes of weights read per token. Every format is loaded in ONE process and
+the repeats are interleaved (format A, B, C, ... then again), so a shared machine's load hits
+them alike and the ratios hold:
 
-The machine is shared, so bandwidth is measured beside each run and ratios matter more than
-absolute speeds.
+- ``transformers``: the raw baseline, plain ``model.generate`` on the fp32 model (greedy, no
+  serving engine), decode rate from the difference of an N-token and a 1-token generate;
+- ``float32``, ``bfloat16``: the serving engine with ``models.dtype``;
+- ``int8``, ``int8-dynamic``: the engine on fp32 weights quantized to int8
+  (``serving.weight_format``, pfi_rag/models/quantization.py); the LoRA path stays fp32.
+
+Per format: decode tokens/s of one greedy request (prefill excluded), the limit implied by the
+copy bandwidth measured beside each repeat (a 256 MiB tensor copied, read + write), and the
+quality cost: mean negative log-likelihood per token of the synthetic QA's held-out answers given
+their prompt with the right note, and how many greedy answers match fp32's token for token.
 """
 
 from __future__ import annotations
@@ -20,16 +24,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-FORMATS = ["float32", "bfloat16"]
+FORMATS = ["transformers", "float32", "bfloat16", "int8", "int8-dynamic"]
 
 
 def bandwidth_gb_s(repeats: int = 5) -> float:
@@ -44,32 +47,57 @@ def bandwidth_gb_s(repeats: int = 5) -> float:
     return 2 * source.numel() * source.element_size() / min(times) / 1e9
 
 
-def measure(dtype: str, tokens: int, repeats: int) -> dict:
-    """Runs in its own process: one format's stream speed, its limit, and its answers' likelihood."""
+def build(fmt: str, root: Path):
+    """(engine or None, model, tokenizer) for one format."""
     from pfi_rag.config import ModelsConfig
-    from pfi_rag.data.records import load_client_data
-    from pfi_rag.data.synth import synthesize
-    from pfi_rag.models import Engine, GenerationRequest
+    from pfi_rag.models import Engine
     from pfi_rag.models.loading import load_generator
+    from pfi_rag.models.quantization import quantize_linear_layers
+
+    dtype = "bfloat16" if fmt == "bfloat16" else "float32"
+    model, tokenizer, _ = load_generator(ModelsConfig(dtype=dtype, threads=1))
+    if fmt == "transformers":
+        return None, model, tokenizer
+    quantize_linear_layers(model, fmt if fmt.startswith("int8") else "none")
+    return Engine(model, tokenizer, data_root=root), model, tokenizer
+
+
+def engine_rate(engine, tokens: int) -> float:
+    from pfi_rag.models import GenerationRequest
+
+    request = GenerationRequest("solo", "Tell me about my week.", passages=[], max_new_tokens=tokens)
+    job = engine.prepare(request)
+    batch = engine.new_batch()
+    batch.add([job.row])  # prefill: not part of the stream's decode speed
+    started = time.perf_counter()
+    while len(batch):
+        batch.step()
+    return (len(engine.finish(job).token_ids) - 1) / (time.perf_counter() - started)
+
+
+def transformers_rate(model, tokenizer, tokens: int) -> float:
+    """Plain ``generate``: (N - 1) tokens over the time an N-token run takes beyond a 1-token one."""
+    chat = [{"role": "user", "content": "Tell me about my week."}]
+    ids = tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    common = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with torch.inference_mode():
+        started = time.perf_counter()
+        model.generate(**ids, max_new_tokens=1, **common)
+        one = time.perf_counter() - started
+        started = time.perf_counter()
+        model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, **common)
+        many = time.perf_counter() - started
+    return (tokens - 1) / max(many - one, 1e-9)
+
+
+def quality(engine, tokenizer, root: Path) -> tuple[float, list[list[int]]]:
+    """Held-out answers' mean NLL per token given the right note, and 16-token greedy answers."""
+    from pfi_rag.data.records import load_client_data
+    from pfi_rag.models import GenerationRequest
     from pfi_rag.models.prompting import UsedPassage
 
-    model, tokenizer, runtime = load_generator(ModelsConfig(dtype=dtype, threads=1))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once
-    root = Path(tempfile.mkdtemp(prefix="pfi-one-stream-"))
-    synthesize(root, clients=4, seed=0)
-    engine = Engine(model, tokenizer, data_root=root)
-    request = GenerationRequest("solo", "Tell me about my week.", passages=[], max_new_tokens=tokens)
-    engine.generate(GenerationRequest("solo", "Hi", passages=[], max_new_tokens=2))  # warm-up
-    rates, bandwidths = [], []
-    for _ in range(repeats):
-        bandwidths.append(bandwidth_gb_s())
-        job = engine.prepare(request)
-        batch = engine.new_batch()
-        batch.add([job.row])  # prefill: not part of the stream's decode speed
-        started = time.perf_counter()
-        while len(batch):
-            batch.step()
-        rates.append((len(engine.finish(job).token_ids) - 1) / (time.perf_counter() - started))
     nll, answers = [], []
     for client in ("client-00", "client-01", "client-02", "client-03"):
         data = load_client_data(root, client)
@@ -84,48 +112,78 @@ def measure(dtype: str, tokens: int, repeats: int) -> dict:
             with torch.inference_mode():
                 logits = engine.model(input_ids=ids).logits[0, -len(answer_ids) - 1 : -1].float()
             nll.append(torch.nn.functional.cross_entropy(logits, torch.tensor(answer_ids)).item())
-            short = dataclasses.replace(ask, max_new_tokens=16)
-            answers.append(engine.generate(short).token_ids)
-    bandwidth = statistics.median(bandwidths)
-    return {
-        "dtype": str(runtime.dtype).removeprefix("torch."),
-        "tok_s": statistics.median(rates),
-        "weight_mb": weight_bytes / 1e6,
-        "bandwidth_gb_s": bandwidth,
-        "limit_tok_s": bandwidth * 1e9 / weight_bytes,
-        "answer_nll": statistics.fmean(nll),
-        "answers": answers,
-    }
+            answers.append(engine.generate(dataclasses.replace(ask, max_new_tokens=16)).token_ids)
+    return statistics.fmean(nll), answers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {FORMATS}")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure:
-        print(json.dumps(measure(args.measure, args.tokens, args.repeats)))
-        return
+    from pfi_rag.data.synth import synthesize
+    from pfi_rag.models import GenerationRequest
+    from pfi_rag.models.quantization import weight_bytes_read_per_token
+
     started = time.perf_counter()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    root = Path(tempfile.mkdtemp(prefix="pfi-one-stream-"))
+    synthesize(root, clients=4, seed=0)
+    formats = args.formats.split(",")
+    built = {fmt: build(fmt, root) for fmt in formats}
+    for engine, _, _ in built.values():
+        if engine is not None:
+            engine.generate(GenerationRequest("solo", "Hi", passages=[], max_new_tokens=2))  # warm-up
+    rates: dict[str, list[float]] = {fmt: [] for fmt in formats}
+    bandwidths = []
+    for repeat in range(args.repeats):
+        bandwidths.append(bandwidth_gb_s())
+        order = formats[repeat % len(formats) :] + formats[: repeat % len(formats)]  # rotate who goes first
+        for fmt in order:
+            engine, model, tokenizer = built[fmt]
+            if engine is None:
+                rates[fmt].append(transformers_rate(model, tokenizer, args.tokens))
+            else:
+                rates[fmt].append(engine_rate(engine, args.tokens))
+    bandwidth = statistics.median(bandwidths)
     rows = []
-    for dtype in FORMATS:
-        command = [sys.executable, __file__, "--measure", dtype, "--tokens", str(args.tokens)]
-        command += ["--repeats", str(args.repeats)]
-        out = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    reference = rows[0]["answers"]
-    print(f"one greedy stream, {args.tokens} new tokens, 1 thread, median of {args.repeats}:")
+    for fmt in formats:
+        engine, model, tokenizer = built[fmt]
+        weight_bytes = weight_bytes_read_per_token(model if engine is None else engine.model.get_base_model())
+        row = {
+            "format": fmt,
+            "tok_s": statistics.median(rates[fmt]),
+            "tok_s_all": rates[fmt],
+            "weight_mb": weight_bytes / 1e6,
+            "bandwidth_gb_s": bandwidth,
+            "limit_tok_s": bandwidth * 1e9 / weight_bytes,
+        }
+        if engine is not None:
+            row["answer_nll"], row["answers"] = quality(engine, tokenizer, root)
+        rows.append(row)
+    reference = next((r for r in rows if r["format"] == "float32"), None)
+    print(
+        f"one greedy stream, {args.tokens} new tokens, 1 thread, median of {args.repeats} interleaved "
+        f"repeats; copy bandwidth {bandwidth:.1f} GB/s (median; {min(bandwidths):.1f}-{max(bandwidths):.1f})"
+    )
     for row in rows:
-        same = sum(a == b for a, b in zip(row["answers"], reference, strict=True))
-        row["answers_equal_fp32"] = same
-        print(
-            f"  {row['dtype']:<9} {row['tok_s']:5.1f} tok/s = {row['tok_s'] / row['limit_tok_s']:4.0%} of "
-            f"the bandwidth limit {row['limit_tok_s']:5.1f} tok/s ({row['weight_mb']:.0f} MB of weights at "
-            f"{row['bandwidth_gb_s']:.1f} GB/s copy bandwidth); held-out answer NLL {row['answer_nll']:.3f} "
-            f"(fp32 {rows[0]['answer_nll']:.3f}); greedy answers equal to fp32's: {same}/{len(reference)}"
+        line = (
+            f"  {row['format']:<13} {row['tok_s']:5.1f} tok/s = {row['tok_s'] / row['limit_tok_s']:4.0%} of"
+            f" the bandwidth limit {row['limit_tok_s']:6.1f} tok/s ({row['weight_mb']:.0f} MB read per token)"
         )
+        if reference is not None and row["format"] != "transformers":
+            line += f"; {row['tok_s'] / reference['tok_s']:.2f}x fp32"
+        if "answers" in row and reference is not None:
+            same = sum(a == b for a, b in zip(row["answers"], reference["answers"], strict=True))
+            row["answers_equal_fp32"] = same
+            line += (
+                f"; held-out answer NLL {row['answer_nll']:.3f} (fp32 {reference['answer_nll']:.3f}); "
+                f"greedy answers equal to fp32's: {same}/{len(reference['answers'])}"
+            )
+        print(line)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
