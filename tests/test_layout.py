@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,15 @@ def test_every_place_is_under_the_data_root_and_client_places_under_the_client()
         else:
             assert not path.is_relative_to(alice), (name, path)
     assert layout.round_adapter_dir(ROOT, 7) == layout.round_adapter_dir_of(layout.round_record_file(ROOT, 7))
+
+
+def test_layout_imports_no_other_part_of_the_package():
+    # Execute: a fresh interpreter, so modules other tests imported do not count
+    code = "import sys, pfi_rag.layout; print(sorted(m for m in sys.modules if m.startswith('pfi_rag')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+    # Assert: every layer may import layout because layout imports none of them
+    assert loaded.stdout.strip() == "['pfi_rag', 'pfi_rag.layout']"
 
 
 def test_round_record_files_are_listed_in_round_order(tmp_path):
