@@ -61,6 +61,15 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture()
+def cli_workdir(isolated_env: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """:func:`isolated_env` for in-process CLI runs: models from the test cache, on the CPU (the
+    default data root is ``./pfi-data`` under the returned directory)."""
+    monkeypatch.setenv("PFI_RAG_MODELS__CACHE_DIR", str(model_cache))
+    monkeypatch.setenv("PFI_RAG_MODELS__DEVICE", "cpu")
+    return isolated_env
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """Torch on one thread for the module, then the setting as it was.

@@ -16,14 +16,12 @@ from pfi_rag.models.lora import attach_lora
 
 
 @pytest.fixture()
-def workdir(isolated_env, tiny_models_config, monkeypatch):
-    monkeypatch.setenv("PFI_RAG_MODELS__CACHE_DIR", str(tiny_models_config.cache_dir))
-    monkeypatch.setenv("PFI_RAG_MODELS__DEVICE", "cpu")
+def workdir(cli_workdir, monkeypatch):
     monkeypatch.setenv("PFI_RAG_MODELS__GENERATOR", "tiny-random")
     monkeypatch.setenv("PFI_RAG_MODELS__THREADS", "1")
     monkeypatch.setenv("PFI_RAG_SERVING__MAX_NEW_TOKENS", "8")
-    synthesize(isolated_env / "pfi-data", clients=2, seed=0)
-    return isolated_env
+    synthesize(cli_workdir / "pfi-data", clients=2, seed=0)
+    return cli_workdir
 
 
 def run(*args: str):

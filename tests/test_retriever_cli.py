@@ -12,11 +12,9 @@ from pfi_rag.data.synth import synthesize
 
 
 @pytest.fixture()
-def workdir(isolated_env, default_models_config, monkeypatch):
-    monkeypatch.setenv("PFI_RAG_MODELS__CACHE_DIR", str(default_models_config.cache_dir))
-    monkeypatch.setenv("PFI_RAG_MODELS__DEVICE", "cpu")
-    synthesize(isolated_env / "pfi-data", clients=1, seed=0)
-    return isolated_env
+def workdir(cli_workdir):
+    synthesize(cli_workdir / "pfi-data", clients=1, seed=0)
+    return cli_workdir
 
 
 def run(*args: str):
