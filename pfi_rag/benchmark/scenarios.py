@@ -176,9 +176,10 @@ def plant_realtext_canaries(root: Path, cfg: Config) -> Planted:
     """The real-text target's inserted audit canaries also sit 32 times each among its documents
     (a secret pasted into many of a user's files), and it trains hard."""
     from pfi_rag.benchmark.realtext import TARGET as REAL_TARGET
-    from pfi_rag.data.audit_canaries import audit_training_documents, canary_path
+    from pfi_rag.data.audit_canaries import audit_training_documents
+    from pfi_rag.layout import client_canaries_file
 
-    canary_path(root, REAL_TARGET).parent.mkdir(parents=True, exist_ok=True)
+    client_canaries_file(root, REAL_TARGET).parent.mkdir(parents=True, exist_ok=True)
     inserted = audit_training_documents(root, REAL_TARGET, cfg.privacy)  # creates them, as training would
     repeats = [
         Document(id=f"{d.id}-repeat-{copy:02d}", text=d.text) for d in inserted for copy in range(32)
