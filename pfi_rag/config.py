@@ -293,20 +293,24 @@ class ProbesConfig(Section):
     # interval is narrow enough (half-width nll_precision nats/token for the NLL gains of
     # dp_collapse, fairness and ood; ece_precision for calibration) or clear of the threshold.
     cloze_items: int = Field(default=300, ge=1, le=5000)
-    items_first_sample: int = Field(default=50, ge=1)
+    items_first_sample: int = Field(default=16, ge=1)
     nll_precision: float = Field(default=0.05, ge=0)
     ece_precision: float = Field(default=0.05, ge=0)
     # Membership: documents per side scored first (doubling, up to 200) until the AUC's 95%
     # interval has at most this half-width or is clear of the threshold.
-    membership_first_sample: int = Field(default=32, ge=4)
-    # dp_collapse's accuracy table (base, global, client; without and with retrieved passages):
-    # items scored with ~250 tokens of passages before each, per model. Evidence, not the metric:
-    # each accuracy comes with its exact 95% interval (+-0.2 at 20 items).
-    table_items: int = Field(default=20, ge=1)
+    membership_first_sample: int = Field(default=20, ge=4)
+    # dp_collapse's accuracy table (base, global, client) comes free without retrieval, on the
+    # items its gain scored. Its column with retrieved passages (~250 tokens before each item)
+    # costs three passes of this many items a client: evidence, not the metric, so off (0) by
+    # default. Each accuracy comes with its exact 95% interval (+-0.14 at 50 items).
+    table_items: int = Field(default=0, ge=0)
     membership_precision: float = Field(default=0.05, ge=0)
     budget_threshold: float = Field(default=0, ge=0)  # budget violations tolerated
     dp_collapse_threshold: float = Field(default=0.0)  # min personalization gain, nats/token
     retrieval_hit_threshold: float = Field(default=0.6, ge=0, le=1)  # min hit rate at top_k
+    # The hit rate is measured on items_first_sample items, doubled until its exact 95% interval
+    # has at most this half-width (or is clear of the threshold, with stop_when_decided).
+    hit_rate_precision: float = Field(default=0.05, ge=0)
     stale_threshold: float = Field(default=0.0, ge=0, le=1)  # max share of stale contexts
     leakage_threshold: float = Field(default=0, ge=0)  # cross-client leaks tolerated
     update_outliers_threshold: float = Field(default=0, ge=0)
@@ -314,6 +318,9 @@ class ProbesConfig(Section):
     update_outliers_cosine: float = Field(default=0.0, ge=-1, le=1)  # min cosine to the mean update
     silent_failures_threshold: float = Field(default=0, ge=0)
     answer_tokens: int = Field(default=32, ge=1, le=512)  # generated per groundedness answer
+    # Groundedness answers 8 items, then 16, 32, 40 until the mean support's 95% interval has at
+    # most this half-width (or is clear of grounding_min, with stop_when_decided).
+    groundedness_precision: float = Field(default=0.05, ge=0)
     # Serve-time probes (every HTTP answer; grounding_min and retrieval_confidence_min above apply).
     # A span of this many words that is in another client's documents, but not in this client's
     # documents or prompt, is a cross-client copy.

@@ -305,6 +305,11 @@ class ProbeContext:
                 self._retrievers[client_id] = self._open_store(client_id)
         return self._retrievers[client_id]
 
+    def search(self, client_id: str, query: str, k: int) -> list[SearchHit]:
+        """``retriever(client_id).search(query, k)``, each query searched once per context
+        (retrieval_hit and leakage ask the same client's store the same item queries)."""
+        return self.memo(("search", client_id, query, k), lambda: self.retriever(client_id).search(query, k))
+
     def _open_store(self, client_id: str) -> Retriever | None:
         # Only an existing index: ClientStore.open would create an empty one, and probes never write.
         if not layout.client_index_dir(self.data_root, client_id).is_dir():

@@ -20,7 +20,7 @@ from pfi_rag.probes import missing, precision
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.budget import ledger_spends, spend_sigma
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.items import EvalItem, ItemScores, nll_gain, score_items
+from pfi_rag.probes.items import ItemScores, nll_gain, score_items
 
 CONTEXT_CHARS = 1000  # retrieved text put before an item's prompt (~250 tokens)
 
@@ -71,27 +71,29 @@ class DPCollapseProbe(ClientProbe):
             "tiny_client": truth.get("tiny"),
             "update_snr": update_snr(ctx.ledger(client_id), records, trainable),
             "adapter_parameters": trainable,
-            "accuracy": personalization_table(ctx, client_id, items[: ctx.config.probes.table_items]),
+            "accuracy": personalization_table(ctx, client_id, scored, ctx.config.probes.table_items),
         }
         return self.result(ctx, gain.estimate, client=client_id, evidence=evidence)
 
 
-def personalization_table(ctx: ProbeContext, client_id: str, items: list[EvalItem]) -> dict:
+def personalization_table(ctx: ProbeContext, client_id: str, plain_items: int, retrieval_items: int) -> dict:
     """Multiple-choice accuracy of base, global and client models, without and with retrieval.
 
-    With retrieval, the client's top-k passages for the item's query precede the prompt, as in
-    serving. The rows show where a client's gain comes from (its adapter, the federation, its
-    documents) and whether DP left any of it.
+    Without retrieval on the ``plain_items`` items the gain scored (no extra pass); with
+    retrieval, the client's top-k passages for the item's query precede the prompt, as in
+    serving, on the first ``retrieval_items`` items (``probes.table_items``; 0: no such column).
+    The rows show where a client's gain comes from (its adapter, the federation, its documents)
+    and whether DP left any of it.
     """
-    retriever = ctx.retriever(client_id)
+    items = ctx.eval_items(client_id)[:retrieval_items]
+    retriever = ctx.retriever(client_id) if items else None
     contexts = None
     if retriever is not None:
         k = ctx.config.retrieval.top_k
         contexts = ["\n".join(h.text for h in retriever.search(i.query, k))[:CONTEXT_CHARS] for i in items]
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, dict | int] = {}
     for name, key in (("base", "base"), ("global", "global"), ("client", f"client:{client_id}")):
-        # Without retrieval: the item scores the gain already computed (ProbeContext.item_scores).
-        plain = ctx.item_scores(key, client_id, len(items))
+        plain = ctx.item_scores(key, client_id, plain_items)  # what the gain computed already
         if plain is None:
             continue
         row = {"no_retrieval": _accuracy(plain)}
@@ -99,7 +101,8 @@ def personalization_table(ctx: ProbeContext, client_id: str, items: list[EvalIte
             with_context = score_items(ctx.model(key), ctx.tokenizer, items, prefix=contexts)
             row["retrieval"] = _accuracy(with_context)
         table[name] = row
-    table["items"] = len(items)
+    table["items"] = plain_items
+    table["retrieval_items"] = len(items) if contexts is not None else 0
     return table
 
 

@@ -77,7 +77,7 @@ class LeakageProbe(FederationProbe):
             if retriever is not None:
                 # The observer's own queries are searched once, then checked against every victim.
                 own = [q.query for q in ctx.eval_items(observer)][:MAX_OWN_QUERIES]
-                own_hits = [retriever.search(query, k) for query in own]
+                own_hits = [ctx.search(observer, query, k) for query in own]
                 for victim in victims:
                     prefix_hits = [retriever.search(c["prefix"], k) for c in secrets[victim]]
                     checked["retrieval_queries"] += len(prefix_hits) + len(own_hits)

@@ -32,7 +32,8 @@ from pfi_rag.probes.metrics import ngrams, support
 STALE_NGRAM = 4  # a hit states a superseded sentence when it shares a 4-word run only that had
 MIN_STALE_WORDS = 4  # shorter removed sentences ("Ok.") say nothing checkable
 MAX_STALE_ITEMS = 200
-GROUNDED_ANSWERS = 40  # generated answers per client (generation is the suite's slowest step)
+GROUNDED_ANSWERS = 40  # most generated answers per client (generation is the suite's slowest step)
+GROUNDED_FIRST = 8  # answered first; doubled until probes.groundedness_precision or decided
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -53,15 +54,29 @@ class RetrievalHitProbe(ClientProbe):
         if not qa:
             return self.skip(ctx, missing.no_items(client_id), client=client_id)
         k = ctx.config.retrieval.top_k
-        misses = []
-        for q in qa:
-            found = [h.doc_id for h in retriever.search(q.query, k)]
-            if q.doc_id not in found:
-                misses.append({"query": q.query, "expected": q.doc_id, "retrieved": found})
-        rate = 1 - len(misses) / len(qa)
-        interval = precision.proportion(len(qa) - len(misses), len(qa))
+        cfg = ctx.config.probes
+        misses: list[dict] = []
+        asked: list = []
+
+        def interval_of(n: int) -> precision.Interval:
+            for q in qa[len(asked) : n]:
+                asked.append(q)
+                found = [h.doc_id for h in ctx.search(client_id, q.query, k)]
+                if q.doc_id not in found:
+                    misses.append({"query": q.query, "expected": q.doc_id, "retrieved": found})
+            return precision.proportion(n - len(misses), n)
+
+        interval = precision.sample_until(
+            interval_of,
+            available=len(qa),
+            first=cfg.items_first_sample,
+            half_width=cfg.hit_rate_precision,
+            threshold=self.threshold(ctx) if cfg.stop_when_decided else None,
+        )
+        rate = interval.estimate
         evidence = {
-            "queries": len(qa),
+            "queries": interval.n,
+            "items_available": len(qa),
             "interval": [interval.low, interval.high],
             "item_kind": qa[0].kind,
             "k": k,
@@ -227,21 +242,47 @@ class GroundednessProbe(ClientProbe):
         qa = ctx.eval_items(client_id)[:GROUNDED_ANSWERS]
         if not qa:
             return self.skip(ctx, missing.no_items(client_id), client=client_id)
-        hits = [retriever.search(q.query, ctx.config.retrieval.top_k) for q in qa]
-        if ctx.answerer is not None:
-            answers = [ctx.answerer(client_id, q.question, h) for q, h in zip(qa, hits, strict=True)]
-        else:  # the client's model answers them all in batches (one decoding step serves many)
-            answers = model_answers(ctx, client_id, [q.question for q in qa], hits)
-        rows = []
-        for q, h, answer in zip(qa, hits, answers, strict=True):
-            score = support(answer, " ".join(x.text for x in h))
-            rows.append({"question": q.question, "answer": answer[:200], "support": score})
-        scored = [r["support"] for r in rows if r["support"] is not None]
-        # An answer without content words ("I don't know.") asserts nothing: it is grounded.
-        value = sum(scored) / len(scored) if scored else 1.0
-        ungrounded = [r for r in rows if r["support"] is not None and r["support"] < self.threshold(ctx)]
-        evidence = {"answers": len(rows), "ungrounded": ungrounded[:20]}
-        if len(scored) > 1:
+        cfg = ctx.config.probes
+        rows: list[dict] = []
+
+        def interval_of(n: int) -> precision.Interval:
+            """Answers up to the first n items (those not answered yet) and the mean support's interval."""
+            more = qa[len(rows) : n]
+            hits = [retriever.search(q.query, ctx.config.retrieval.top_k) for q in more]
+            if ctx.answerer is not None:
+                answers = [ctx.answerer(client_id, q.question, h) for q, h in zip(more, hits, strict=True)]
+            else:  # the client's model answers them in batches (one decoding step serves many)
+                answers = model_answers(ctx, client_id, [q.question for q in more], hits)
+            for q, h, answer in zip(more, hits, answers, strict=True):
+                score = support(answer, " ".join(x.text for x in h))
+                rows.append({"question": q.question, "answer": answer[:200], "support": score})
+            # An answer without content words ("I don't know.") asserts nothing: it is left out,
+            # and a client whose answers all assert nothing is grounded (1.0).
+            scored = [r["support"] for r in rows if r["support"] is not None]
+            if len(scored) < 2:
+                estimate = scored[0] if scored else 1.0
+                return precision.Interval(estimate, 0.0, 1.0, len(rows), "fewer than two scored answers")
             interval = precision.mean(scored)
-            evidence["interval"] = [max(0.0, interval.low), min(1.0, interval.high)]
+            return precision.Interval(
+                interval.estimate,
+                max(0.0, interval.low),
+                min(1.0, interval.high),
+                interval.n,
+                interval.method,
+            )
+
+        interval = precision.sample_until(
+            interval_of,
+            available=len(qa),
+            first=GROUNDED_FIRST,
+            half_width=cfg.groundedness_precision,
+            threshold=self.threshold(ctx) if cfg.stop_when_decided else None,
+        )
+        value = interval.estimate
+        ungrounded = [r for r in rows if r["support"] is not None and r["support"] < self.threshold(ctx)]
+        evidence = {
+            "answers": len(rows),
+            "interval": [interval.low, interval.high],
+            "ungrounded": ungrounded[:20],
+        }
         return self.result(ctx, value, client=client_id, evidence=evidence)
