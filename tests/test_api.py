@@ -7,21 +7,18 @@ stores; and every route tried with another client's key.
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
 
-from pfi_rag.config import AdapterConfig, ProbesConfig, ServingConfig
+from pfi_rag.config import ProbesConfig, ServingConfig
 from pfi_rag.data.corpus import load_corpus
 from pfi_rag.models import GenerationResult, ServedAdapter, UsedPassage
-from pfi_rag.models.adapters import client_adapter_dir, save_adapter
-from pfi_rag.models.lora import attach_lora
+from pfi_rag.models.adapters import client_adapter_dir
+from tests.generation_support import save_random_adapter
 
 ALICE_DOCS = [
     {
@@ -41,17 +38,6 @@ ALICE_DOCS = [
     },
 ]
 BOB_SECRET = "Bob keeps the spare key for the red boathouse under the third loose stone by the door"
-
-
-def save_random_adapter(base, directory: Path, *, seed: int) -> None:
-    """A LoRA adapter with random B matrices, so it differs from the base model."""
-    model = attach_lora(copy.deepcopy(base), AdapterConfig(), seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    save_adapter(model, directory)
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,8 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-import torch
 
 from pfi_rag.config import AdapterConfig, ServingConfig
 from pfi_rag.models import (
@@ -21,41 +18,8 @@ from pfi_rag.models import (
     SchedulerStopped,
     build_prompt,
 )
-from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir, save_adapter
-from pfi_rag.models.lora import attach_lora
-
-QUESTION = "What is my dog called?"
-
-
-@dataclass(frozen=True)
-class Passage:
-    doc_id: str
-    text: str
-    score: float
-
-
-PASSAGES = [
-    Passage("doc-tea", "Bob drinks green tea every morning.", 0.41),
-    Passage("doc-dog", "My dog is called Biscuit.", 0.93),
-    Passage("doc-car", "The car is due for a service in May.", 0.12),
-]
-
-
-def save_random_adapter(base, directory: Path, *, seed: int, round: int | None = None) -> None:
-    """A LoRA adapter with random A and B, so its answers differ from the base model's.
-
-    Every weight comes from a local generator: the global RNG (which attach_lora seeds) is also
-    drawn by adapter loads in other threads, so it would not make the weights a function of seed.
-    """
-    model = attach_lora(copy.deepcopy(base), AdapterConfig(), seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                scale = 0.5 if "lora_B" in name else 0.1
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    save_adapter(model, directory, round=round, source="federated" if round is not None else "local")
-
+from pfi_rag.models.adapters import client_adapter_dir, global_adapter_dir
+from tests.generation_support import PASSAGES, QUESTION, save_random_adapter
 
 # One torch thread (tests/conftest.py): on the shared 2-core machine two threads decoded ~5x slower.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,24 +9,11 @@ import torch
 
 from pfi_rag.config import AdapterConfig, ServingConfig
 from pfi_rag.models import Engine, GenerationRequest
-from pfi_rag.models.adapters import client_adapter_dir, save_adapter
-from pfi_rag.models.lora import attach_lora
-from tests.test_generation import PASSAGES, QUESTION, save_random_adapter
+from pfi_rag.models.adapters import client_adapter_dir
+from tests.generation_support import PASSAGES, QUESTION, save_random_adapter, save_strong_adapter
 
 # One torch thread (tests/conftest.py): on the shared 2-core machine two threads decoded ~5x slower.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def save_strong_adapter(base, directory, *, seed: int, rank: int = 8) -> None:
-    """Large random A and B: on the tiny model, weak adapters only change an answer's first token."""
-    model = attach_lora(copy.deepcopy(base), AdapterConfig(r=rank, alpha=2 * rank), seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                scale = 2.0 if "lora_B" in name else 0.5
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    save_adapter(model, directory)
 
 
 def make_engine(tiny_generator, root, *, cache_size: int = 8, gathered: bool = True) -> Engine:

@@ -12,8 +12,7 @@ from pfi_rag.models import Engine, GenerationRequest
 from pfi_rag.models.adapters import client_adapter_dir
 from pfi_rag.models.compiled import wants_compile
 from pfi_rag.models.quantization import Int8Linear, quantize_linear_layers, weight_bytes_read_per_token
-from tests.test_generation import PASSAGES, QUESTION
-from tests.test_generation_gathered import save_strong_adapter
+from tests.generation_support import PASSAGES, QUESTION, save_strong_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,7 +13,7 @@ from pfi_rag.data.records import Document
 from pfi_rag.models import Engine, GenerationRequest
 from pfi_rag.models.sampling import repeated_ngram_tokens, repetition_adjusted
 from pfi_rag.retriever import ClientStore
-from tests.test_generation import PASSAGES, QUESTION, Passage
+from tests.generation_support import PASSAGES, QUESTION, Passage
 
 # One torch thread (tests/conftest.py): on the shared 2-core machine two threads decoded ~5x slower.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,8 +11,7 @@ from pfi_rag.config import AdapterConfig, ServingConfig
 from pfi_rag.models import Engine, GenerationRequest
 from pfi_rag.models.adapters import client_adapter_dir
 from pfi_rag.models.prefix_cache import common_prefix
-from tests.test_generation import PASSAGES, QUESTION
-from tests.test_generation_gathered import save_strong_adapter
+from tests.generation_support import PASSAGES, QUESTION, save_strong_adapter
 
 # One torch thread (tests/conftest.py): on the shared 2-core machine two threads decoded ~5x slower.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
