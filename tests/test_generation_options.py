@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from pfi_rag.config import ServingConfig
+from pfi_rag.config import Config, ServingConfig
 from pfi_rag.models import Engine, GenerationRequest
 from pfi_rag.models.adapters import client_adapter_dir
 from pfi_rag.models.compiled import wants_compile
@@ -62,3 +62,11 @@ def test_the_decode_step_compiles_on_cuda_only_by_default(tiny_generator, tmp_pa
     assert [wants_compile("on", cpu), wants_compile("off", cuda)] == [True, False]
     engine = Engine(copy.deepcopy(tiny_generator[0]), tiny_generator[1], data_root=tmp_path)
     assert engine.compiled is None and engine.new_batch().compiled is None  # CPU: eager, as before
+
+
+def test_the_weight_format_setting_quantizes_the_served_model(tiny_models_config, tmp_path):
+    cfg = Config(data_root=tmp_path, models=tiny_models_config, serving=ServingConfig(weight_format="int8"))
+    engine = Engine.from_config(cfg)
+    layers = [m for m in engine.model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 15 and not layers[0].dynamic
+    assert engine.generate(GenerationRequest("c1", QUESTION, passages=PASSAGES, max_new_tokens=4)).token_ids
