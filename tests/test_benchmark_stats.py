@@ -65,9 +65,24 @@ def test_goal_verdict_says_why_from_the_numbers(tpr, fpr, n, auc, status):
     assert verdict.status == status
     if status == "met, not established":
         assert "more seeds" in verdict.why and "35" in verdict.why
-    assert goal_verdict(
-        tpr=None, tpr_ci=None, fpr=0.0, fpr_ci=[0, 0.4], auroc=None, failed_runs=0, clean_runs=5
-    ).status == "unknown"
+    if status == "separates, threshold misses":
+        hinted = goal_verdict(
+            tpr=tpr,
+            tpr_ci=[0.04, 0.6],
+            fpr=fpr,
+            fpr_ci=[0.0, 0.4],
+            auroc=auc,
+            failed_runs=n,
+            clean_runs=n,
+            references=4,
+        )
+        assert "4 per seed bound false alarms by 1/5; 9 bound them by 0.1" in hinted.why
+    assert (
+        goal_verdict(
+            tpr=None, tpr_ci=None, fpr=0.0, fpr_ci=[0, 0.4], auroc=None, failed_runs=0, clean_runs=5
+        ).status
+        == "unknown"
+    )
 
 
 def _entry(value: float, verdict: str = "pass") -> dict:

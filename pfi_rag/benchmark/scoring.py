@@ -160,13 +160,17 @@ def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
                 (per_probe[p]["tpr"] or 0 for p in scenario.detectors if p in per_probe), default=0
             ),
             "caught_by": caught,
-            "goal": {p: goal(per_probe[p]) for p in scenario.detectors if p in per_probe},
+            "goal": {
+                p: goal(per_probe[p], references=min(references.values(), default=0))
+                for p in scenario.detectors
+                if p in per_probe
+            },
             "system": system_view(clean_loss, losses, failed),
         }
     return table
 
 
-def goal(row: dict[str, Any]) -> dict[str, Any]:
+def goal(row: dict[str, Any], *, references: int) -> dict[str, Any]:
     """The goal (TPR >= 0.9 at FPR <= 0.1) judged at the calibrated thresholds, the benchmark's
     protocol; at the configured ones where nothing could be calibrated (a single seed)."""
     kind = "calibrated" if row["calibrated_tpr"] is not None and row["calibrated_fpr"] is not None else ""
@@ -179,6 +183,7 @@ def goal(row: dict[str, Any]) -> dict[str, Any]:
         auroc=row["auroc"],
         failed_runs=row[f"{prefix}tpr_of"][1],
         clean_runs=row[f"{prefix}fpr_of"][1],
+        references=references if kind else None,
     )
     return {"thresholds": kind or "configured", "status": verdict.status, "why": verdict.why}
 

@@ -83,8 +83,10 @@ def goal_verdict(
     auroc: float | None,
     failed_runs: int,
     clean_runs: int,
+    references: int | None = None,
 ) -> GoalVerdict:
-    """Does the probe reach TPR >= 0.9 at FPR <= 0.1, and if not, why, from the numbers alone."""
+    """Does the probe reach TPR >= 0.9 at FPR <= 0.1, and if not, why, from the numbers alone.
+    ``references``: the fewest healthy reports a seed's calibrated thresholds came from."""
     if tpr is None or fpr is None or tpr_ci is None or fpr_ci is None:
         return GoalVerdict("unknown", "no verdicts to count (the probe skipped, or nothing to calibrate on)")
     if tpr_ci[0] >= GOAL_TPR and fpr_ci[1] <= GOAL_FPR:
@@ -101,7 +103,7 @@ def goal_verdict(
             "separates, threshold misses",
             f"AUROC {auroc:.2f}: the metric ranks failed runs above clean ones but the threshold "
             f"(TPR {tpr:.2f}, FPR {fpr:.2f}) sits in the wrong place: more healthy references to "
-            "calibrate on",
+            "calibrate on" + _reference_hint(references),
         )
     if auroc is not None and auroc <= AT_CHANCE:
         return GoalVerdict(
@@ -115,3 +117,11 @@ def goal_verdict(
         f"{detail}failed and clean runs overlap (TPR {tpr:.2f}, FPR {fpr:.2f}): "
         "a stronger signal (more training of the planted client, a bigger model) or more seeds",
     )
+
+
+def _reference_hint(references: int | None) -> str:
+    """What N references promise against false alarms (1/(N+1)), and the N that promises 0.1."""
+    if references is None:
+        return ""
+    enough = math.ceil(1 / GOAL_FPR - 1 - 1e-9)
+    return f" ({references} per seed bound false alarms by 1/{references + 1}; {enough} bound them by 0.1)"
