@@ -20,6 +20,7 @@ from pfi_rag.cli import app
 from pfi_rag.config import load_config
 from pfi_rag.probes import PROBES, ProbeContext, probe_named
 from pfi_rag.probes.base import Scope
+from tests.federation_support import cli_options, tiny_federation_settings
 from tests.realtext import write_topics
 
 TOPICS = ("emotion", "psychology")  # two short topics: every cross-client probe needs two
@@ -45,26 +46,22 @@ def test_probe_suite_runs_every_probe_on_real_text_clients_and_reports_what_they
     # Prepare: three clients from .txt files, one file edited and ingested again.
     root = tmp_path / "data"
     directories = write_topics(tmp_path / "txt", TOPICS, per_file=2)
-    sets = {
-        "models.generator": "tiny-random",
-        "models.device": "cpu",
-        "models.cache_dir": str(model_cache),
-        "data.held_out_share": 0.3,
-        "privacy.local_steps": 2,
-        "privacy.batch_size": 4,
-        "privacy.max_seq_len": 64,
-        "privacy.epsilon_per_round": 4.0,
-        "privacy.epsilon_max": 100.0,
-        "privacy.audit_canaries": 16,
-        "federation.rounds": 1,
-        "retrieval.chunk_tokens": 64,  # short passages: short prompts with retrieved context
-        "retrieval.chunk_overlap": 8,
-        "retrieval.top_k": 2,
-        "probes.exposure_samples": 16,
-        "probes.cloze_items": 16,
-        "probes.answer_tokens": 4,
-    }
-    options = ["--data-root", str(root)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    sets = tiny_federation_settings(
+        model_cache,
+        **{
+            "data.held_out_share": 0.3,
+            "privacy.max_seq_len": 64,
+            "privacy.audit_canaries": 16,
+            "federation.rounds": 1,
+            "retrieval.chunk_tokens": 64,  # short passages: short prompts with retrieved context
+            "retrieval.chunk_overlap": 8,
+            "retrieval.top_k": 2,
+            "probes.exposure_samples": 16,
+            "probes.cloze_items": 16,
+            "probes.answer_tokens": 4,
+        },
+    )
+    options = cli_options(root, sets)
     runner = CliRunner()
     for client, directory in directories.items():
         result = runner.invoke(app, [*options, "ingest", "--client", client, f"{directory}/"])

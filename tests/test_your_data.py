@@ -28,6 +28,7 @@ from pfi_rag.federation.task import SatOut, train_round
 from pfi_rag.privacy import PrivacyLedger
 from pfi_rag.privacy.dataset import build_examples, document_windows
 from pfi_rag.retriever import ClientStore
+from tests.federation_support import cli_options, tiny_federation_settings
 from tests.realtext import write_topic, write_topics
 
 
@@ -138,18 +139,8 @@ def test_real_text_clients_ingest_train_federate_and_forget_a_deleted_document(
     document deleted from a client's store is absent from its next round's training."""
     root = tmp_path / "data"
     directories = write_topics(tmp_path / "txt", ("coding", "emotion", "psychology"))
-    sets = {
-        "models.generator": "tiny-random",
-        "models.device": "cpu",
-        "models.cache_dir": str(model_cache),
-        "privacy.local_steps": 2,
-        "privacy.batch_size": 4,
-        "privacy.max_seq_len": 64,
-        "privacy.epsilon_per_round": 4.0,
-        "privacy.epsilon_max": 100.0,
-        "federation.rounds": 1,
-    }
-    options = ["--data-root", str(root)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    sets = tiny_federation_settings(model_cache, **{"privacy.max_seq_len": 64, "federation.rounds": 1})
+    options = cli_options(root, sets)
     runner = CliRunner()
     for client, directory in directories.items():
         result = runner.invoke(app, [*options, "ingest", "--client", client, f"{directory}/"])
