@@ -116,13 +116,78 @@ def quality(engine, tokenizer, root: Path) -> tuple[float, list[list[int]]]:
     return statistics.fmean(nll), answers
 
 
+def step_gap(repeats: int, steps: int = 16) -> None:
+    """Where the engine's time per step goes beyond the model's: fp32 ms per decode step of the plain
+    model, of the same model wrapped by PEFT with gathered routing (slot 0), and of an engine step."""
+    import copy
+
+    from pfi_rag.config import ModelsConfig
+    from pfi_rag.data.synth import synthesize
+    from pfi_rag.models import Engine, GenerationRequest
+    from pfi_rag.models.loading import load_generator
+
+    model, tokenizer, _ = load_generator(ModelsConfig(threads=1))
+    plain = copy.deepcopy(model)
+    root = Path(tempfile.mkdtemp(prefix="pfi-one-stream-"))
+    synthesize(root, clients=1, seed=0)
+    engine = Engine(model, tokenizer, data_root=root)
+    question = "Tell me about my week please, in detail."
+    ids = tokenizer(question, return_tensors="pt").input_ids
+
+    def model_steps(m) -> float:
+        with torch.inference_mode():
+            out = m(input_ids=ids, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            started = time.perf_counter()
+            for _ in range(steps):
+                out = m(input_ids=token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            return (time.perf_counter() - started) / steps * 1000
+
+    def wrapped_steps() -> float:
+        with engine.gathered.rows([0]):
+            return model_steps(engine.model)
+
+    def engine_steps() -> float:
+        job = engine.prepare(GenerationRequest("solo", question, passages=[], max_new_tokens=200))
+        batch = engine.new_batch()
+        batch.add([job.row])
+        started, done = time.perf_counter(), 0
+        while len(batch) and done < steps:
+            batch.step()
+            done += 1
+        elapsed = (time.perf_counter() - started) / done * 1000
+        batch.cancel(batch.rows)
+        engine.finish(job)
+        return elapsed
+
+    kinds = {"plain model": lambda: model_steps(plain), "PEFT-wrapped + routing": wrapped_steps,
+             "engine step": engine_steps}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in kinds}
+    for _ in range(repeats):
+        for name, run in kinds.items():
+            times[name].append(run())
+    base = statistics.median(times["plain model"])
+    print(f"fp32 ms per decode step, 1 thread, median of {repeats} interleaved repeats of {steps} steps:")
+    for name, values in times.items():
+        print(f"  {name:<24} {statistics.median(values):6.1f} ms = {statistics.median(values) / base:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {FORMATS}")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--step-gap", action="store_true", help="only the engine's cost per step vs the model's"
+    )
     args = parser.parse_args()
+    if args.step_gap:
+        print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        step_gap(args.repeats)
+        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
     from pfi_rag.data.synth import synthesize
     from pfi_rag.models import GenerationRequest
     from pfi_rag.models.quantization import weight_bytes_read_per_token
