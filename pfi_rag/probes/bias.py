@@ -8,6 +8,8 @@ A skewed client dataset shows up as a larger mean gap after personalization than
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 
 from pfi_rag.data.records import CounterfactualPair
@@ -39,11 +41,30 @@ class BiasProbe(ClientProbe):
         model = ctx.client_model(client_id)
         if model is None:
             return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
-        # The base model's gaps are the same for every client with the same pairs: computed once.
-        key = ("pair_gaps", "base", tuple((p.prompt_a, p.prompt_b, tuple(p.options)) for p in pairs))
-        before = ctx.memo(key, lambda: pair_gaps(ctx.base_model(), ctx.tokenizer, pairs))
-        after = pair_gaps(ctx.client_model(client_id), ctx.tokenizer, pairs)
-        interval = precision.mean(after - before)
+        cfg = ctx.config.probes
+        # A seeded order, so the first n pairs (as many as the precision needs) are a random sample.
+        pairs = random.Random(f"bias-{ctx.config.seed}").sample(pairs, len(pairs))
+        data = tuple((p.prompt_a, p.prompt_b, tuple(p.options)) for p in pairs)
+
+        def gaps(model_key: str, n: int) -> np.ndarray:
+            # The base model's gaps are the same for every client with the same pairs: scored once.
+            def score(start: int, end: int) -> list:
+                return list(pair_gaps(ctx.model(model_key), ctx.tokenizer, pairs[start:end]))
+
+            return np.array(ctx.prefix(("pair_gaps", model_key, data), n, score))
+
+        def interval_of(n: int) -> precision.Interval:
+            return precision.mean(gaps(f"client:{client_id}", n) - gaps("base", n))
+
+        interval = precision.sample_until(
+            interval_of,
+            available=len(pairs),
+            first=cfg.shared_first_sample,
+            half_width=cfg.bias_precision,
+            threshold=self.threshold(ctx) if cfg.stop_when_decided else None,
+        )
+        pairs = pairs[: interval.n]
+        before, after = gaps("base", interval.n), gaps(f"client:{client_id}", interval.n)
         increase = float(after.mean() - before.mean())
         by_attribute = {}
         for attribute in sorted({p.attribute for p in pairs}):

@@ -166,6 +166,15 @@ class ProbeContext:
             self._memo[key] = compute()
         return self._memo[key]
 
+    def prefix(self, key: tuple, n: int, score: Callable[[int, int], list]) -> list:
+        """The first ``n`` per-element results under ``key``: ``score(start, end)`` is called only
+        for the elements not scored yet, so a probe that samples more extends its sample and one
+        that needs fewer reads what another computed (``key`` names the model and the data)."""
+        done = self._memo.setdefault(key, [])
+        if len(done) < n:
+            done.extend(score(len(done), n))
+        return done[:n]
+
     def item_scores(self, model_key: str, client_id: str, count: int | None = None) -> ItemScores | None:
         """Scores of ``model_key``'s model on the first ``count`` of the client's evaluation items
         (all when None): every option's NLL, so option probabilities and the true answer's NLL

@@ -9,6 +9,7 @@ with the package (probes/eval_sets/); a data root's own ``shared/`` files take t
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 
@@ -34,18 +35,37 @@ class CapabilityProbe(ClientProbe):
             return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
         if not texts:
             return self.skip(ctx, "shared/general_eval.jsonl is empty: remove it to use the shipped set")
-        # The base model's scores of the shared texts are the same for every client: computed once.
-        before = ctx.memo(
-            ("text_nll", "base", tuple(texts)), lambda: text_nll(ctx.base_model(), ctx.tokenizer, texts)
+        cfg = ctx.config.probes
+        texts = random.Random(f"capability-{ctx.config.seed}").sample(texts, len(texts))  # prefixes: samples
+
+        def nll(model_key: str, n: int) -> np.ndarray:
+            # The base model's scores of the shared texts are the same for every client: scored once.
+            def score(start: int, end: int) -> list:
+                return list(text_nll(ctx.model(model_key), ctx.tokenizer, texts[start:end]))
+
+            return np.array(ctx.prefix(("text_nll", model_key, tuple(texts)), n, score))
+
+        def interval_of(n: int) -> precision.Interval:
+            before, after = nll("base", n), nll(f"client:{client_id}", n)
+            # log(ppl_after / ppl_before) is a ratio of sums over texts: its interval, exponentiated.
+            log_ratio = precision.ratio(after[:, 0] - before[:, 0], before[:, 1])
+            bounds = (math.exp(log_ratio.low), math.exp(log_ratio.high))
+            return precision.Interval(math.exp(log_ratio.estimate), *bounds, n, "ratio estimator, exp")
+
+        interval = precision.sample_until(
+            interval_of,
+            available=len(texts),
+            first=cfg.shared_first_sample,
+            half_width=cfg.capability_precision,
+            threshold=self.threshold(ctx) if cfg.stop_when_decided else None,
         )
-        after = text_nll(ctx.client_model(client_id), ctx.tokenizer, texts)
-        # log(ppl_after / ppl_before) is a ratio of sums over texts: its interval, exponentiated.
-        log_ratio = precision.ratio(after[:, 0] - before[:, 0], before[:, 1])
+        before, after = nll("base", interval.n), nll(f"client:{client_id}", interval.n)
         evidence = {
             "perplexity_before": math.exp(before[:, 0].sum() / before[:, 1].sum()),
             "perplexity_after": math.exp(after[:, 0].sum() / after[:, 1].sum()),
-            "interval": [math.exp(log_ratio.low), math.exp(log_ratio.high)],
-            "texts": len(texts),
+            "interval": [interval.low, interval.high],
+            "texts": interval.n,
+            "texts_available": len(texts),
         }
         value = evidence["perplexity_after"] / evidence["perplexity_before"]
         return self.result(ctx, value, client=client_id, evidence=evidence)
@@ -66,11 +86,26 @@ class RefusalProbe(ClientProbe):
             return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
         if not prompts:
             return self.skip(ctx, "shared/refusal_prompts.jsonl is empty: remove it to use the shipped set")
+        cfg = ctx.config.probes
+        prompts = random.Random(f"refusal-{ctx.config.seed}").sample(
+            prompts, len(prompts)
+        )  # prefixes: samples
         texts = [p.prompt for p in prompts]
-        before = base_refusal(ctx, texts)
-        after = refusal_probability(ctx.client_model(client_id), ctx.tokenizer, texts)
+
+        def interval_of(n: int) -> precision.Interval:
+            return precision.mean(base_refusal(ctx, texts, n) - client_refusal(ctx, client_id, texts, n))
+
+        interval = precision.sample_until(
+            interval_of,
+            available=len(texts),
+            first=cfg.shared_first_sample,
+            half_width=cfg.refusal_precision,
+            threshold=self.threshold(ctx) if cfg.stop_when_decided else None,
+        )
+        prompts, texts = prompts[: interval.n], texts[: interval.n]
+        before = base_refusal(ctx, texts, interval.n)
+        after = client_refusal(ctx, client_id, texts, interval.n)
         drops = before - after
-        interval = precision.mean(drops)
         worst = int(drops.argmax())
         by_category: dict[str, list[float]] = {}
         for prompt, drop in zip(prompts, drops, strict=True):
@@ -90,9 +125,18 @@ def text_nll(model, tokenizer, texts: list[str]) -> np.ndarray:
     return np.array(continuation_nll(model, tokenizer, [""] * len(texts), texts), dtype=float)
 
 
-def base_refusal(ctx: ProbeContext, prompts: list[str]) -> np.ndarray:
-    """P(refuse) of the base model per shared prompt: one pass for every client and erosion."""
-    return ctx.memo(
-        ("refusal", "base", tuple(prompts)),
-        lambda: refusal_probability(ctx.base_model(), ctx.tokenizer, prompts),
-    )
+def base_refusal(ctx: ProbeContext, prompts: list[str], n: int | None = None) -> np.ndarray:
+    """P(refuse) of the base model on the first ``n`` shared prompts (all when None): scored once
+    for every client and for erosion."""
+    return refusal_of(ctx, "base", prompts, len(prompts) if n is None else n)
+
+
+def client_refusal(ctx: ProbeContext, client_id: str, prompts: list[str], n: int) -> np.ndarray:
+    return refusal_of(ctx, f"client:{client_id}", prompts, n)
+
+
+def refusal_of(ctx: ProbeContext, model_key: str, prompts: list[str], n: int) -> np.ndarray:
+    def score(start: int, end: int) -> list:
+        return list(refusal_probability(ctx.model(model_key), ctx.tokenizer, prompts[start:end]))
+
+    return np.array(ctx.prefix(("refusal", model_key, tuple(prompts)), n, score))
