@@ -90,7 +90,7 @@ def compare_weights(args, root: Path, requests, questions, floor: float, started
     for fmt in args.weights.split(","):
         model, tokenizer, _ = load_generator(ModelsConfig())
         quantize_linear_layers(model, fmt)
-        serving = ServingConfig(max_new_tokens=args.tokens, weight_format=fmt)
+        serving = ServingConfig(max_new_tokens=args.tokens)  # quantized above (int8-dynamic is not a setting)
         engine = Engine(model, tokenizer, data_root=root, serving=serving, relevance_floor=floor)
         results = answer_all(engine, requests)
         out[fmt] = score(results, questions)
