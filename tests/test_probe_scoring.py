@@ -42,9 +42,9 @@ def test_intervals_match_hand_worked_values():
     every = precision.proportion(10, 10)
     assert every.high == 1.0 and every.low == pytest.approx(0.025 ** (1 / 10), rel=1e-6)
     # Ratio of sums: d = (1, 2, 3) over one token each -> 2, residuals (-1, 0, 1),
-    # var = 2 * 3/2 / 3^2 = 1/3, half-width 1.96 / sqrt(3).
+    # var = 2 * 3/2 / 3^2 = 1/3, half-width t(0.975, 2 df) / sqrt(3) = 4.303 / sqrt(3).
     r = precision.ratio([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])
-    assert r.estimate == 2.0 and r.half_width == pytest.approx(precision.Z95 / np.sqrt(3))
+    assert r.estimate == 2.0 and r.half_width == pytest.approx(4.302653 / np.sqrt(3), rel=1e-6)
     # The mean of (1, 2, 3): sd 1, se 1/sqrt(3): the same interval.
     assert precision.mean([1.0, 2.0, 3.0]).half_width == pytest.approx(r.half_width)
     # Hanley-McNeil at AUC 0.5 with 10 a side: Q1 = Q2 = 1/3,

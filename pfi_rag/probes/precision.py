@@ -6,8 +6,9 @@ while the interval is wider than the precision the configuration asks for:
 
 - a share k/n (an accuracy, a hit rate, a rank share): Clopper-Pearson (exact, never too narrow);
 - a ratio of sums, sum d_i / sum t_i (a per-token NLL gain over items of t_i tokens): the
-  ratio estimator's normal interval, var = sum (d_i - R t_i)^2 / (sum t_i)^2 * n / (n - 1);
-- a mean of per-item values (a gap, a drop): the normal interval of the mean;
+  ratio estimator's interval, var = sum (d_i - R t_i)^2 / (sum t_i)^2 * n / (n - 1);
+- a mean of per-item values (a gap, a drop): the interval of the mean;
+  both with Student's t quantile (n - 1 degrees of freedom): samples start small (8 prompts);
 - anything else (ECE): a percentile bootstrap over items, seeded.
 
 ``sample_until`` grows a sample (doubling from ``first``) until the interval's half-width is at
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import beta as beta_dist
+from scipy.stats import t as t_dist
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -53,6 +55,11 @@ class Interval:
         }
 
 
+def t95(n: int) -> float:
+    """Two-sided 95% quantile of Student's t with n - 1 degrees of freedom (normal when large)."""
+    return float(t_dist.ppf(0.975, n - 1)) if n > 1 else math.inf
+
+
 def share_interval(k: int, n: int) -> tuple[float, float]:
     """Clopper-Pearson 95% interval of a binomial share k/n."""
     if not 0 <= k <= n or n < 1:
@@ -73,7 +80,8 @@ def mean(values: Sequence[float]) -> Interval:
         raise ValueError("no values")
     m = float(x.mean())
     se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.inf
-    return Interval(m, m - Z95 * se, m + Z95 * se, int(x.size), "normal mean")
+    q = t95(x.size)
+    return Interval(m, m - q * se, m + q * se, int(x.size), "t mean")
 
 
 def ratio(numerators: Sequence[float], denominators: Sequence[float]) -> Interval:
@@ -84,7 +92,8 @@ def ratio(numerators: Sequence[float], denominators: Sequence[float]) -> Interva
     r = float(d.sum() / t.sum())
     n = d.size
     se = float(math.sqrt(((d - r * t) ** 2).sum() * n / (n - 1)) / t.sum()) if n > 1 else math.inf
-    return Interval(r, r - Z95 * se, r + Z95 * se, n, "ratio estimator")
+    q = t95(n)
+    return Interval(r, r - q * se, r + q * se, n, "ratio estimator, t")
 
 
 def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> Interval:
