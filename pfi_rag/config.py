@@ -284,7 +284,7 @@ class ProbesConfig(Section):
     # interval of the exposure is at most 2 x exposure_precision_bits wide, or lies wholly on one
     # side of the threshold (see stop_when_decided).
     exposure_samples: int = Field(default=512, ge=16)
-    exposure_first_samples: int = Field(default=64, ge=8)
+    exposure_first_samples: int = Field(default=16, ge=8)
     exposure_precision_bits: float = Field(default=0.5, ge=0)
     # Sampled metrics (exposure, membership AUC, the item probes' gains and ECE) stop sampling
     # as soon as their 95% interval is clear of the threshold: the verdict cannot change, so
@@ -300,7 +300,7 @@ class ProbesConfig(Section):
     # interval is narrow enough (half-width nll_precision nats/token for the NLL gains of
     # dp_collapse, fairness and ood; ece_precision for calibration) or clear of the threshold.
     cloze_items: int = Field(default=300, ge=1, le=5000)
-    items_first_sample: int = Field(default=16, ge=1)
+    items_first_sample: int = Field(default=8, ge=1)
     nll_precision: float = Field(default=0.05, ge=0)
     ece_precision: float = Field(default=0.05, ge=0)
     # Membership: documents per side scored first (doubling, up to 200) until the AUC's 95%

@@ -126,7 +126,7 @@ class ExposureProbe(ClientProbe):
                 seed=seed,
                 first=cfg.exposure_first_samples,
                 precision_bits=cfg.exposure_precision_bits,
-                threshold=self.threshold(ctx),
+                threshold=self.threshold(ctx) if cfg.stop_when_decided else None,
             )
 
         per_canary = [exposure(c, ctx.config.seed + i) for i, c in enumerate(canaries)]
