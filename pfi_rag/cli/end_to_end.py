@@ -37,7 +37,8 @@ CLIENTS = 4
 ASKED = ("client-00", "client-01")  # the two clients who ask the same question over HTTP
 PASSAGES = 2  # retrieved per HTTP answer: a 135M model answers better from fewer, better passages
 # The probes the demo runs: every layer of the product, the cheap ones on a CPU (the whole suite
-# took over 8 minutes on the default model here); `pfi-rag probe --suite all` runs the rest.
+# costs about 13 CPU-minutes on the default model, bench/results/probes-suite.txt);
+# `pfi-rag probe --suite all` runs the rest.
 DEMO_PROBES = (
     "fairness",
     "exposure",
