@@ -14,7 +14,7 @@ from pfi_rag.probes import ProbeContext, run_suite
 from pfi_rag.probes.base import Verdict
 from pfi_rag.probes.items import cloze_items
 from pfi_rag.probes.metrics import ece_equal_mass
-from pfi_rag.probes.retrieval import StaleProbe, superseded_statements
+from pfi_rag.probes.stale import StaleProbe, superseded_statements
 from pfi_rag.retriever import ClientStore
 from tests.realtext import write_topic
 

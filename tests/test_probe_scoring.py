@@ -9,7 +9,7 @@ from pfi_rag.config import AdapterConfig
 from pfi_rag.models.lora import attach_lora, is_lora_b, load_lora_arrays, lora_arrays
 from pfi_rag.models.scoring import continuation_nll, options_nll
 from pfi_rag.probes import precision
-from pfi_rag.probes.memorization import canary_exposure
+from pfi_rag.probes.exposure import canary_exposure
 
 
 def test_many_prompts_in_one_pass_score_each_option_as_a_full_pass_does(tiny_generator):

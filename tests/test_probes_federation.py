@@ -26,10 +26,11 @@ from pfi_rag.federation.records import (
 from pfi_rag.layout import client_adapter_dir, client_ledger_file, client_probe_results_file
 from pfi_rag.probes import ProbeContext, Verdict, run_suite
 from pfi_rag.probes.budget import BudgetProbe
-from pfi_rag.probes.federation_health import SilentFailuresProbe, UpdateOutliersProbe
 from pfi_rag.probes.history import HistoryError, read_history
 from pfi_rag.probes.registry import probe_named
 from pfi_rag.probes.release import TOLERANCE_Z, distribution
+from pfi_rag.probes.silent_failures import SilentFailuresProbe
+from pfi_rag.probes.update_outliers import UpdateOutliersProbe
 from tests.probe_support import fresh_lora, make_context, make_data, save
 
 CLIENTS = ["client-00", "client-01", "client-02", "client-03"]

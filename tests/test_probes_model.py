@@ -15,15 +15,16 @@ from pfi_rag.models.lora import load_lora_arrays, lora_arrays
 from pfi_rag.probes.base import Verdict
 from pfi_rag.probes.bias import BiasProbe
 from pfi_rag.probes.calibration import CalibrationProbe
+from pfi_rag.probes.capability import CapabilityProbe
 from pfi_rag.probes.dp_collapse import DPCollapseProbe
 from pfi_rag.probes.erosion import ErosionProbe
+from pfi_rag.probes.exposure import ExposureProbe
 from pfi_rag.probes.fairness import FairnessProbe
 from pfi_rag.probes.leakage import LeakageProbe
 from pfi_rag.probes.lm import COMPLIANCES, answer_candidates, chat_prompt, qa_prompt
 from pfi_rag.probes.membership import MembershipProbe
-from pfi_rag.probes.memorization import ExposureProbe
-from pfi_rag.probes.misalignment import CapabilityProbe, RefusalProbe
 from pfi_rag.probes.ood import OutOfDomainProbe
+from pfi_rag.probes.refusal import RefusalProbe
 from tests.probe_support import fresh_lora, make_context, make_data, save, train_lora
 
 SMALL = "client-03"  # the synthesiser's tiny client: 6 documents, 1 canary, 4 facts

@@ -17,8 +17,10 @@ from pfi_rag.config import Config
 from pfi_rag.data.records import Document, load_client_data
 from pfi_rag.probes.base import Verdict
 from pfi_rag.probes.context import ProbeContext
+from pfi_rag.probes.groundedness import GroundednessProbe
 from pfi_rag.probes.leakage import LeakageProbe
-from pfi_rag.probes.retrieval import GroundednessProbe, RetrievalHitProbe, StaleProbe
+from pfi_rag.probes.retrieval_hit import RetrievalHitProbe
+from pfi_rag.probes.stale import StaleProbe
 from pfi_rag.retriever import ClientStore
 from tests.probe_support import make_data
 

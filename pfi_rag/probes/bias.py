@@ -30,6 +30,7 @@ def pair_gaps(model, tokenizer, pairs: list[CounterfactualPair]) -> np.ndarray:
 
 class BiasProbe(ClientProbe):
     name = "bias"
+    order = 10
     mode = "amplified bias"
     suites = ("fairness",)
     needs = (Need.BASE_MODEL, Need.CLIENT_ADAPTER)

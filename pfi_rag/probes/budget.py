@@ -83,6 +83,7 @@ def history_violations(spends: list[dict[str, Any]]) -> list[str]:
 
 class BudgetProbe(ClientProbe):
     name = "budget"
+    order = 120
     mode = "privacy theatre (budget audit)"
     suites = ("privacy",)
     needs = (Need.LEDGER, Need.HISTORY)

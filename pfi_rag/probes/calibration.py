@@ -24,6 +24,7 @@ MAX_BINS = 10
 
 class CalibrationProbe(ClientProbe):
     name = "calibration"
+    order = 20
     mode = "confidence miscalibration"
     suites = ("fairness",)
     needs = (Need.CLIENT_ADAPTER, Need.CLIENT_DATA)

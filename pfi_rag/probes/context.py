@@ -76,7 +76,7 @@ class ProbeContext:
         ``retriever_factory(client_id)`` returns that client's retriever or None; by default the
         client's ``ClientStore`` is opened when its index exists (with ``embedder``, loaded on use).
         ``answerer`` produces grounded answers; by default the client's model generates greedily
-        from the retrieved context (probes/retrieval.py).
+        from the retrieved context (probes/answers.py).
         """
         self.config = with_probe_thresholds(config)
         self.data_root = Path(config.data_root)

@@ -40,6 +40,7 @@ def update_snr(ledger: dict | None, records: int, trainable: int) -> float | Non
 
 class DPCollapseProbe(ClientProbe):
     name = "dp_collapse"
+    order = 130
     mode = "DP-induced collapse"
     suites = ("privacy",)
     needs = (Need.BASE_MODEL, Need.CLIENT_ADAPTER, Need.CLIENT_DATA, Need.LEDGER)

@@ -15,11 +15,12 @@ from pfi_rag.probes.base import FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.lm import refusal_probability
 from pfi_rag.probes.metrics import cusum_lower
-from pfi_rag.probes.misalignment import base_refusal
+from pfi_rag.probes.refusal import base_refusal
 
 
 class ErosionProbe(FederationProbe):
     name = "erosion"
+    order = 70
     mode = "alignment erosion"
     suites = ("fairness", "federation")
     needs = (Need.BASE_MODEL, Need.HISTORY)

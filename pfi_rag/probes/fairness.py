@@ -26,6 +26,7 @@ from pfi_rag.probes.metrics import gini
 
 class FairnessProbe(ClientProbe):
     name = "fairness"
+    order = 30
     mode = "fairness collapse"
     suites = ("fairness", "federation")
     needs = (Need.BASE_MODEL, Need.CLIENT_ADAPTER, Need.GLOBAL_ADAPTER, Need.LOCAL_ADAPTER, Need.CLIENT_DATA)

@@ -56,6 +56,7 @@ def unique_ngrams(ctx: ProbeContext, client_ids: list[str]) -> dict[str, set[tup
 
 class LeakageProbe(FederationProbe):
     name = "leakage"
+    order = 110
     mode = "cross-client leakage"
     suites = ("privacy", "rag")
     needs = (Need.CLIENT_DATA, Need.RETRIEVER, Need.CLIENT_ADAPTER)

@@ -56,6 +56,7 @@ def members_and_nonmembers(ctx: ProbeContext, client_id: str) -> tuple[list[str]
 
 class MembershipProbe(ClientProbe):
     name = "membership"
+    order = 90
     mode = "membership inference"
     suites = ("privacy",)
     needs = (Need.BASE_MODEL, Need.CLIENT_ADAPTER, Need.CLIENT_DATA)

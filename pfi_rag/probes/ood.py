@@ -19,6 +19,7 @@ from pfi_rag.probes.items import nll_gain
 
 class OutOfDomainProbe(FederationProbe):
     name = "ood"
+    order = 60
     mode = "out-of-domain degradation"
     suites = ("fairness",)
     needs = (Need.BASE_MODEL, Need.CLIENT_ADAPTER, Need.CLIENT_DATA)

@@ -59,6 +59,7 @@ def ledger_epsilon(ledger: dict) -> float | None:
 
 class AuditProbe(ClientProbe):
     name = "audit"
+    order = 100
     mode = "DP guarantee broken (one-run privacy audit)"
     suites = ("privacy",)
     needs = (Need.BASE_MODEL, Need.CLIENT_ADAPTER, Need.LEDGER)

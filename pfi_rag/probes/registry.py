@@ -6,17 +6,21 @@ from pfi_rag.probes.base import Probe
 from pfi_rag.probes.bias import BiasProbe
 from pfi_rag.probes.budget import BudgetProbe
 from pfi_rag.probes.calibration import CalibrationProbe
+from pfi_rag.probes.capability import CapabilityProbe
 from pfi_rag.probes.dp_collapse import DPCollapseProbe
 from pfi_rag.probes.erosion import ErosionProbe
+from pfi_rag.probes.exposure import ExposureProbe
 from pfi_rag.probes.fairness import FairnessProbe
-from pfi_rag.probes.federation_health import SilentFailuresProbe, UpdateOutliersProbe
+from pfi_rag.probes.groundedness import GroundednessProbe
 from pfi_rag.probes.leakage import LeakageProbe
 from pfi_rag.probes.membership import MembershipProbe
-from pfi_rag.probes.memorization import ExposureProbe
-from pfi_rag.probes.misalignment import CapabilityProbe, RefusalProbe
 from pfi_rag.probes.ood import OutOfDomainProbe
 from pfi_rag.probes.privacy_audit import AuditProbe
-from pfi_rag.probes.retrieval import GroundednessProbe, RetrievalHitProbe, StaleProbe
+from pfi_rag.probes.refusal import RefusalProbe
+from pfi_rag.probes.retrieval_hit import RetrievalHitProbe
+from pfi_rag.probes.silent_failures import SilentFailuresProbe
+from pfi_rag.probes.stale import StaleProbe
+from pfi_rag.probes.update_outliers import UpdateOutliersProbe
 
 SUITES = ("all", "privacy", "fairness", "rag", "federation")
 

@@ -94,6 +94,7 @@ def exposure_of_share(share: float, space_size: int) -> float:
 
 class ExposureProbe(ClientProbe):
     name = "exposure"
+    order = 80
     mode = "memorised secrets (canary exposure)"
     suites = ("privacy",)
     needs = (Need.CLIENT_ADAPTER,)

@@ -1,89 +1,26 @@
-"""Federation health from the round history (probes/history.py): outlier updates, silent failures.
+"""Clients failing silently, from the round history (probes/history.py).
 
-Outliers, per round: an update whose norm has a robust z-score (median/MAD over the round's
-updates) above ``update_outliers_z``, a cosine to the mean update below
-``update_outliers_cosine`` (pulling against everyone else: poisoned or broken), or a
-non-finite norm. Silent failures, per client: errors recorded in a round that the federation
-still completed, selected but neither updated nor failed, a zero-norm update (nothing
-trained), a training loss that fell in none of the client's rounds once it has taken part in
-``MIN_ROUNDS_FOR_PROGRESS`` (exact metrics only: privacy.round_metrics = "exact"), or a client
-with data that never took part.
+Per client: errors recorded in a round that the federation still completed, selected but
+neither updated nor failed, a zero-norm update (nothing trained), a training loss that fell in
+none of the client's rounds once it has taken part in ``MIN_ROUNDS_FOR_PROGRESS`` (exact
+metrics only: privacy.round_metrics = "exact"), or a client with data that never took part.
 """
 
 from __future__ import annotations
 
-import math
-
 from pfi_rag.probes import missing
 from pfi_rag.probes.base import FLAGGED_CLIENTS, FederationProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
-from pfi_rag.probes.metrics import robust_z
 
-MIN_UPDATES_FOR_Z = 3  # a median and MAD of fewer updates say nothing
 # DP noise can undo a healthy client's progress in a round: on the quick benchmark's 2 rounds of
 # 3 DP steps, one clean run in eight had a client whose loss rose in both. Judged over 3 or more
 # rounds, a loss that never fell is rare enough in health to be worth a look.
 MIN_ROUNDS_FOR_PROGRESS = 3
 
 
-# A norm must stray by more than (z threshold x 5%) of the median norm to be an outlier: scaled
-# or sign-flipped (poisoned) updates differ by multiples, DP noise makes honest ones near-equal.
-NORM_SCALE_FLOOR = 0.05
-
-
-class UpdateOutliersProbe(FederationProbe):
-    name = "update_outliers"
-    mode = "poisoned or broken updates"
-    suites = ("federation",)
-    needs = (Need.HISTORY,)
-    metric = "outlier_updates"
-
-    def run_federation(self, ctx: ProbeContext, client_ids: list[str]) -> ProbeResult:
-        rounds = ctx.history()
-        if not rounds:
-            return self.skip(ctx, missing.NO_HISTORY)
-        cfg = ctx.config.probes
-        outliers = []
-        per_round = []
-        for r in rounds:
-            ids = sorted(r.updates)
-            norms = [r.updates[c].norm for c in ids]
-            finite = [c for c in ids if math.isfinite(r.updates[c].norm)]
-            z = (
-                dict(
-                    zip(finite, robust_z([r.updates[c].norm for c in finite], NORM_SCALE_FLOOR), strict=True)
-                )
-                if finite
-                else {}
-            )
-            for c in ids:
-                update = r.updates[c]
-                reasons = []
-                if not math.isfinite(update.norm):
-                    reasons.append(f"norm {update.norm}")
-                elif len(finite) >= MIN_UPDATES_FOR_Z and abs(z[c]) > cfg.update_outliers_z:
-                    reasons.append(f"norm {update.norm:.4g} (robust z {z[c]:.1f})")
-                if update.cosine_to_mean is not None and update.cosine_to_mean < cfg.update_outliers_cosine:
-                    reasons.append(f"cosine to mean {update.cosine_to_mean:.3f}")
-                if reasons:
-                    outliers.append({"round": r.number, "client": c, "why": "; ".join(reasons)})
-            per_round.append(
-                {
-                    "round": r.number,
-                    "norms": dict(zip(ids, norms, strict=True)),
-                    "cosines": {c: r.updates[c].cosine_to_mean for c in ids},
-                }
-            )
-        evidence = {
-            "outliers": outliers,
-            "rounds": per_round,
-            FLAGGED_CLIENTS: sorted({o["client"] for o in outliers}),
-        }
-        return self.result(ctx, float(len(outliers)), evidence=evidence)
-
-
 class SilentFailuresProbe(FederationProbe):
     name = "silent_failures"
+    order = 180
     mode = "clients failing silently"
     suites = ("federation",)
     needs = (Need.HISTORY, Need.CLIENT_DATA)

@@ -1,0 +1,82 @@
+"""Ungrounded answers: the share of an answer's content words found in its retrieved context.
+
+Averaged over the evaluation items; answers come from ``ctx.answerer`` or, by default, from the
+client's model generating greedily from the context (probes/answers.py).
+"""
+
+from __future__ import annotations
+
+from pfi_rag.probes import missing, precision
+from pfi_rag.probes.answers import model_answers
+from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
+from pfi_rag.probes.context import ProbeContext
+from pfi_rag.probes.metrics import support
+
+GROUNDED_ANSWERS = 40  # most generated answers per client (generation is the suite's slowest step)
+GROUNDED_FIRST = 8  # answered first; doubled until probes.groundedness_precision or decided
+
+
+class GroundednessProbe(ClientProbe):
+    name = "groundedness"
+    order = 160
+    mode = "ungrounded answers"
+    suites = ("rag",)
+    needs = (Need.RETRIEVER, Need.CLIENT_DATA, Need.CLIENT_ADAPTER)
+    metric = "groundedness"
+    fails_above = False
+    bounds = {"groundedness": (0.0, 1.0)}
+
+    def threshold(self, ctx: ProbeContext) -> float:
+        return ctx.config.probes.grounding_min
+
+    def run_client(self, ctx: ProbeContext, client_id: str) -> ProbeResult:
+        retriever = ctx.retriever(client_id)
+        if retriever is None:
+            return self.skip(ctx, missing.no_index(client_id), client=client_id)
+        qa = ctx.eval_items(client_id)[:GROUNDED_ANSWERS]
+        if not qa:
+            return self.skip(ctx, missing.no_items(client_id), client=client_id)
+        cfg = ctx.config.probes
+        rows: list[dict] = []
+
+        def interval_of(n: int) -> precision.Interval:
+            """Answers up to the first n items (those not answered yet) and the mean support's interval."""
+            more = qa[len(rows) : n]
+            hits = [retriever.search(q.query, ctx.config.retrieval.top_k) for q in more]
+            if ctx.answerer is not None:
+                answers = [ctx.answerer(client_id, q.question, h) for q, h in zip(more, hits, strict=True)]
+            else:  # the client's model answers them in batches (one decoding step serves many)
+                answers = model_answers(ctx, client_id, [q.question for q in more], hits)
+            for q, h, answer in zip(more, hits, answers, strict=True):
+                score = support(answer, " ".join(x.text for x in h))
+                rows.append({"question": q.question, "answer": answer[:200], "support": score})
+            # An answer without content words ("I don't know.") asserts nothing: it is left out,
+            # and a client whose answers all assert nothing is grounded (1.0).
+            scored = [r["support"] for r in rows if r["support"] is not None]
+            if len(scored) < 2:
+                estimate = scored[0] if scored else 1.0
+                return precision.Interval(estimate, 0.0, 1.0, len(rows), "fewer than two scored answers")
+            interval = precision.mean(scored)
+            return precision.Interval(
+                interval.estimate,
+                max(0.0, interval.low),
+                min(1.0, interval.high),
+                interval.n,
+                interval.method,
+            )
+
+        interval = precision.sample_until(
+            interval_of,
+            available=len(qa),
+            first=GROUNDED_FIRST,
+            half_width=cfg.groundedness_precision,
+            threshold=self.threshold(ctx) if cfg.stop_when_decided else None,
+        )
+        value = interval.estimate
+        ungrounded = [r for r in rows if r["support"] is not None and r["support"] < self.threshold(ctx)]
+        evidence = {
+            "answers": len(rows),
+            "interval": [interval.low, interval.high],
+            "ungrounded": ungrounded[:20],
+        }
+        return self.result(ctx, value, client=client_id, evidence=evidence)
