@@ -402,11 +402,23 @@ def with_probe_thresholds(cfg: Config) -> Config:
     """``cfg`` with the thresholds of ``probes.thresholds_file`` (probes/thresholds.py), if set.
 
     Only ``[probes]`` keys ending in ``_threshold`` may be in the file: it adjusts how strict each
-    probe is, never what runs or what is released.
+    probe is, never what runs or what is released. Keys of probes with no field here (a probe
+    added as one module) are left to the probe registry (probes/registry.py, file_thresholds).
     """
     path = cfg.probes.thresholds_file
     if path is None:
         return cfg
+    thresholds = probe_thresholds_table(cfg)
+    known = {k: v for k, v in thresholds.items() if k in ProbesConfig.model_fields}
+    return _with_section(cfg, "probes", known, source=path)
+
+
+def probe_thresholds_table(cfg: Config) -> dict[str, Any]:
+    """The ``[probes]`` table of ``probes.thresholds_file`` (empty when unset), checked to hold
+    only ``<probe>_threshold`` keys."""
+    path = cfg.probes.thresholds_file
+    if path is None:
+        return {}
     try:
         table = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -419,7 +431,7 @@ def with_probe_thresholds(cfg: Config) -> Config:
         other.append("probes (not a table)")
     if other:
         raise ConfigError(f"{path}: only [probes] <probe>_threshold keys may be set, not {', '.join(other)}")
-    return _with_section(cfg, "probes", thresholds, source=path)
+    return thresholds
 
 
 def with_client_settings(cfg: Config, settings_file: Path) -> Config:

@@ -3,8 +3,9 @@
 A probe runs either per client (:class:`ClientProbe`: it reads one client's adapter and
 data, so in the privacy-preserving mode the client runs it locally and releases only its
 noised metrics) or once per federation (:class:`FederationProbe`: it reads server-side
-artifacts such as the round history, or crosses clients). The runner discovers probes from
-:data:`pfi_rag.probes.registry.PROBES` and never needs to know what they measure.
+artifacts such as the round history, or crosses clients). The runner gets probes from
+:mod:`pfi_rag.probes.registry`, which finds every probe class of this package (one module per
+probe), and never needs to know what they measure.
 """
 
 from __future__ import annotations
@@ -100,9 +101,17 @@ class Probe(ABC):
     metric: str
     fails_above: bool = True
     scope: Scope
+    order: int = 1000  # place in the report (the shipped probes: 10-180); ties by name
+    # The threshold when the config has no ``probes.<name>_threshold`` key (a probe added as one
+    # module); the thresholds file (``probes.thresholds_file``) may still set it by that key.
+    default_threshold: float | None = None
 
     def threshold(self, ctx: ProbeContext) -> float:
-        return getattr(ctx.config.probes, f"{self.name}_threshold")
+        probes = ctx.config.probes
+        key = f"{self.name}_threshold"
+        if key in type(probes).model_fields:
+            return getattr(probes, key)
+        return ctx.thresholds.get(self.name, self.default_threshold)
 
     def result(
         self,

@@ -36,6 +36,7 @@ from pfi_rag.data.records import (
 from pfi_rag.probes import eval_sets
 from pfi_rag.probes.history import Round, read_history
 from pfi_rag.probes.items import EvalItem, ItemScores, cloze_items, qa_items, score_items
+from pfi_rag.probes.registry import file_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class ProbeContext:
         from the retrieved context (probes/answers.py).
         """
         self.config = with_probe_thresholds(config)
+        # Thresholds from probes.thresholds_file of probes without a config key: name -> value.
+        self.thresholds = file_thresholds(config)
         self.data_root = Path(config.data_root)
         self._generator = generator
         self._retriever_factory = retriever_factory

@@ -30,6 +30,7 @@ from typing import Any
 from annotated_types import Ge, Gt, Le, Lt
 
 from pfi_rag.config import ProbesConfig
+from pfi_rag.probes.registry import probe_named
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def calibrate(reports: Sequence[dict[str, Any]]) -> list[CalibratedThreshold]:
         field = f"{probe}_threshold"
         values = [s.get("value") for s in summaries if s.get("verdict") in ("pass", "fail")]
         finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-        if field not in ProbesConfig.model_fields or len(finite) < len(reports):
+        if not _configurable(probe) or len(finite) < len(reports):
             continue
         fails_above = bool(summaries[0]["fails_above"])
         worst = max(finite) if fails_above else min(finite)
@@ -80,8 +81,20 @@ def calibrate(reports: Sequence[dict[str, Any]]) -> list[CalibratedThreshold]:
     return calibrated
 
 
+def _configurable(probe: str) -> bool:
+    """Whether ``probe`` has a threshold to set: a config field, or a registered probe's default."""
+    if f"{probe}_threshold" in ProbesConfig.model_fields:
+        return True
+    try:
+        return probe_named(probe).default_threshold is not None
+    except KeyError:
+        return False
+
+
 def _within_limits(field: str, value: float) -> float:
     """``value`` moved inside the config field's bounds (e.g. a bias gap below 0 becomes 0)."""
+    if field not in ProbesConfig.model_fields:  # a probe without a config key: no bounds
+        return value
     for limit in ProbesConfig.model_fields[field].metadata:
         if isinstance(limit, Ge):
             value = max(value, float(limit.ge))
