@@ -34,6 +34,7 @@ def register(probe_class: type[Probe]) -> type[Probe]:
         raise TypeError(f"{probe_class!r} is not a ClientProbe or FederationProbe subclass")
     if inspect.isabstract(probe_class) or not isinstance(getattr(probe_class, "name", None), str):
         raise TypeError(f"{probe_class.__name__} must set a name and implement its run method")
+    _discover()  # the package's probes first, so a taken name is refused whatever the order
     name = probe_class.name
     configured = f"{name}_threshold" in ProbesConfig.model_fields
     own_threshold = probe_class.threshold is not Probe.threshold  # e.g. audit's fixed 0
