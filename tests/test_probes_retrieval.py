@@ -52,8 +52,8 @@ def ingest(root: Path, client: str, embedder, documents: list[Document]) -> None
         store.add_documents(documents)
 
 
-def run(probe, root: Path, embedder, client: str = CLIENT, **kwargs):
-    ctx = ProbeContext(Config(data_root=root), embedder=embedder, **kwargs)
+def run(probe, root: Path, embedder, client: str = CLIENT, config: Config | None = None, **kwargs):
+    ctx = ProbeContext(config or Config(data_root=root), embedder=embedder, **kwargs)
     try:
         return probe.run_client(ctx, client)
     finally:
@@ -123,8 +123,8 @@ def test_stale_flags_a_store_that_still_serves_the_old_version(root, embedder):
 
 
 def extractive(client_id: str, question: str, hits) -> str:
-    """A clean answerer: quotes its best passage."""
-    return hits[0].text
+    """A clean answerer: quotes its best passage (and says so when it was given none)."""
+    return hits[0].text if hits else "Sorry, no note says."
 
 
 def closed_book(client_id: str, question: str, hits) -> str:
@@ -144,6 +144,19 @@ def test_groundedness_flags_answers_that_ignore_the_context(root, embedder):
     # Eight answers that all score 0 leave no spread: sampling stopped there, of 10 items.
     assert len(planted.evidence["ungrounded"]) == planted.evidence["answers"] == 8
     assert planted.evidence["interval"] == [0.0, 0.0]
+
+    # As in serving, passages under the relevance floor never reach the answerer: with a floor
+    # no passage clears, every answer is given none, and none of them is scored.
+    floored = Config(data_root=root_dir, retrieval={"relevance_floor": 1.0})
+    given: list[int] = []
+
+    def counting(client_id: str, question: str, hits) -> str:
+        given.append(len(hits))
+        return closed_book(client_id, question, hits)
+
+    unscored = run(GroundednessProbe(), root_dir, embedder, config=floored, answerer=counting)
+    assert set(given) == {0} and unscored.evidence["without_passages"] == unscored.evidence["answers"]
+    assert unscored.verdict == Verdict.PASS and unscored.evidence["ungrounded"] == []
 
 
 def leakage(root_dir: Path, embedder):

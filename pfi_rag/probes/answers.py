@@ -1,33 +1,45 @@
-"""Answers the client's model gives from retrieved passages (the groundedness probe's default)."""
+"""Answers the client's model gives from retrieved passages (the groundedness probe's default).
+
+The prompt is serving's own (:func:`pfi_rag.models.prompting.build_prompt`): the same system
+prompt, citing instruction, relevance floor and prompt-token limit, so the probe judges the
+answers a user of the HTTP service would get, from the passages that would reach the model.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from pfi_rag.models.prompting import Prompt, UsedPassage, build_prompt, relevant
 from pfi_rag.probes.context import ProbeContext, SearchHit
-from pfi_rag.probes.lm import chat_prompt, greedy_answer, greedy_answers
+from pfi_rag.probes.lm import greedy_answers
 
 
-def answer_prompt(ctx: ProbeContext, question: str, hits: list[SearchHit]) -> str:
-    notes = "\n".join(f"[{i}] {h.text}" for i, h in enumerate(hits, start=1))
-    return chat_prompt(
-        ctx.tokenizer, f"{ctx.config.serving.system_prompt}\n\nNotes:\n{notes}\n\nQuestion: {question}"
+def served_passages(ctx: ProbeContext, hits: Sequence[SearchHit]) -> list[SearchHit]:
+    """The hits serving would put before the model: those at or above ``retrieval.relevance_floor``."""
+    return relevant(hits, ctx.config.retrieval.relevance_floor)
+
+
+def answer_prompt(ctx: ProbeContext, question: str, hits: Sequence[SearchHit]) -> Prompt:
+    """Serving's prompt for ``question`` grounded on ``hits`` (its ``passages`` are those kept)."""
+    serving = ctx.config.serving
+    return build_prompt(
+        ctx.tokenizer,
+        messages=[{"role": "user", "content": question}],
+        passages=hits,
+        system_prompt=serving.system_prompt,
+        max_prompt_tokens=serving.max_prompt_tokens,
+        relevance_floor=ctx.config.retrieval.relevance_floor,
     )
-
-
-def model_answerer(ctx: ProbeContext):
-    """The default answerer: the client's model (else the base) answers from the hits, greedily."""
-
-    def answer(client_id: str, question: str, hits: list[SearchHit]) -> str:
-        model = ctx.client_model(client_id) or ctx.base_model()
-        prompt = answer_prompt(ctx, question, hits)
-        return greedy_answer(model, ctx.tokenizer, prompt, max_new_tokens=ctx.config.probes.answer_tokens)
-
-    return answer
 
 
 def model_answers(
     ctx: ProbeContext, client_id: str, questions: list[str], hits: list[list[SearchHit]]
-) -> list[str]:
-    """What ``model_answerer`` answers to each question, generated in batches."""
+) -> tuple[list[str], list[list[UsedPassage]]]:
+    """The client's model's greedy answers (else the base model's), generated in batches, and
+    the passages each answer's prompt held."""
     model = ctx.client_model(client_id) or ctx.base_model()
     prompts = [answer_prompt(ctx, q, h) for q, h in zip(questions, hits, strict=True)]
-    return greedy_answers(model, ctx.tokenizer, prompts, max_new_tokens=ctx.config.probes.answer_tokens)
+    answers = greedy_answers(
+        model, ctx.tokenizer, [p.text for p in prompts], max_new_tokens=ctx.config.probes.answer_tokens
+    )
+    return answers, [list(p.passages) for p in prompts]

@@ -1,13 +1,15 @@
-"""Ungrounded answers: the share of an answer's content words found in its retrieved context.
+"""Ungrounded answers: the share of an answer's content words found in the passages it was given.
 
 Averaged over the evaluation items; answers come from ``ctx.answerer`` or, by default, from the
-client's model generating greedily from the context (probes/answers.py).
+client's model generating greedily from serving's own prompt (probes/answers.py). As in serving,
+only passages at or above ``retrieval.relevance_floor`` reach the model; an item none of whose
+passages does is not scored, as the serve-time grounding check leaves such an answer unscored.
 """
 
 from __future__ import annotations
 
 from pfi_rag.probes import missing, precision
-from pfi_rag.probes.answers import model_answers
+from pfi_rag.probes.answers import model_answers, served_passages
 from pfi_rag.probes.base import ClientProbe, Need, ProbeResult
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.metrics import support
@@ -44,14 +46,17 @@ class GroundednessProbe(ClientProbe):
             more = qa[len(rows) : n]
             hits = [retriever.search(q.query, ctx.config.retrieval.top_k) for q in more]
             if ctx.answerer is not None:
-                answers = [ctx.answerer(client_id, q.question, h) for q, h in zip(more, hits, strict=True)]
+                given = [served_passages(ctx, h) for h in hits]
+                answers = [ctx.answerer(client_id, q.question, g) for q, g in zip(more, given, strict=True)]
             else:  # the client's model answers them in batches (one decoding step serves many)
-                answers = model_answers(ctx, client_id, [q.question for q in more], hits)
-            for q, h, answer in zip(more, hits, answers, strict=True):
-                score = support(answer, " ".join(x.text for x in h))
-                rows.append({"question": q.question, "answer": answer[:200], "support": score})
-            # An answer without content words ("I don't know.") asserts nothing: it is left out,
-            # and a client whose answers all assert nothing is grounded (1.0).
+                answers, given = model_answers(ctx, client_id, [q.question for q in more], hits)
+            for q, passages, answer in zip(more, given, answers, strict=True):
+                score = support(answer, " ".join(p.text for p in passages)) if passages else None
+                row = {"question": q.question, "answer": answer[:200], "support": score}
+                rows.append(row | {"passages": len(passages)})
+            # An answer without content words ("I don't know.") asserts nothing, and one given no
+            # passage has nothing to be grounded in: both are left out, and a client with no
+            # scored answer is grounded (1.0).
             scored = [r["support"] for r in rows if r["support"] is not None]
             if len(scored) < 2:
                 estimate = scored[0] if scored else 1.0
@@ -76,6 +81,7 @@ class GroundednessProbe(ClientProbe):
         ungrounded = [r for r in rows if r["support"] is not None and r["support"] < self.threshold(ctx)]
         evidence = {
             "answers": len(rows),
+            "without_passages": sum(r["passages"] == 0 for r in rows),  # every hit under the floor
             "interval": [interval.low, interval.high],
             "ungrounded": ungrounded[:20],
         }
