@@ -90,14 +90,12 @@ def test_pii_scan_is_linear_and_dates_are_not_phone_numbers():
         ("email", "ann.b@example.org"),
         ("secret", "482913"),
     }
-    # Work grows with the text, not its square: 8x the text is far from 64x the time.
-    small, large = "a" * 50_000, "a" * 400_000
-    timings = []
-    for text in (small, large):
-        start = time.perf_counter()
-        pii_in(text + "@")
-        timings.append(time.perf_counter() - start)
-    assert timings[1] < 30 * max(timings[0], 1e-4)
+    # What keeps the scan linear: an address may start only where a run of address characters
+    # starts, and its local part is bounded (64, RFC 5321), so a long run is tried once, not once
+    # per character. Its speed is measured in bench/serve.py (1M characters without a space).
+    assert pii_in("a" * 64 + "@example.com") == {("email", "a" * 64 + "@example.com")}
+    assert pii_in("a" * 65 + "@example.com") == set()
+    assert pii_in("x" * 400_000 + "@" + "y" * 999) == set()
 
 
 def test_copy_index_updates_only_the_changed_documents():
