@@ -26,37 +26,14 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.realtext writes the corpus topics as .txt files
+# The helpers of the real-text probe bench beside this file: printing, the CLI, ingesting a topic.
+from realtext_probes import LINES, cli, ingest, say, uptime
 
-from tests.realtext import write_topic  # noqa: E402
-
-CLI = [str(Path(sys.executable).parent / "pfi-rag")]
 TOPICS = "ai,coding,emotion,psychology"
-LINES: list[str] = []
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    LINES.append(line)
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
-def cli(root: Path, sets: dict, *args: str) -> float:
-    options = ["--data-root", str(root)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    started = time.perf_counter()
-    done = subprocess.run([*CLI, *options, *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return time.perf_counter() - started
 
 
 def build(world: str, root: Path, sets: dict, topics: list[str]) -> None:
@@ -64,14 +41,14 @@ def build(world: str, root: Path, sets: dict, topics: list[str]) -> None:
     if (root / "federation").is_dir():
         say(f"world {world}: reused {root}")
         return
+    started = time.perf_counter()
     if world == "synth":
-        seconds = cli(root, sets, "data", "synth", "--clients", str(len(topics)))
+        cli(root, sets, "data", "synth", "--clients", str(len(topics)))
     else:
-        seconds = 0.0
         for topic in topics:
-            directory = write_topic(topic, root.parent / f"{world}-txt" / topic, per_file=2)
-            seconds += cli(root, sets, "ingest", "--client", topic, f"{directory}/")
-    fed = cli(root, sets, "federate", "--rounds", "1")
+            ingest(root, sets, topic, root.parent / world, per_file=2)
+    seconds = time.perf_counter() - started
+    _, fed = cli(root, sets, "federate", "--rounds", "1")
     say(f"world {world}: data {seconds:.0f} s, federate --rounds 1 {fed:.0f} s")
 
 
