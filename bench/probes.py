@@ -46,7 +46,7 @@ def build(world: str, root: Path, sets: dict, topics: list[str]) -> None:
         cli(root, sets, "data", "synth", "--clients", str(len(topics)))
     else:
         for topic in topics:
-            ingest(root, sets, topic, root.parent / world, per_file=2)
+            ingest(root, sets, topic, root.parent / f"{world}-files", per_file=2)  # outside the data root
     seconds = time.perf_counter() - started
     _, fed = cli(root, sets, "federate", "--rounds", "1")
     say(f"world {world}: data {seconds:.0f} s, federate --rounds 1 {fed:.0f} s")
