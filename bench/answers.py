@@ -82,6 +82,23 @@ def score(results, questions) -> dict:
             "loop_rate": looped / n}  # fmt: skip
 
 
+def print_setting(label: str, rates: dict, results, questions, show: int, extra: str = "") -> None:
+    """One line of rates for a setting, then its first ``show`` answers."""
+    print(
+        f"{label:<13} citation {rates['citation_rate']:5.0%}  right citation "
+        f"{rates['right_citation_rate']:5.0%}  exact answer {rates['exact_answer_rate']:5.0%}  "
+        f"loops {rates['loop_rate']:5.0%}{extra}"
+    )
+    for result, qa in list(zip(results, questions, strict=True))[:show]:
+        print(f"    Q: {qa.question} (answer: {qa.answer}) -> {result.text.strip()[:160]!r}")
+
+
+def finish(out: dict, args, started: float) -> None:
+    print(f"total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
 def compare_weights(args, root: Path, requests, questions, floor: float, started: float) -> None:
     """Today's defaults on each base-weight format, same questions and passages."""
     out = {}
@@ -98,17 +115,10 @@ def compare_weights(args, root: Path, requests, questions, floor: float, started
         reference = reference or texts
         same = sum(a == b for a, b in zip(texts, reference, strict=True))
         out[fmt]["same_text_as_first"] = same / len(texts)
-        print(
-            f"{fmt:<13} citation {out[fmt]['citation_rate']:5.0%}  right citation "
-            f"{out[fmt]['right_citation_rate']:5.0%}  exact answer {out[fmt]['exact_answer_rate']:5.0%}  "
-            f"loops {out[fmt]['loop_rate']:5.0%}  same answer text as {args.weights.split(',')[0]}: "
-            f"{out[fmt]['same_text_as_first']:5.0%}"
-        )
-        for result, qa in list(zip(results, questions, strict=True))[: args.show]:
-            print(f"    Q: {qa.question} (answer: {qa.answer}) -> {result.text.strip()[:160]!r}")
-    print(f"total {time.perf_counter() - started:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        first = args.weights.split(",")[0]
+        extra = f"  same answer text as {first}: {out[fmt]['same_text_as_first']:5.0%}"
+        print_setting(fmt, out[fmt], results, questions, args.show, extra)
+    finish(out, args, started)
 
 
 def main() -> None:
@@ -140,10 +150,10 @@ def main() -> None:
                 request = GenerationRequest(client, qa.question, passages=hits, max_new_tokens=args.tokens)
                 requests.append(request)
     questions, requests = questions[: args.questions], requests[: args.questions]
-    model, tokenizer, _ = load_generator(models)
-    if args.weights:
+    if args.weights:  # each format loads its own copy of the model
         compare_weights(args, root, requests, questions, retrieval.relevance_floor, started)
         return
+    model, tokenizer, _ = load_generator(models)
     engine = Engine(model, tokenizer, data_root=root, relevance_floor=retrieval.relevance_floor)
     now = ServingConfig(max_new_tokens=args.tokens)
     tried = {"repetition_penalty": args.penalty, "no_repeat_ngram": args.ngram}
@@ -167,16 +177,8 @@ def main() -> None:
         with mock.patch.object(prompting, "user_turn", turn):
             results = answer_all(engine, requests)
         out[name] = score(results, questions)
-        print(
-            f"{name:<10} citation {out[name]['citation_rate']:5.0%}  right citation "
-            f"{out[name]['right_citation_rate']:5.0%}  exact answer {out[name]['exact_answer_rate']:5.0%}  "
-            f"loops {out[name]['loop_rate']:5.0%}"
-        )
-        for result, qa in list(zip(results, questions, strict=True))[: args.show]:
-            print(f"    Q: {qa.question} (answer: {qa.answer}) -> {result.text.strip()[:160]!r}")
-    print(f"total {time.perf_counter() - started:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print_setting(name, out[name], results, questions, args.show)
+    finish(out, args, started)
 
 
 if __name__ == "__main__":
