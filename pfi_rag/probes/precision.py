@@ -26,6 +26,8 @@ import numpy as np
 from scipy.stats import beta as beta_dist
 from scipy.stats import t as t_dist
 
+from pfi_rag.probes.metrics import roc_auc
+
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
@@ -100,10 +102,7 @@ def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> In
     """ROC AUC (P(member > non-member), ties half) with the Hanley-McNeil 95% interval."""
     a = np.asarray(member_scores, dtype=float)
     b = np.asarray(nonmember_scores, dtype=float)
-    if a.size == 0 or b.size == 0:
-        raise ValueError("auc needs members and non-members")
-    wins = (a[:, None] > b[None, :]) + 0.5 * (a[:, None] == b[None, :])  # (n_a, n_b)
-    value = float(wins.mean())
+    value = roc_auc(a, b)
     q1, q2 = value / (2 - value), 2 * value**2 / (1 + value)
     variance = (value * (1 - value) + (a.size - 1) * (q1 - value**2) + (b.size - 1) * (q2 - value**2)) / (
         a.size * b.size
