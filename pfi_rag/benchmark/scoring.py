@@ -16,14 +16,14 @@ import statistics
 from typing import Any
 
 from pfi_rag.benchmark.stats import goal_verdict, rate_with_interval
+from pfi_rag.probes.metrics import roc_auc
 
 
 def auroc(negatives: list[float], positives: list[float]) -> float | None:
     """P(a positive scores above a negative), ties counting half (Mann-Whitney U / n m)."""
     if not negatives or not positives:
         return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
+    return roc_auc(positives, negatives)
 
 
 def _badness(entry: dict[str, Any]) -> float | None:
