@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: two-sided 95%
+from pfi_rag.probes.precision import Z95  # the standard normal's 97.5% quantile: two-sided 95%
 
 GOAL_TPR = 0.9
 GOAL_FPR = 0.1
