@@ -86,12 +86,28 @@ def time_suite(root: Path, sets: dict, repeats: int, only: list[str] | None):
                 status = f"{s.verdict}" + (f" skipped {s.skipped}" if s.skipped else "")
                 status += f" errors {s.errors}" if s.errors else ""
                 say(f"  {name}: {report.seconds:.1f} s wall, {cpu:.1f} s cpu, value {value}, {status}")
+                for result in report.per_client:
+                    if result.value is not None and (samples := sample_line(result.evidence)):
+                        say(f"    {result.client}: {result.value:.4g}, {samples}")
         finally:
             ctx.close()
         seconds.setdefault("TOTAL", []).append(total)
         cpu_seconds.setdefault("TOTAL", []).append(total_cpu)
         say(f"repeat {repeat + 1}: suite {total:.1f} s wall, {total_cpu:.1f} s cpu")
     return seconds, cpu_seconds
+
+
+# Evidence keys that count what a sampled probe scored: whether its interval or its pool stopped it.
+SAMPLE_KEYS = ("answers", "items", "items_available", "members", "samples_scored", "guesses")
+
+
+def sample_line(evidence: dict) -> str:
+    """A client's sample sizes and 95% interval, from its result's evidence ('' for an exact probe)."""
+    parts = [f"{key} {evidence[key]}" for key in SAMPLE_KEYS if key in evidence]
+    if "interval" in evidence:
+        low, high = evidence["interval"]
+        parts.append(f"interval [{low:.4g}, {high:.4g}]")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -254,6 +254,10 @@ class ProbesConfig(Section):
     # A TOML [probes] table of <probe>_threshold keys (`pfi-rag calibrate-probes` writes one from
     # reports of healthy runs); its values replace the thresholds below when the probes run.
     thresholds_file: Path | None = None
+    # Torch threads while the suite runs (None: every core). Its work is batched forward passes,
+    # which use every core well (unlike one decoding stream: models.threads). Where other
+    # processes keep the cores busy, 1 can be faster (threads wait on each other).
+    threads: int | None = Field(default=None, ge=1, le=512)
     grounding_min: float = Field(default=0.5, ge=0, le=1)
     retrieval_confidence_min: float = Field(default=0.3, ge=-1, le=1)
     # Privacy-preserving mode: per-client metric releases are clipped and Gaussian-noised.

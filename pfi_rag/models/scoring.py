@@ -36,13 +36,16 @@ def continuation_nll(
     *,
     batch_size: int = 16,
     max_tokens: int | None = None,
+    batch_tokens: int | None = None,
 ) -> list[tuple[float, int]]:
     """Summed negative log-likelihood (nats) of each continuation given its prompt, and its length.
 
     Only the continuation's tokens are scored; the prompt is context. Tokenizing prompt and
     continuation separately keeps the boundary exact (no merge across it). ``max_tokens`` scores
     only a continuation's first tokens (what training saw of a long document). Rows are batched
-    by length, so a batch pads little; results come back in the input order.
+    by length, so a batch pads little; results come back in the input order. A batch holds at
+    most ``batch_size`` rows and, with ``batch_tokens``, at most that many (padded) tokens: many
+    short rows then share a pass, and the (rows, width, vocabulary) logits of long ones stay bounded.
     """
     if len(prompts) != len(continuations):
         raise ValueError("prompts and continuations must have the same length")
@@ -57,9 +60,19 @@ def continuation_nll(
             prompt_ids = [tokenizer.bos_token_id or tokenizer.eos_token_id]
         rows.append((prompt_ids, target_ids))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    batches: list[list[int]] = [[]]
+    for index in order:
+        width = len(rows[index][0]) + len(rows[index][1])  # the longest so far: sorted ascending
+        full = len(batches[-1]) >= batch_size or (
+            batch_tokens is not None and (len(batches[-1]) + 1) * width > batch_tokens
+        )
+        if batches[-1] and full:
+            batches.append([])
+        batches[-1].append(index)
     results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
+    for batch in batches:
+        if not batch:
+            continue
         width = max(len(rows[i][0]) + len(rows[i][1]) for i in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)

@@ -1,17 +1,24 @@
-"""Answers the client's model gives from retrieved passages (the groundedness probe's default).
+"""Answers the client's system gives from retrieved passages (the groundedness probe's default).
 
-The prompt is serving's own (:func:`pfi_rag.models.prompting.build_prompt`): the same system
-prompt, citing instruction, relevance floor and prompt-token limit, so the probe judges the
-answers a user of the HTTP service would get, from the passages that would reach the model.
+They come from serving's own engine (:meth:`ProbeContext.engine`): the same prompt (system
+prompt, citing instruction, relevance floor, prompt-token limit), the same adapter (the
+client's, else the federation's, else none), the same greedy decoder with its repetition
+controls, so the probe judges the answers a user of the HTTP service would get, from the
+passages that would reach the model. Only their first ``probes.answer_tokens`` tokens are
+decoded: support is measured on them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pfi_rag.models.prompting import Prompt, UsedPassage, build_prompt, relevant
+from pfi_rag.models.generation import Engine, GenerationRequest, GenerationResult
+from pfi_rag.models.prompting import relevant
 from pfi_rag.probes.context import ProbeContext, SearchHit
-from pfi_rag.probes.lm import greedy_answers
+
+# Prompt tokens prefilled per forward pass (rows of similar length together): large enough
+# that a pass is one big matrix product per layer, small enough that padding stays short.
+PREFILL_TOKENS = 4096
 
 
 def served_passages(ctx: ProbeContext, hits: Sequence[SearchHit]) -> list[SearchHit]:
@@ -19,27 +26,53 @@ def served_passages(ctx: ProbeContext, hits: Sequence[SearchHit]) -> list[Search
     return relevant(hits, ctx.config.retrieval.relevance_floor)
 
 
-def answer_prompt(ctx: ProbeContext, question: str, hits: Sequence[SearchHit]) -> Prompt:
-    """Serving's prompt for ``question`` grounded on ``hits`` (its ``passages`` are those kept)."""
-    serving = ctx.config.serving
-    return build_prompt(
-        ctx.tokenizer,
-        messages=[{"role": "user", "content": question}],
-        passages=hits,
-        system_prompt=serving.system_prompt,
-        max_prompt_tokens=serving.max_prompt_tokens,
-        relevance_floor=ctx.config.retrieval.relevance_floor,
-    )
+def served_answers(
+    engine: Engine,
+    client_id: str,
+    questions: Sequence[str],
+    hits: Sequence[Sequence[SearchHit]],
+    *,
+    max_new_tokens: int,
+    prefill_tokens: int = PREFILL_TOKENS,
+) -> list[GenerationResult]:
+    """What ``engine`` answers to each question (greedy), given its hits, decoded all together.
+
+    The requests are prepared as the HTTP service prepares them, prefilled shortest first in
+    passes of about ``prefill_tokens`` tokens, and decoded in one batch that a row leaves as
+    soon as it ends: each answer is the one ``engine.generate`` gives alone (the same greedy
+    tokens; padding only changes float rounding).
+    """
+    limit = min(max_new_tokens, engine.serving.max_new_tokens)
+    jobs = []
+    try:
+        for question, passages in zip(questions, hits, strict=True):
+            request = GenerationRequest(
+                client_id, question=question, passages=list(passages), max_new_tokens=limit
+            )
+            jobs.append(engine.prepare(request))
+        batch = engine.new_batch()
+        waiting: list = []
+        for job in sorted(jobs, key=lambda j: len(j.row.prompt_ids)):
+            if waiting and (len(waiting) + 1) * len(job.row.prompt_ids) > prefill_tokens:
+                batch.add(waiting)
+                waiting = []
+            waiting.append(job.row)
+        if waiting:
+            batch.add(waiting)
+        while len(batch):
+            batch.step()
+    except BaseException:
+        for job in jobs:
+            job.lease.release()
+        raise
+    return [engine.finish(job) for job in jobs]
 
 
 def model_answers(
     ctx: ProbeContext, client_id: str, questions: list[str], hits: list[list[SearchHit]]
-) -> tuple[list[str], list[list[UsedPassage]]]:
-    """The client's model's greedy answers (else the base model's), generated in batches, and
-    the passages each answer's prompt held."""
-    model = ctx.client_model(client_id) or ctx.base_model()
-    prompts = [answer_prompt(ctx, q, h) for q, h in zip(questions, hits, strict=True)]
-    answers = greedy_answers(
-        model, ctx.tokenizer, [p.text for p in prompts], max_new_tokens=ctx.config.probes.answer_tokens
+) -> tuple[list[GenerationResult], list[list]]:
+    """The served answers to ``questions`` and the passages each answer's prompt held."""
+    results = served_answers(
+        ctx.engine(), client_id, questions, hits, max_new_tokens=ctx.config.probes.answer_tokens
     )
-    return answers, [list(p.passages) for p in prompts]
+    return results, [list(r.passages) for r in results]

@@ -11,11 +11,12 @@ personalization" always means the base weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,6 +59,18 @@ RetrieverFactory = Callable[[str], Retriever | None]
 Answerer = Callable[[str, str, list[SearchHit]], str]
 
 
+@contextlib.contextmanager
+def _threads_kept() -> Iterator[None]:
+    """Torch's thread count as it was before the block (model loading sets its own)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def has_adapter(directory: Path) -> bool:
     return (Path(directory) / "adapter_config.json").is_file()
 
@@ -88,6 +101,7 @@ class ProbeContext:
         self._embedder = embedder
         self.answerer = answerer
         self._peft = None
+        self._engine = None
         self._loaded: dict[str, Path] = {}
         self._client_data: dict[str, ClientData] = {}
         self._corpora: dict[str, ClientCorpus] = {}
@@ -104,7 +118,8 @@ class ProbeContext:
         if self._generator is None:
             from pfi_rag.models.loading import load_generator
 
-            model, tokenizer, _ = load_generator(self.config.models)
+            with _threads_kept():  # loading applies models.threads; the probe run chose its own
+                model, tokenizer, _ = load_generator(self.config.models)
             self._generator = (model, tokenizer)
         return self._generator
 
@@ -132,6 +147,28 @@ class ProbeContext:
             self._loaded[key] = Path(directory)
         self._peft.set_adapter(key)
         return self._peft
+
+    def engine(self):
+        """Serving's engine (pfi_rag.models.generation.Engine) over a private copy of the base model:
+        the same weight format, adapter resolution (client, else global, else base), prompt,
+        gathered-LoRA batches, prefix cache and repetition controls as the HTTP service, so a
+        probe that generates judges the answers users get. Built on first use."""
+        if self._engine is None:
+            from pfi_rag.models.generation import Engine
+            from pfi_rag.models.quantization import quantize_linear_layers
+
+            model = copy.deepcopy(self.base_model())  # the engine wraps the model it is given
+            quantize_linear_layers(model, self.config.serving.weight_format)
+            self._engine = Engine(
+                model,
+                self.tokenizer,
+                data_root=self.data_root,
+                serving=self.config.serving,
+                adapter=self.config.adapter,
+                retrieval_k=self.config.retrieval.top_k,
+                relevance_floor=self.config.retrieval.relevance_floor,
+            )
+        return self._engine
 
     def client_model(self, client_id: str):
         """Base + the client's personalized adapter (``clients/<id>/adapter/``), or None."""
@@ -333,7 +370,8 @@ class ProbeContext:
         if self._embedder is None:
             from pfi_rag.models.loading import load_embedder
 
-            self._embedder = load_embedder(self.config.models)
+            with _threads_kept():
+                self._embedder = load_embedder(self.config.models)
         store = ClientStore.open(self.data_root, client_id, self.config.retrieval, self._embedder)
         self._opened.append(store)
         return store

@@ -1,7 +1,8 @@
 """Ungrounded answers: the share of an answer's content words found in the passages it was given.
 
-Averaged over the evaluation items; answers come from ``ctx.answerer`` or, by default, from the
-client's model generating greedily from serving's own prompt (probes/answers.py). As in serving,
+Averaged over the evaluation items; answers come from ``ctx.answerer`` or, by default, from
+serving's own engine answering greedily (probes/answers.py): the prompt, the adapter (the
+client's, else the federation's, else none) and the repetition controls a user gets. As in serving,
 only passages at or above ``retrieval.relevance_floor`` reach the model; an item none of whose
 passages does is not scored, as the serve-time grounding check leaves such an answer unscored.
 """
@@ -40,6 +41,7 @@ class GroundednessProbe(ClientProbe):
             return self.skip(ctx, missing.no_items(client_id), client=client_id)
         cfg = ctx.config.probes
         rows: list[dict] = []
+        served: set[str] = set()  # which adapter answered (client, global or base)
 
         def interval_of(n: int) -> precision.Interval:
             """Answers up to the first n items (those not answered yet) and the mean support's interval."""
@@ -48,8 +50,10 @@ class GroundednessProbe(ClientProbe):
             if ctx.answerer is not None:
                 given = [served_passages(ctx, h) for h in hits]
                 answers = [ctx.answerer(client_id, q.question, g) for q, g in zip(more, given, strict=True)]
-            else:  # the client's model answers them in batches (one decoding step serves many)
-                answers, given = model_answers(ctx, client_id, [q.question for q in more], hits)
+            else:  # serving's engine answers them together (one decoding step serves many)
+                results, given = model_answers(ctx, client_id, [q.question for q in more], hits)
+                answers = [r.text for r in results]
+                served.update(r.adapter.kind for r in results)
             for q, passages, answer in zip(more, given, answers, strict=True):
                 score = support(answer, " ".join(p.text for p in passages)) if passages else None
                 row = {"question": q.question, "answer": answer[:200], "support": score}
@@ -82,6 +86,7 @@ class GroundednessProbe(ClientProbe):
         evidence = {
             "answers": len(rows),
             "without_passages": sum(r["passages"] == 0 for r in rows),  # every hit under the floor
+            "adapter": sorted(served) if served else "answerer",
             "interval": [interval.low, interval.high],
             "ungrounded": ungrounded[:20],
         }

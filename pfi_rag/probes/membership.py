@@ -39,10 +39,22 @@ def heldout_texts(ctx: ProbeContext, client_id: str) -> tuple[list[str], str]:
     return [d.text for d in twin["records"]["documents"]], "synthetic twin"
 
 
+# Tokens scored per forward pass: a pass of 1,024 tokens keeps both cores' matrix products busy
+# (short audit canaries in batches of 4 ran at ~60% of that speed on two threads), and its logits
+# over a 49k-token vocabulary stay at ~200 MB.
+SCORE_BATCH_TOKENS = 1024
+
+
 def per_token_nll(model, tokenizer, texts: list[str], *, max_tokens: int | None = None) -> list[float]:
-    # Batches of 4: a document row is long, and the logits of 16 rows x 300 tokens x a 49k-token
-    # vocabulary would be ~1 GB.
-    scored = continuation_nll(model, tokenizer, [""] * len(texts), texts, batch_size=4, max_tokens=max_tokens)
+    scored = continuation_nll(
+        model,
+        tokenizer,
+        [""] * len(texts),
+        texts,
+        batch_size=len(texts) or 1,
+        batch_tokens=SCORE_BATCH_TOKENS,
+        max_tokens=max_tokens,
+    )
     return [nll / n for nll, n in scored]
 
 

@@ -11,14 +11,17 @@ are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from pfi_rag.layout import client_probe_results_file
 from pfi_rag.privacy.errors import PrivacyError
@@ -230,8 +233,36 @@ def run_suite(
 
     ``private`` defaults to ``probes.private_release``. ``rng`` draws the release noise; leave it
     None in production (fresh OS entropy: seeded noise could be subtracted by whoever knows
-    the seed). ``on_step(label)`` is called before each probe step (progress bars).
+    the seed). ``on_step(label)`` is called before each probe step (progress bars). Torch runs
+    on ``probes.threads`` threads meanwhile (every core by default).
     """
+    with _threads(ctx.config.probes.threads or os.cpu_count() or 1):
+        return _run_suite(
+            ctx, suite=suite, clients=clients, private=private, rng=rng, on_step=on_step, only=only
+        )
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Torch's intra-op threads set to ``count`` for the block, then restored (process-wide)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_suite(
+    ctx: ProbeContext,
+    *,
+    suite: str,
+    clients: list[str] | None,
+    private: bool | None,
+    rng: np.random.Generator | None,
+    on_step: Callable[[str], None] | None,
+    only: list[str] | None,
+) -> Report:
     started = time.perf_counter()
     probes = probes_for(suite)
     if only is not None:
