@@ -5,6 +5,8 @@
    Grid messages and array sizes, clients that reply at once) to show Flower's own share.
 2. 50 simulated clients, 10 sampled per round: time per round and peak memory (the launcher
    plus its Ray workers).
+Every section runs through the launcher (a private SuperLink, `flwr run`, Flower's simulation
+runtime); the start-up of each launch, SuperLink start to round 1's start, is printed at the end.
 3. The default model (SmolLM2-135M), 4 clients at the default privacy settings: each round's
    wall time beside the clients' DP training time (Opacus set-up and steps, from the per-phase
    timings each client logs locally), their ratio, and where the rest of a round goes.
@@ -23,23 +25,16 @@ import threading
 import time
 from pathlib import Path
 
+import bare_flower  # bench/bare_flower.py: this script's directory is on the import path
 import psutil
-from flwr.app import Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation as flower_run_simulation
 
 from pfi_rag.config import load_config
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.launcher import run_simulation
-from pfi_rag.federation.protocol import ARRAYS, METRICS, UPDATE, from_array_record, to_array_record
-from pfi_rag.federation.server import collect_round, wait_for_nodes
-from pfi_rag.federation.strategies import shared_part
-from pfi_rag.federation.task import fresh_adapter
-from pfi_rag.layout import client_timings_file, list_clients
+from pfi_rag.federation.simulation import run_apps
+from pfi_rag.layout import client_timings_file, list_clients, round_record_file, simulation_dir
 
 REPO = Path(__file__).resolve().parent.parent
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"logging_level": 30}}
 
 
 def bench_config(root: Path, clients: int, per_round: int | None, rounds: int):
@@ -62,31 +57,15 @@ def bench_config(root: Path, clients: int, per_round: int | None, rounds: int):
     )
 
 
-def bare_flower_rounds(cfg, rounds: int) -> list[float]:
-    """Round wall times of Flower alone: same messages and array sizes, no training."""
-    shared = shared_part(fresh_adapter(cfg)[2], cfg.federation.strategy)
-    times: list[float] = []
-    server, client = ServerApp(), ClientApp()
-
-    @client.train()
-    def echo(msg: Message, context: Context) -> Message:
-        arrays = from_array_record(msg.content[ARRAYS])
-        content = RecordDict({UPDATE: to_array_record(arrays), METRICS: MetricRecord({"num-examples": 1.0})})
-        return Message(content, reply_to=msg)
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        node_ids = wait_for_nodes(grid, cfg.federation.clients, 60)
-        names = {n: f"client-{i:02d}" for i, n in enumerate(node_ids)}
-        for round_number in range(1, rounds + 1):
-            started = time.perf_counter()
-            collect_round(grid, round_number, node_ids, names, shared, cfg)
-            times.append(time.perf_counter() - started)
-
-    flower_run_simulation(
-        server_app=server, client_app=client, num_supernodes=cfg.federation.clients, backend_config=BACKEND
-    )
-    return times
+def bare_flower_rounds(cfg, rounds: int) -> tuple[list[float], float]:
+    """Round wall times of Flower alone (same messages and array sizes, no training), through the
+    same launcher path as pfi-rag's rounds; and the start-up: SuperLink start to round 1's start."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.data_root = Path(cfg.data_root).resolve()
+    cfg.federation.rounds = rounds
+    run = run_apps(cfg, list_clients(cfg.data_root), apps=("bare_flower:server", "bare_flower:client"))
+    stamps = json.loads((simulation_dir(cfg.data_root) / bare_flower.ROUNDS_FILE).read_text())
+    return [r["end"] - r["start"] for r in stamps], stamps[0]["start"] - run.started_at
 
 
 class PeakMemory:
@@ -118,8 +97,25 @@ class PeakMemory:
         self._thread.join()
 
 
-def pfi_rounds(cfg):  # -> list[federation.records.RoundRecord]
-    return run_simulation(cfg)
+STARTUP: list[tuple[str, float]] = []  # (what ran, SuperLink start to round 1's start), per launch
+
+
+def pfi_rounds(cfg, label: str = ""):  # -> list[federation.records.RoundRecord]
+    """pfi-rag's rounds through the launcher; notes the launch's start-up in :data:`STARTUP`."""
+    started = time.time()
+    records = run_simulation(cfg)
+    if records:
+        # Round 1's record is written when it ends: its start is that moment less its duration.
+        written = round_record_file(cfg.data_root, records[0].round).stat().st_mtime
+        STARTUP.append((label, written - records[0].seconds - started))
+    return records
+
+
+def print_startup() -> None:
+    """SuperLink start (the launcher's call) to round 1's start, per launch: Flower's SuperLink,
+    `flwr run`, the simulation runtime, the ServerApp's imports and model, Ray and its workers."""
+    for label, seconds in STARTUP:
+        print(f"start-up, launcher call to round 1's start ({label}): {seconds:.1f} s")
 
 
 DP_PHASES = ("dp_setup", "dp_steps")  # the DP training itself: Opacus's wrapping and the steps
@@ -150,7 +146,7 @@ def default_model_rounds(
         overrides["privacy.round_metrics"] = "exact"
     cfg = load_config(overrides=overrides)
     started = time.perf_counter()
-    records = pfi_rounds(cfg)
+    records = pfi_rounds(cfg, f"default model, {rounds} rounds")
     total = time.perf_counter() - started
     timings = {  # round -> [(client, entry)]
         r.round: [] for r in records
@@ -189,7 +185,7 @@ def default_model_rounds(
         print("  summed over clients: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     print(
         f"median ratio wall / DP training: {statistics.median(ratios):.2f} (target <= 1.25); "
-        f"whole run {total:.1f} s, of which before round 1 (Ray, workers, server model) "
+        f"whole run {total:.1f} s, of which outside rounds (SuperLink, Ray, workers, server model) "
         f"{total - sum(r.seconds for r in records):.1f} s; load {os.getloadavg()[0]:.1f}"
     )
 
@@ -221,13 +217,14 @@ def main() -> None:
             root10 = Path(tmp) / "ten"
             synthesize(root10, clients=10, seed=0)
             cfg10 = bench_config(root10, 10, None, args.rounds)
-            bare = bare_flower_rounds(cfg10, args.rounds)
-            records = pfi_rounds(cfg10)
+            bare, bare_startup = bare_flower_rounds(cfg10, args.rounds)
+            records = pfi_rounds(cfg10, "10 clients, tiny model")
             print(f"== 10 clients, tiny model, {args.rounds} rounds (2 cores: 2 clients train at a time)")
             print(
                 f"bare Flower round (no training), median: {statistics.median(bare):.2f} s  all: "
                 + ", ".join(f"{t:.2f}" for t in bare)
             )
+            print(f"bare Flower start-up, SuperLink start to round 1's start: {bare_startup:.1f} s")
             for record in records:
                 compute = [m.train_seconds for m in record.metrics.values()]
                 # Clients run 2 at a time: the compute on the critical path is about sum / 2.
@@ -250,7 +247,7 @@ def main() -> None:
             cfg50 = bench_config(root50, 50, 10, args.rounds)
             with PeakMemory() as memory:
                 started = time.perf_counter()
-                records50 = pfi_rounds(cfg50)
+                records50 = pfi_rounds(cfg50, "50 clients, 10 a round")
                 total = time.perf_counter() - started
             per_round = [r.seconds for r in records50]
             print(f"== 50 clients, 10 sampled per round, {args.rounds} rounds")
@@ -263,4 +260,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    print(f"(uptime at start: load average {', '.join(f'{x:.2f}' for x in os.getloadavg())})")
     main()
+    print_startup()

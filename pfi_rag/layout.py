@@ -24,6 +24,7 @@ the tree below is the whole of what a data root can hold (docs/architecture.md s
         checkpoint/                         the server's resumable state
         summary.json                        the launcher's per-round and per-client table
         deploy/                             `pfi-rag deploy local`: app, config, logs, certificates
+        simulation/                         `pfi-rag federate`'s run: app, config, logs/ of Flower and Ray
       shared/                               evaluation sets every client shares (synthetic data)
       manifest.json                         ground truth of the synthetic data
       keys.json                             API key hashes
@@ -215,6 +216,18 @@ def summary_file(data_root: Path) -> Path:
 def deploy_dir(data_root: Path) -> Path:
     """``federation/deploy/``: what ``pfi-rag deploy local`` runs from (app, config, logs, tls)."""
     return federation_dir(data_root) / "deploy"
+
+
+def simulation_dir(data_root: Path) -> Path:
+    """``federation/simulation/``: the launcher's latest run on Flower's simulation runtime (app,
+    config, the files it exchanges with the ServerApp, and ``logs/`` of Flower's and Ray's output)."""
+    return federation_dir(data_root) / "simulation"
+
+
+def simulation_log_dir(data_root: Path) -> Path:
+    """``federation/simulation/logs/``: ``superlink.log`` and ``run.log`` (the ServerApp, Ray and the
+    ClientApps' workers) of the launcher's latest run."""
+    return simulation_dir(data_root) / "logs"
 
 
 # -- the data root's own files ------------------------------------------------------------------

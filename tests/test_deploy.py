@@ -21,18 +21,15 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from pfi_rag.config import load_config
 from pfi_rag.data.synth import synthesize
 from pfi_rag.federation.certificates import write_deployment_keys
-from pfi_rag.federation.deploy import (
+from pfi_rag.federation.deploy import register_node, run_deployment, supernode_command, write_operator_kit
+from pfi_rag.federation.processes import (
     CONNECTION,
-    _bin,
-    _env,
-    _process,
-    _wait_for_port,
+    flower_bin,
+    flower_env,
     free_port,
-    register_node,
-    run_deployment,
+    managed_process,
     superlink_command,
-    supernode_command,
-    write_operator_kit,
+    wait_for_port,
     write_run_files,
 )
 from pfi_rag.federation.records import read_round_records
@@ -85,7 +82,7 @@ def _wait_until(check, timeout_s: float, what: str):
 
 def _node_statuses(env) -> list[str]:
     listed = subprocess.run(
-        [_bin("flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+        [flower_bin("flwr"), "supernode", "list", CONNECTION, "--format", "json"],
         capture_output=True,
         text=True,
         env=env,
@@ -106,20 +103,22 @@ def test_superlink_with_authentication_admits_registered_nodes_and_refuses_the_r
     _, _, flwr_home = write_run_files(
         load_config(overrides={"data_root": str(tmp_path)}), tmp_path, address, keys.ca_cert
     )
-    env = _env(flwr_home)
+    env = flower_env(flwr_home)
     logs = tmp_path / "logs"
 
     def node(name: str, private_key):
         command = supernode_command(
             address, free_port(), f"client-id='{name}'", ca_cert=keys.ca_cert, private_key=private_key
         )
-        return _process(command, logs / f"{name}.log", env)
+        return managed_process(command, logs / f"{name}.log", env)
 
     with ExitStack() as stack:
         superlink = stack.enter_context(
-            _process(superlink_command(port, tmp_path / "superlink.db", keys), logs / "superlink.log", env)
+            managed_process(
+                superlink_command(port, tmp_path / "superlink.db", keys), logs / "superlink.log", env
+            )
         )
-        _wait_for_port(port, superlink, logs / "superlink.log")
+        wait_for_port(port, superlink, logs / "superlink.log")
         register_node(keys.nodes["alice"].public_key, env)
 
         # Execute: alice with her registered key, mallory with an unregistered key, and a node

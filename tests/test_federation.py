@@ -5,6 +5,7 @@ Each test runs a real federation on the tiny model, so they are few and share on
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -25,34 +26,12 @@ from pfi_rag.federation.launcher import run_simulation
 from pfi_rag.federation.records import read_round_records
 from pfi_rag.federation.server import FederationFailed
 from pfi_rag.federation.task import fresh_adapter, read_adapter_arrays
-from pfi_rag.layout import client_adapter_dir, global_adapter_dir, round_record_files
+from pfi_rag.layout import client_adapter_dir, global_adapter_dir, round_record_files, simulation_dir
 from pfi_rag.privacy import PrivacyLedger
 from pfi_rag.privacy.accounting import epsilon_of
-from tests.federation_support import tiny_federation_config
+from tests.federation_support import capture_replies, captured_dir, tiny_federation_config
 
 pytestmark = pytest.mark.slow
-
-
-class CaptureOutgoing:
-    """A Flower client mod that pickles every reply a client sends (runs inside Ray workers)."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    def __call__(self, msg, context, call_next):
-        reply = call_next(msg, context)
-        if reply.has_content():
-            captured = {
-                key: (
-                    {name: reply.content[key][name].numpy() for name in reply.content[key].keys()}
-                    if key == "update"
-                    else dict(reply.content[key])
-                )
-                for key in reply.content.keys()
-            }
-            name = f"{msg.metadata.message_type}-{msg.metadata.message_id}.pkl"
-            (self.directory / name).write_bytes(pickle.dumps(captured))
-        return reply
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +39,6 @@ def main_run(tmp_path_factory, model_cache):
     """4 clients (client-03's data is corrupt, so it fails whenever sampled), 3 per round, 2 rounds,
     FedSA (only LoRA A is shared), each outgoing delta clipped to 1 and noised with sigma 0.5."""
     root = tmp_path_factory.mktemp("federation")
-    captured = tmp_path_factory.mktemp("captured")
     synthesize(root, clients=4, seed=0)
     (root / "clients" / "client-03" / "data" / "documents.jsonl").write_text("{not json\n")
     cfg = tiny_federation_config(
@@ -75,8 +53,8 @@ def main_run(tmp_path_factory, model_cache):
             "federation.client_noise_multiplier": 0.5,
         },
     )
-    records = run_simulation(cfg, client_mods=[CaptureOutgoing(captured)])
-    return cfg, records, captured
+    records = run_simulation(cfg, client_mods=[capture_replies])
+    return cfg, records, captured_dir(root)
 
 
 def test_rounds_tolerate_a_failing_client_and_count_it(main_run):
@@ -168,6 +146,34 @@ def test_clients_send_only_noised_shared_arrays_and_metrics(main_run):
         assert all(m.noised and m.loss_std > 0 for m in record.metrics.values())
 
 
+def _flower_imports(path: Path) -> set[str]:
+    """Every Flower module (and ``module.name``) a source file imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name.split(".")[0] == "flwr"}
+
+
+def test_no_deprecated_flower_api_is_used(main_run):
+    # Flower 1.42 deprecates flwr.simulation.run_simulation, and flwr/simulation/__init__.py imports
+    # it: importing anything from flwr.simulation loads it. pfi-rag and its benchmarks import none.
+    repo = Path(__file__).resolve().parents[1]
+    sources = [*(repo / "pfi_rag").rglob("*.py"), *(repo / "bench").rglob("*.py")]
+    used = {str(p.relative_to(repo)): _flower_imports(p) for p in sources}
+    assert used["pfi_rag/federation/server_app.py"]  # the scan sees Flower imports
+    assert not {p: names for p, names in used.items() if any(n.startswith("flwr.simulation") for n in names)}
+    # The run went through Flower's simulation runtime behind the launcher's SuperLink, and no
+    # process of it printed Flower's deprecation banner.
+    cfg, _, _ = main_run
+    logs = {p.name: p.read_text() for p in (simulation_dir(cfg.data_root) / "logs").glob("*.log")}
+    assert "Starting Flower SuperLink" in logs["superlink.log"]
+    assert "Starting Flower Simulation" in logs["run.log"]
+    assert not [name for name, text in logs.items() if "DEPRECATED" in text]
+
+
 def test_every_client_failing_ends_the_run_loudly(tmp_path, model_cache):
     synthesize(tmp_path, clients=2, seed=0)
     for client in ("client-00", "client-01"):
@@ -221,8 +227,14 @@ def test_a_killed_server_resumes_at_the_next_round(tmp_path, model_cache):
     resumed_from = load_checkpoint(tmp_path).round
     assert resumed_from in (1, 2)
 
-    second = subprocess.run(command, capture_output=True, text=True, check=False)
+    # -X importtime: the second launcher lists every module it imported on stderr.
+    second = subprocess.run(
+        [sys.executable, "-X", "importtime", *command[1:]], capture_output=True, text=True, check=False
+    )
     assert second.returncode == 0, second.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in second.stderr.splitlines() if "|" in line}
+    assert "pfi_rag.federation.launcher" in imported and "flwr.simulation" not in imported
+    assert "DEPRECATED" not in second.stdout + second.stderr
     # A finished round is never run again; round 2 runs only if the kill came before it finished.
     assert "round 1:" not in second.stdout
     assert ("round 2:" in second.stdout) == (resumed_from == 1), second.stdout[-2000:]

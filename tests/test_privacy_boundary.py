@@ -23,7 +23,13 @@ from pfi_rag.federation.client_app import make_client_app
 from pfi_rag.federation.protocol import ARRAYS, CONFIG, PRIVACY, UPDATE, to_array_record
 from pfi_rag.federation.strategies import shared_part
 from pfi_rag.federation.task import FAILURE_CODES, fresh_adapter
-from pfi_rag.layout import client_data_dir, client_log_file, client_timings_file, federation_dir
+from pfi_rag.layout import (
+    client_data_dir,
+    client_log_file,
+    client_timings_file,
+    federation_dir,
+    simulation_dir,
+)
 from tests.federation_support import tiny_federation_config
 
 CLIENT = "client-00"
@@ -174,7 +180,8 @@ def test_a_secret_in_a_malformed_record_never_reaches_the_server(tmp_path, model
 
 @pytest.mark.slow
 def test_round_records_hold_failure_codes_only(tmp_path, model_cache):
-    """Through a real simulation: the round record of a client with a secret-bearing bad record."""
+    """Through a real simulation: the round record, the launcher's error and Flower's logs of a round
+    failed by a client with a secret-bearing bad record."""
     from pfi_rag.federation.launcher import run_simulation
     from pfi_rag.federation.server import FederationFailed
 
@@ -189,3 +196,10 @@ def test_round_records_hold_failure_codes_only(tmp_path, model_cache):
     assert "bad_local_data" in str(failed.value) and "PrEP" not in str(failed.value)
     stored = "".join(p.read_text() for p in federation_dir(tmp_path).rglob("*.json"))
     assert "bad_local_data" in stored and "PrEP" not in stored
+    # Flower's and Ray's logs of the run (the SuperLink, the ServerApp, the ClientApps' workers):
+    # they hold the failure's code, and never the secret.
+    logs = {p.name: p.read_bytes() for p in (simulation_dir(tmp_path) / "logs").glob("*.log")}
+    assert {"superlink.log", "run.log"} <= set(logs)
+    assert b"bad_local_data" in logs["run.log"]
+    assert not [name for name, raw in logs.items() if b"PrEP" in raw]
+    assert "PrEP" in client_log_file(tmp_path, CLIENT).read_text()  # where its owner reads it

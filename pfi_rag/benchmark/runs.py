@@ -116,7 +116,8 @@ def _prepare_realtext(cfg: Config, scenario: Scenario, embedder):
 
 def federate(cfg: Config, client_mods: list, on_round=None) -> dict[str, Any]:
     """The real Flower simulation; returns what a plain federation's dashboard would show.
-    ``on_round(record)`` runs on the server after each round, before the next one starts."""
+    ``on_round(record)`` runs here after each round while the ServerApp waits for it: it sees
+    that round's adapters, ledgers and history, before the next round starts."""
     from pfi_rag.federation.launcher import run_simulation, summarize
 
     started = time.perf_counter()

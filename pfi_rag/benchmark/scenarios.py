@@ -27,7 +27,8 @@ class Planted:
     clients: list[str]  # the clients that carry the failure (empty for the clean run)
     detail: str
     skip_updates: list[str] = field(default_factory=list)  # clients whose dated updates stay unindexed
-    client_mods: list[Callable] = field(default_factory=list)  # Flower client mods for the run
+    # Flower client mods for the run: module-level functions (Flower's processes import them by name)
+    client_mods: list[Callable] = field(default_factory=list)
     extra_documents: dict[str, list[Document]] = field(default_factory=dict)  # ingested with the client's
 
 
@@ -102,7 +103,7 @@ def plant_small_noisy(root: Path, cfg: Config) -> Planted:
 
 def plant_poisoned(root: Path, cfg: Config) -> Planted:
     """The client sends its update sign-flipped and scaled 10x (a Flower mod on what it sends)."""
-    return Planted([TARGET], "update multiplied by -10 on the way out", client_mods=[poisoning_mod(root)])
+    return Planted([TARGET], "update multiplied by -10 on the way out", client_mods=[poison_target])
 
 
 def plant_canaries(root: Path, cfg: Config) -> Planted:
@@ -160,8 +161,9 @@ def plant_realtext_poisoned(root: Path, cfg: Config) -> Planted:
     """The real-text target sends its update sign-flipped and scaled 10x."""
     from pfi_rag.benchmark.realtext import TARGET as REAL_TARGET
 
-    mod = poisoning_mod(root, target=REAL_TARGET)
-    return Planted([REAL_TARGET], "update multiplied by -10 on the way out", client_mods=[mod])
+    return Planted(
+        [REAL_TARGET], "update multiplied by -10 on the way out", client_mods=[poison_realtext_target]
+    )
 
 
 def plant_realtext_overfit(root: Path, cfg: Config) -> Planted:
@@ -220,23 +222,35 @@ def scenario_named(name: str, world: str = "synthetic") -> Scenario:
 # -- the poisoning mod --------------------------------------------------------------------------
 
 
-def poisoning_mod(root: Path, *, scale: float = -10.0, target: str = TARGET):
+POISON_SCALE = -10.0  # what the poisoned client multiplies its outgoing update by
+
+
+def poison_update(msg, context, call_next, *, target: str = TARGET, scale: float = POISON_SCALE):
     """A Flower client mod: the ``target`` client's outgoing update, multiplied by ``scale``.
 
     It sits where an attacker sits, between the honest training code and the network, so the
-    update still carries the honest privacy metadata.
+    update still carries the honest privacy metadata. The launcher runs client mods in Flower's
+    own processes, by name: :func:`poison_target` and :func:`poison_realtext_target` are the two
+    the scenarios name.
     """
+    from pfi_rag.federation.client_app import client_of
     from pfi_rag.federation.protocol import UPDATE, from_array_record, to_array_record
 
-    def mod(msg, context, call_next):
-        reply = call_next(msg, context)
-        # Looked up per message: a real-text run plants this before its clients exist.
-        if int(context.node_config.get("partition-id", -1)) != list_clients(root).index(target):
-            return reply
-        if not reply.has_content() or UPDATE not in reply.content:
-            return reply
-        update = from_array_record(reply.content[UPDATE])
-        reply.content[UPDATE] = to_array_record({name: a * scale for name, a in update.items()})
+    reply = call_next(msg, context)
+    if client_of(context) != target or not reply.has_content() or UPDATE not in reply.content:
         return reply
+    update = from_array_record(reply.content[UPDATE])
+    reply.content[UPDATE] = to_array_record({name: a * scale for name, a in update.items()})
+    return reply
 
-    return mod
+
+def poison_target(msg, context, call_next):
+    """:func:`poison_update` on the synthetic world's target client."""
+    return poison_update(msg, context, call_next, target=TARGET)
+
+
+def poison_realtext_target(msg, context, call_next):
+    """:func:`poison_update` on the real-text world's target client."""
+    from pfi_rag.benchmark.realtext import TARGET as REAL_TARGET
+
+    return poison_update(msg, context, call_next, target=REAL_TARGET)

@@ -198,8 +198,9 @@ def ingest_documents(cfg: Config, embedder, out: Console) -> dict[str, dict[str,
 
 
 def federate(cfg: Config, out: Console):  # -> federation.records.FederationSummary
-    """Step 3: DP-SGD rounds on Flower's simulation engine; the summary holds each client's epsilon."""
+    """Step 3: DP-SGD rounds on Flower's simulation runtime; the summary holds each client's epsilon."""
     from pfi_rag.federation.launcher import loss_caption, run_simulation, show_loss, summarize
+    from pfi_rag.layout import simulation_log_dir
 
     started = step(
         out,
@@ -210,8 +211,9 @@ def federate(cfg: Config, out: Console):  # -> federation.records.FederationSumm
         f"{cfg.privacy.max_grad_norm:g}, Gaussian noise solved to spend epsilon "
         f"{cfg.privacy.epsilon_per_round:g} per round) and sends only the noisy update of the shared "
         f"part; the server averages them ({cfg.federation.strategy}). Each client's privacy ledger "
-        f"composes its spends across rounds (budget {cfg.privacy.epsilon_max:g}). Ray starts first "
-        f"(~10 s); clients train one per CPU core, {os.cpu_count()} at a time on this machine.",
+        f"composes its spends across rounds (budget {cfg.privacy.epsilon_max:g}). A private Flower "
+        f"SuperLink, its simulation runtime and Ray start first (~20 s); clients train one per CPU core, "
+        f"{os.cpu_count()} at a time on this machine.",
     )
 
     def on_round(record) -> None:  # a federation.records.RoundRecord
@@ -220,9 +222,10 @@ def federate(cfg: Config, out: Console):  # -> federation.records.FederationSumm
             f"failures, aggregate update norm {record.aggregate_norm:.3g}, {record.seconds:.0f} s"
         )
 
-    out.print(f"starting Ray and {CLIENTS} virtual clients; a line per round as it ends ...")
+    out.print(f"starting Flower and {CLIENTS} virtual clients; a line per round as it ends ...")
     with out.status(f"federating {CLIENTS} clients, {cfg.federation.rounds} round(s)"):
         records = run_simulation(cfg, on_round=on_round)
+    out.print(f"Flower's and Ray's output: {simulation_log_dir(cfg.data_root)}")
     summary = summarize(cfg, records)
     table = Table(
         "client",
@@ -371,17 +374,14 @@ def run_probes(cfg: Config, probes: tuple[str, ...] | None, out: Console):
 
 def list_artefacts(cfg: Config, out: Console) -> dict[str, Path]:
     """Step 6: nothing is left running; where everything the demo made lives."""
-    import ray
-
     started = step(
         out,
         6,
         "shut down and list the artefacts",
-        "The HTTP server stopped after its answers and Ray after the last round; the probes closed "
-        "the client stores. Everything the demo made is under its data root, replaced on the next run.",
+        "The HTTP server stopped after its answers, and Flower's SuperLink, simulation runtime and Ray "
+        "after the last round; the probes closed the client stores. Everything the demo made is under "
+        "its data root, replaced on the next run.",
     )
-    if ray.is_initialized():
-        ray.shutdown()
     root = Path(cfg.data_root)
     client = layout.list_clients(root)[0]  # each client's files are laid out as this one's
     artefacts = {
@@ -398,6 +398,7 @@ def list_artefacts(cfg: Config, out: Console) -> dict[str, Path]:
         "probe report": layout.report_dir(root) / "report.html",
         "probe report (JSON)": layout.report_dir(root) / "report.json",
         "ground truth": layout.manifest_file(root),
+        "Flower's and Ray's output": layout.simulation_log_dir(root),
     }
     table = Table("artefact", "path", box=None)
     for name, path in artefacts.items():

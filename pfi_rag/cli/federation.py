@@ -97,10 +97,10 @@ def register(app: typer.Typer) -> None:
         ),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
-        """Run federated DP personalization on Flower's simulation engine (resumes after a crash)."""
+        """Run federated DP personalization on Flower's simulation runtime (resumes after a crash)."""
         from pfi_rag.federation.launcher import plan_participants, run_simulation, summarize
         from pfi_rag.federation.server import FederationFailed
-        from pfi_rag.layout import summary_file
+        from pfi_rag.layout import simulation_log_dir, summary_file
 
         overrides = {
             "federation.clients": clients,
@@ -126,10 +126,11 @@ def register(app: typer.Typer) -> None:
             f"({cfg.federation.strategy}, ε ≤ {cfg.privacy.epsilon_max} per client, "
             f"{cfg.privacy.epsilon_per_round} per round) in {cfg.data_root}"
         )
+        flower_logs = simulation_log_dir(cfg.data_root)
         try:
             run_simulation(cfg, on_round=_print_round)
         except FederationFailed as exc:
-            fail(str(exc), code=EXIT_FEDERATION_FAILED)
+            fail(f"{exc}\nFlower's and Ray's output: {flower_logs}", code=EXIT_FEDERATION_FAILED)
         except ValueError as exc:
             fail(str(exc))
         summary = summarize(cfg)
@@ -138,6 +139,7 @@ def register(app: typer.Typer) -> None:
         else:
             print_summary(summary)
             console.print(f"summary: {summary_file(cfg.data_root)}")
+            console.print(f"Flower's and Ray's output: {flower_logs} (--verbose prints it as it comes)")
 
     deploy_app = typer.Typer(help="Run the federation as real SuperLink/SuperNode processes.")
     app.add_typer(deploy_app, name="deploy")

@@ -13,9 +13,12 @@ that many seconds after the message arrived, so its timing says nothing about th
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import importlib
 import logging
 import time
 import traceback
+from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -33,6 +36,7 @@ from pfi_rag.federation.protocol import (
     no_update_reply,
     train_reply,
 )
+from pfi_rag.federation.run_dir import read_participants
 from pfi_rag.federation.task import SatOut, failure_code, train_round
 from pfi_rag.layout import client_log_file, list_clients, validate_client_id
 
@@ -43,11 +47,20 @@ def client_id_of(context: Context, cfg: Config, participants: list[str] | None =
     node_config = context.node_config
     if CLIENT_ID in node_config:
         return validate_client_id(str(node_config[CLIENT_ID]))
+    run_dir = context.run_config.get("run-dir")
+    if participants is None and run_dir:
+        participants = read_participants(Path(str(run_dir)))  # the launcher's plan
     clients = list_clients(cfg.data_root) if participants is None else participants
     partition = int(node_config["partition-id"])
     if partition >= len(clients):
         raise RuntimeError(f"partition {partition} has no client: {cfg.data_root} holds {len(clients)}")
     return clients[partition]
+
+
+def client_of(context: Context) -> str:
+    """The client this node serves, for a client mod: from the node config (a deployment) or the
+    launcher's participants (a simulation)."""
+    return client_id_of(context, config_from_context(context))
 
 
 def config_from_context(context: Context) -> Config:
@@ -66,10 +79,11 @@ def make_client_app(
     """A ClientApp bound to ``cfg`` (the launcher), or reading it from each run's context.
 
     ``mods`` are Flower client mods (they see every message in and reply out), e.g. Flower's
-    DP mods or an audit that records what leaves the client. ``participants``: the simulation's
-    clients in partition order (default: every client under the data root).
+    DP mods or an audit that records what leaves the client; the run config's ``client-mods``
+    names more (:func:`named_mods`). ``participants``: the simulation's clients in partition
+    order (default: the run directory's ``participants.json``, else every client under the data root).
     """
-    app = ClientApp(mods=mods or [])
+    app = ClientApp(mods=[*(mods or []), named_mods])
 
     def resolve(context: Context) -> Config:
         return cfg if cfg is not None else config_from_context(context)
@@ -103,6 +117,32 @@ def make_client_app(
         return Message(content, reply_to=msg)
 
     return app
+
+
+def named_mods(msg: Message, context: Context, call_next):
+    """A Flower client mod that runs the mods the run config names, in order, around the handler.
+
+    ``client-mods`` holds ``module:attribute`` names separated by spaces (each attribute a Flower
+    mod): a launcher in another process cannot hand mods over as objects, but it can name them.
+    """
+    names = str(context.run_config.get("client-mods") or "").split()
+    chain = call_next
+    for mod in reversed([resolve_mod(name) for name in names]):
+        chain = functools.partial(_call_mod, mod, chain)
+    return chain(msg, context)
+
+
+def _call_mod(mod, call_next, msg: Message, context: Context) -> Message:
+    return mod(msg, context, call_next)
+
+
+@functools.cache
+def resolve_mod(name: str):
+    """The object ``module:attribute`` names (a client mod), imported once per process."""
+    module, _, attribute = name.partition(":")
+    if not module or not attribute:
+        raise ValueError(f"client-mods: {name!r} is not module:attribute")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def hold_reply(cfg: Config, client_id: str | None, arrived: float) -> None:
@@ -140,4 +180,4 @@ def log_locally(cfg: Config | None, client_id: str | None, code: str) -> str:
 
 app = make_client_app()
 
-__all__ = ["app", "make_client_app"]
+__all__ = ["app", "make_client_app", "named_mods"]

@@ -1,11 +1,12 @@
-"""`pfi-rag federate`: run the Flower apps on the simulation engine over the data root's clients."""
+"""`pfi-rag federate`: run the Flower apps on Flower's simulation runtime over the data root's clients."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
+from pathlib import Path
 
+from pfi_rag import layout
 from pfi_rag.config import Config
 from pfi_rag.federation.records import (
     ClientRow,
@@ -56,18 +57,21 @@ def run_simulation(
     """Run (or resume) ``cfg.federation.rounds`` rounds with one virtual SuperNode per client
     that has data (:func:`plan_participants`); ``on_left_out`` hears who is left out and why.
 
-    Raises :class:`~pfi_rag.federation.server.FederationFailed` when a round has too few
-    results: the simulation engine itself would log the error and carry on.
+    The rounds run on Flower's simulation runtime behind a private SuperLink
+    (:mod:`pfi_rag.federation.simulation`); ``on_round(record)`` runs here after each round, before
+    the next one starts. ``client_mods``: Flower client mods, by ``module:attribute`` name or as
+    module-level functions (the ClientApps run in other processes, which import them by name).
+
+    Raises :class:`~pfi_rag.federation.server.FederationFailed` when a round has too few results
+    (with the ServerApp's message), or when Flower's processes did not run the federation to its
+    end (the message names the logs, ``federation/simulation/logs/``).
     """
-    # The simulation engine warns that run_simulation is deprecated in favour of `flwr run`;
-    # `flwr run .` works too (pyproject's [tool.flwr.app]), but the launcher needs the config
-    # object and the round records in-process.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from flwr.simulation import run_simulation as flower_run_simulation
+    from pfi_rag.federation import run_dir
+    from pfi_rag.federation.processes import FlowerProcessFailed
+    from pfi_rag.federation.server import FederationFailed
+    from pfi_rag.federation.simulation import run_apps
 
-    from pfi_rag.federation.client_app import make_client_app
-    from pfi_rag.federation.server_app import make_server_app
-
+    mods = [mod_name(mod) for mod in client_mods or []]
     clients, left_out = plan_participants(cfg)
     for client, reason in left_out.items():
         logger.info("leaving client %s out of the federation: %s", client, reason)
@@ -79,46 +83,43 @@ def run_simulation(
             f"no client in {cfg.data_root} has documents to train on"
             + (f" ({reasons})" if reasons else ": add some with `pfi-rag ingest --client NAME DIR/`")
         )
-    # The server waits for this many nodes: the participants, one virtual SuperNode each.
+    # The server waits for this many nodes: the participants, one virtual SuperNode each. The
+    # apps run elsewhere and read this config from a file: every path in it is absolute.
     cfg = cfg.model_copy(deep=True)
+    cfg.data_root = Path(cfg.data_root).resolve()
     cfg.federation.clients = len(clients)
-    records: list[RoundRecord] = []
-    errors: list[BaseException] = []
-
-    def collect(done: list[RoundRecord]) -> None:
-        records.extend(done)
-
-    server_app = make_server_app(cfg, on_done=collect, on_round=on_round, on_error=errors.append)
-    client_app = make_client_app(cfg, mods=client_mods, participants=clients)
     try:
-        flower_run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=len(clients),
-            backend_config={
-                # One CPU per client: on 2 cores, two clients train at a time.
-                # models.device=cuda: the clients share one GPU (Ray hides the GPU from a worker
-                # that asks for none, and the model's load would then find no CUDA device).
-                "client_resources": {
-                    "num_cpus": 1,
-                    "num_gpus": 1.0 / len(clients) if cfg.models.device == "cuda" else 0.0,
-                },
-                # Workers' output (library warnings, Flower's actor shutdown lines) is forwarded
-                # unless Flower's console is set to errors only, as the CLI does by default
-                # (pfi_rag/cli/output.py); a worker's failure still reaches the server as a reply.
-                "init_args": {"logging_level": logging.WARNING, "log_to_driver": _forward_worker_output()},
-            },
+        run = run_apps(cfg, clients, client_mods=mods, on_round=on_round)
+    except FlowerProcessFailed as exc:
+        raise FederationFailed(f"Flower did not run the federation to its end: {exc}") from exc
+    error = run_dir.read_error(layout.simulation_dir(cfg.data_root))
+    if error is not None:
+        if error["type"] == "FederationFailed":
+            raise FederationFailed(error["message"])
+        raise FederationFailed(
+            f"the ServerApp failed ({error['type']}: {error['message']}); logs in {run.log_dir}"
         )
-    except Exception:
-        if not errors:
-            raise
-    if errors:
-        raise errors[0]
-    return records
+    return run.records
 
 
-def _forward_worker_output() -> bool:
-    return os.environ.get("FLWR_LOG_LEVEL", "").upper() not in ("ERROR", "CRITICAL")
+def mod_name(mod: Callable | str) -> str:
+    """``module:attribute`` of a client mod, checked to import as the same object."""
+    from pfi_rag.federation.client_app import resolve_mod
+
+    if isinstance(mod, str):
+        name = mod
+    else:
+        name = f"{getattr(mod, '__module__', '')}:{getattr(mod, '__qualname__', '')}"
+    try:
+        found = resolve_mod(name)
+    except (ImportError, AttributeError, ValueError):
+        found = None
+    if found is None or (not isinstance(mod, str) and found is not mod):
+        raise TypeError(
+            f"client mod {mod!r} cannot be found by name in another process: give a module-level "
+            "function, or its 'module:attribute' name"
+        )
+    return name
 
 
 def loss_caption(summary: FederationSummary) -> str:

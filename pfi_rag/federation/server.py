@@ -60,7 +60,8 @@ logger = logging.getLogger(__name__)
 
 
 class FederationFailed(RuntimeError):
-    """A round ended with fewer successful clients than ``federation.min_results``."""
+    """The federation did not finish: a round ended with fewer successful clients than
+    ``federation.min_results``, or (raised by the launcher) Flower's processes did not run it."""
 
 
 @dataclass
