@@ -225,7 +225,7 @@ def federate(cfg: Config, out: Console):  # -> federation.records.FederationSumm
     out.print(f"starting Flower and {CLIENTS} virtual clients; a line per round as it ends ...")
     with out.status(f"federating {CLIENTS} clients, {cfg.federation.rounds} round(s)"):
         records = run_simulation(cfg, on_round=on_round)
-    out.print(f"Flower's and Ray's output: {simulation_log_dir(cfg.data_root)}")
+    out.print(f"Flower's and Ray's output: {simulation_log_dir(cfg.data_root)}", soft_wrap=True)
     summary = summarize(cfg, records)
     table = Table(
         "client",
