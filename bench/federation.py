@@ -5,13 +5,15 @@
    Grid messages and array sizes, clients that reply at once) to show Flower's own share.
 2. 50 simulated clients, 10 sampled per round: time per round and peak memory (the launcher
    plus its Ray workers).
-Every section runs through the launcher (a private SuperLink, `flwr run`, Flower's simulation
-runtime); the start-up of each launch, SuperLink start to round 1's start, is printed at the end.
 3. The default model (SmolLM2-135M), 4 clients at the default privacy settings: each round's
    wall time beside the clients' DP training time (Opacus set-up and steps, from the per-phase
    timings each client logs locally), their ratio, and where the rest of a round goes.
+4. Start-up: launches of 4 clients for 1 round, each timed from the launcher's call (its private
+   SuperLink's start) to round 1's start.
+Every section runs through the launcher (a private SuperLink, `flwr run`, Flower's simulation
+runtime); the start-up of each launch is printed at the end.
 
-    .venv/bin/python bench/federation.py [--rounds 3] [--only overhead|scale|default-model]
+    .venv/bin/python bench/federation.py [--rounds 3] [--only startup|overhead|scale|default-model]
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ def default_model_rounds(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=("overhead", "scale", "default-model"))
+    parser.add_argument("--only", choices=("startup", "overhead", "scale", "default-model"))
+    parser.add_argument("--launches", type=int, default=3, help="launches in the start-up section")
     parser.add_argument("--steps", type=int, help="DP steps per client round (default-model section)")
     parser.add_argument("--sample", type=int, help="privacy.round_metrics_sample (default-model section)")
     parser.add_argument("--demo", action="store_true", help="the demo's 3 steps, batch 4, 64 tokens")
@@ -213,6 +216,18 @@ def main() -> None:
                     demo=args.demo,
                     exact=exact,
                 )
+        if args.only in (None, "startup"):
+            print(f"== start-up: {args.launches} launches of 4 clients, tiny model, 1 round each")
+            for launch in range(args.launches):
+                root = Path(tmp) / f"startup-{launch}"
+                synthesize(root, clients=4, seed=launch)
+                started = time.perf_counter()
+                (record,) = pfi_rounds(bench_config(root, 4, None, 1), f"4 clients, launch {launch + 1}")
+                print(
+                    f"launch {launch + 1}: whole run {time.perf_counter() - started:.1f} s, round 1 "
+                    f"{record.seconds:.1f} s, start-up {STARTUP[-1][1]:.1f} s"
+                )
+
         if args.only in (None, "overhead"):
             root10 = Path(tmp) / "ten"
             synthesize(root10, clients=10, seed=0)

@@ -67,6 +67,7 @@ def run_simulation(
     end (the message names the logs, ``federation/simulation/logs/``).
     """
     from pfi_rag.federation import run_dir
+    from pfi_rag.federation.checkpoint import load_checkpoint
     from pfi_rag.federation.processes import FlowerProcessFailed
     from pfi_rag.federation.server import FederationFailed
     from pfi_rag.federation.simulation import run_apps
@@ -83,6 +84,10 @@ def run_simulation(
             f"no client in {cfg.data_root} has documents to train on"
             + (f" ({reasons})" if reasons else ": add some with `pfi-rag ingest --client NAME DIR/`")
         )
+    checkpoint = load_checkpoint(cfg.data_root)
+    if checkpoint is not None and checkpoint.round >= cfg.federation.rounds:
+        logger.info("all %d rounds already done", cfg.federation.rounds)
+        return []  # what the ServerApp would find, without starting Flower for it
     # The server waits for this many nodes: the participants, one virtual SuperNode each. The
     # apps run elsewhere and read this config from a file: every path in it is absolute.
     cfg = cfg.model_copy(deep=True)
