@@ -9,7 +9,7 @@ from pfi_rag.config import AdapterConfig
 from pfi_rag.models.lora import attach_lora, is_lora_b, load_lora_arrays, lora_arrays
 from pfi_rag.models.scoring import continuation_nll, options_nll
 from pfi_rag.probes import precision
-from pfi_rag.probes.exposure import canary_exposure
+from pfi_rag.probes.exposure import canary_exposure, canary_exposures
 
 
 def test_many_prompts_in_one_pass_score_each_option_as_a_full_pass_does(tiny_generator):
@@ -93,3 +93,22 @@ def test_exposure_stops_at_its_precision_and_its_interval_holds_the_exhaustive_v
     assert low <= exhaustive <= high
     full = canary_exposure(model, tokenizer, canary, samples=64, seed=3, first=64, precision_bits=0.0)
     assert full["samples"] == 64  # precision 0: every sample the cap allows
+
+
+def test_canaries_ranked_together_get_what_each_gets_alone(tiny_generator):
+    # Prepare: three canaries of different prefixes and widths, each with its own seed
+    model, tokenizer, _ = tiny_generator
+    canaries = [
+        {"prefix": "Ana's PIN is ", "secret": "417", "format": "\\d{3}", "space_size": 1000},
+        {"prefix": "The garage code is ", "secret": "90210", "format": "\\d{5}", "space_size": 10**5},
+        {"prefix": "Bo: ", "secret": "0042", "format": "\\d{4}", "space_size": 10**4},
+    ]
+    options = {"samples": 128, "first": 16, "precision_bits": 0.5}
+    # Execute: one pass per round for all of them, and each alone
+    together = canary_exposures(model, tokenizer, canaries, seeds=[3, 4, 5], **options)
+    alone = [canary_exposure(model, tokenizer, c, seed=3 + i, **options) for i, c in enumerate(canaries)]
+    # Assert: the same candidates, ranks and stopping point (scores agree up to float rounding)
+    for a, b in zip(together, alone, strict=True):
+        assert a["samples"] == b["samples"] and a["prefix"] == b["prefix"]
+        assert a["exposure"] == pytest.approx(b["exposure"], abs=1e-3)
+        assert a["interval"] == pytest.approx(b["interval"], abs=1e-3)

@@ -16,9 +16,11 @@ from pfi_rag.models.generation import Engine, GenerationRequest, GenerationResul
 from pfi_rag.models.prompting import relevant
 from pfi_rag.probes.context import ProbeContext, SearchHit
 
-# Prompt tokens prefilled per forward pass (rows of similar length together): large enough
-# that a pass is one big matrix product per layer, small enough that padding stays short.
-PREFILL_TOKENS = 4096
+# Prompt tokens per group of rows (of similar length) prefilled in one pass and decoded together.
+# Each group decodes on its own: one batch of every row would attend, at every step, over the
+# longest prompt's width (padding included); on four real-text clients' questions (80-900 prompt
+# tokens) separate groups took 0.63x the time of one batch, for the same tokens.
+PREFILL_TOKENS = 8192
 
 
 def served_passages(ctx: ProbeContext, hits: Sequence[SearchHit]) -> list[SearchHit]:
@@ -37,10 +39,10 @@ def served_answers(
 ) -> list[GenerationResult]:
     """What ``engine`` answers to each question (greedy), given its hits, decoded all together.
 
-    The requests are prepared as the HTTP service prepares them, prefilled shortest first in
-    passes of about ``prefill_tokens`` tokens, and decoded in one batch that a row leaves as
-    soon as it ends: each answer is the one ``engine.generate`` gives alone (the same greedy
-    tokens; padding only changes float rounding).
+    The requests are prepared as the HTTP service prepares them, then taken shortest first in
+    groups of about ``prefill_tokens`` prompt tokens; a group is prefilled in one pass and
+    decoded together, a row leaving as soon as it ends. Each answer is the one
+    ``engine.generate`` gives alone (the same greedy tokens; padding only changes float rounding).
     """
     limit = min(max_new_tokens, engine.serving.max_new_tokens)
     jobs = []
@@ -50,17 +52,16 @@ def served_answers(
                 client_id, question=question, passages=list(passages), max_new_tokens=limit
             )
             jobs.append(engine.prepare(request))
-        batch = engine.new_batch()
-        waiting: list = []
+        groups: list[list] = [[]]
         for job in sorted(jobs, key=lambda j: len(j.row.prompt_ids)):
-            if waiting and (len(waiting) + 1) * len(job.row.prompt_ids) > prefill_tokens:
-                batch.add(waiting)
-                waiting = []
-            waiting.append(job.row)
-        if waiting:
-            batch.add(waiting)
-        while len(batch):
-            batch.step()
+            if groups[-1] and (len(groups[-1]) + 1) * len(job.row.prompt_ids) > prefill_tokens:
+                groups.append([])
+            groups[-1].append(job.row)
+        for rows in groups:
+            batch = engine.new_batch()
+            batch.add(rows)
+            while len(batch):
+                batch.step()
     except BaseException:
         for job in jobs:
             job.lease.release()

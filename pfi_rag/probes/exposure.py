@@ -28,7 +28,7 @@ from pfi_rag.probes.metrics import exposure_from_samples
 DIGITS = re.compile(r"\\d\{(\d+)\}")  # the only format the synthesiser plants: \d{n}
 MAX_AUDIT_CANARIES = 8  # inserted audit canaries ranked (each against exposure_samples candidates)
 CONTROL_CANARIES = 2  # controls ranked alongside, for the chance level
-CANDIDATE_BATCH = 128  # candidates per forward pass (one prompt, its KV cache shared; ~170 MB logits)
+CANDIDATE_BATCH = 128  # candidates per canary per forward pass (its prompt's KV cache shared)
 
 
 def canary_exposure(
@@ -51,40 +51,99 @@ def canary_exposure(
     function of that share. When no candidate beats the secret the estimate extrapolates a
     normal fit (metrics.exposure_from_samples) and the interval runs up to log2 |R|.
     """
-    width = int(DIGITS.fullmatch(canary["format"]).group(1))
-    space = int(canary["space_size"])
-    rng = np.random.default_rng(seed)
-    prefix = canary["prefix"].rstrip(" ")
-    secret_nll = options_nll(model, tokenizer, [prefix], [[" " + canary["secret"]]])[0][0][0]
-    nlls: list[float] = []
+    return canary_exposures(
+        model,
+        tokenizer,
+        [canary],
+        samples=samples,
+        seeds=[seed],
+        first=first,
+        precision_bits=precision_bits,
+        threshold=threshold,
+    )[0]
 
-    def interval_of(n: int) -> precision.Interval:
-        while len(nlls) < n:  # draw and score only the candidates not scored yet
-            drawn = [f"{int(x):0{width}d}" for x in rng.integers(0, 10**width, size=n - len(nlls))]
-            drawn = [c if c != canary["secret"] else f"{(int(c) + 1) % 10**width:0{width}d}" for c in drawn]
-            for start in range(0, len(drawn), CANDIDATE_BATCH):
-                chunk = drawn[start : start + CANDIDATE_BATCH]
-                nlls.extend(
-                    nll for nll, _ in options_nll(model, tokenizer, [prefix], [[" " + c for c in chunk]])[0]
-                )
-        estimate = exposure_from_samples(secret_nll, nlls[:n], space)["exposure"]
-        beaten = int((np.asarray(nlls[:n]) < secret_nll).sum())
+
+class _Ranking:
+    """One canary's secret and the candidates drawn against it so far."""
+
+    def __init__(self, canary: dict, seed: int) -> None:
+        self.canary = canary
+        self.width = int(DIGITS.fullmatch(canary["format"]).group(1))
+        self.space = int(canary["space_size"])
+        self.rng = np.random.default_rng(seed)
+        self.prefix = canary["prefix"].rstrip(" ")
+        self.secret_nll: float | None = None
+        self.nlls: list[float] = []
+        self.interval: precision.Interval | None = None
+
+    def draw(self, count: int) -> list[str]:
+        drawn = [f"{int(x):0{self.width}d}" for x in self.rng.integers(0, 10**self.width, size=count)]
+        secret = self.canary["secret"]
+        return [c if c != secret else f"{(int(c) + 1) % 10**self.width:0{self.width}d}" for c in drawn]
+
+    def interval_of(self, n: int) -> precision.Interval:
+        estimate = exposure_from_samples(self.secret_nll, self.nlls[:n], self.space)["exposure"]
+        beaten = int((np.asarray(self.nlls[:n]) < self.secret_nll).sum())
         low_share, high_share = precision.share_interval(beaten, n)
-        low, high = exposure_of_share(high_share, space), exposure_of_share(low_share, space)
+        low, high = exposure_of_share(high_share, self.space), exposure_of_share(low_share, self.space)
         return precision.Interval(
             estimate, min(low, estimate), max(high, estimate), n, "clopper-pearson rank share"
         )
 
-    interval = precision.sample_until(
-        interval_of, available=samples, first=first, half_width=precision_bits, threshold=threshold
-    )
-    result = exposure_from_samples(secret_nll, nlls[: interval.n], space)
-    return {
-        **result,
-        "interval": [interval.low, interval.high],
-        "repeats": canary.get("repeats"),
-        "prefix": canary["prefix"],
-    }
+
+def canary_exposures(
+    model,
+    tokenizer,
+    canaries: list[dict],
+    *,
+    samples: int,
+    seeds: list[int],
+    first: int = 64,
+    precision_bits: float = 0.0,
+    threshold: float | None = None,
+) -> list[dict]:
+    """:func:`canary_exposure` of each canary (seeded by its seed), all ranked together: each round
+    scores every canary still sampling in one ``options_nll`` call (many prefixes per forward
+    pass), instead of one pass per canary. Each canary stops on its own interval, as alone."""
+    rankings = [_Ranking(c, seed) for c, seed in zip(canaries, seeds, strict=True)]
+    n = min(max(first, 1), samples)
+    active = rankings
+    while active:
+        rows = [(r, r.draw(n - len(r.nlls))) for r in active]
+        for start in range(0, max(len(drawn) for _, drawn in rows), CANDIDATE_BATCH):
+            # A canary's secret goes first in its first round's option list.
+            chunks = []
+            for r, drawn in rows:
+                secret = [r.canary["secret"]] if r.secret_nll is None else []
+                if chunk := secret + drawn[start : start + CANDIDATE_BATCH]:
+                    chunks.append((r, chunk))
+            prompts = [r.prefix for r, _ in chunks]
+            scored = options_nll(model, tokenizer, prompts, [[" " + c for c in chunk] for _, chunk in chunks])
+            for (r, _), options in zip(chunks, scored, strict=True):
+                nlls = [nll for nll, _ in options]
+                if r.secret_nll is None:
+                    r.secret_nll, nlls = nlls[0], nlls[1:]
+                r.nlls.extend(nlls)
+        for r in active:
+            r.interval = r.interval_of(n)
+        active = [
+            r
+            for r in active
+            if not (n >= samples or r.interval.half_width <= precision_bits or r.interval.clear_of(threshold))
+        ]
+        n = min(samples, 2 * n)
+    results = []
+    for r in rankings:
+        result = exposure_from_samples(r.secret_nll, r.nlls[: r.interval.n], r.space)
+        results.append(
+            {
+                **result,
+                "interval": [r.interval.low, r.interval.high],
+                "repeats": r.canary.get("repeats"),
+                "prefix": r.canary["prefix"],
+            }
+        )
+    return results
 
 
 def exposure_of_share(share: float, space_size: int) -> float:
@@ -118,19 +177,20 @@ class ExposureProbe(ClientProbe):
             return self.skip(ctx, missing.no_adapter(client_id), client=client_id)
         cfg = ctx.config.probes
 
-        def exposure(canary: dict, seed: int) -> dict:
-            return canary_exposure(
-                model,
-                ctx.tokenizer,
-                canary,
-                samples=cfg.exposure_samples,
-                seed=seed,
-                first=cfg.exposure_first_samples,
-                precision_bits=cfg.exposure_precision_bits,
-                threshold=self.threshold(ctx) if cfg.stop_when_decided else None,
-            )
-
-        per_canary = [exposure(c, ctx.config.seed + i) for i, c in enumerate(canaries)]
+        # Inserted canaries and controls ranked together (the controls seeded as when ranked alone).
+        seeds = [ctx.config.seed + i for i in range(len(canaries))]
+        seeds += [ctx.config.seed + i for i in range(len(controls))]
+        ranked = canary_exposures(
+            model,
+            ctx.tokenizer,
+            canaries + controls,
+            samples=cfg.exposure_samples,
+            seeds=seeds,
+            first=cfg.exposure_first_samples,
+            precision_bits=cfg.exposure_precision_bits,
+            threshold=self.threshold(ctx) if cfg.stop_when_decided else None,
+        )
+        per_canary, control = ranked[: len(canaries)], ranked[len(canaries) :]
         worst = max(per_canary, key=lambda c: c["exposure"])
         evidence = {
             "source": source,
@@ -139,9 +199,7 @@ class ExposureProbe(ClientProbe):
             "samples_scored": sum(c["samples"] for c in per_canary),
         }
         if controls:
-            evidence["control_exposure"] = [
-                exposure(c, ctx.config.seed + i)["exposure"] for i, c in enumerate(controls)
-            ]
+            evidence["control_exposure"] = [c["exposure"] for c in control]
         value = worst["exposure"]
         return self.result(ctx, value, client=client_id, evidence=evidence)
 

@@ -103,6 +103,7 @@ class LeakageProbe(FederationProbe):
                     ctx.tokenizer,
                     [canary["prefix"].rstrip(" ") for _, canary in asked],
                     max_new_tokens=SECRET_TOKENS,
+                    batch_size=64,  # canary prefixes are short and of similar length: little padding
                 )
                 checked["completions"] += len(asked)
                 for (victim, canary), text in zip(asked, completions, strict=True):
