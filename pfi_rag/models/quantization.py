@@ -1,8 +1,17 @@
-"""Int8 weights for serving on a CPU: the base model's Linear layers read a quarter of the bytes.
+"""Base-model weight formats for serving on a CPU: fewer bytes, or bytes in a faster order.
 
 A request decoding alone reads every weight once per token, so on a CPU its speed is bounded by
-memory bandwidth over the weights' size (docs/serving.md, "One stream on a CPU"). Two int8
-formats, both with one scale per output channel (symmetric, ``scale = max|w| / 127``):
+memory bandwidth over the weights' size (docs/serving.md, "One stream on a CPU").
+
+- ``transposed`` (``serving.weight_format = "transposed"``): fp32 weights, the same values,
+  stored input-major: each Linear's ``weight`` is a (out, in) view of an (in, out) contiguous
+  tensor, so ``F.linear`` of one row is a row-times-matrix product that streams the weight in
+  memory order. Measured on the default model, one thread: every Linear of a decode step took
+  46 ms instead of 60 (1.3x), a batch of 8 rows 7% longer, a 100-token prefill the same. A
+  tied output projection shares its storage with the embedding table, whose row lookups
+  then gather strided values (one row per decoded token: negligible).
+
+Two int8 formats, both with one scale per output channel (symmetric, ``scale = max|w| / 127``):
 
 - ``int8`` (weight only, ``serving.weight_format = "int8"``): the weights are int8, the
   activations stay floating point (bf16 inside the kernel, ``torch._weight_int8pack_mm``).
@@ -22,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-FORMATS = ("none", "int8", "int8-dynamic")
+FORMATS = ("none", "transposed", "int8", "int8-dynamic")
 
 
 def _per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +91,12 @@ class Int8Linear(torch.nn.Linear):
 
 
 def quantize_linear_layers(model, fmt: str) -> int:
-    """Replace every plain ``nn.Linear`` of ``model`` (before PEFT wraps it) by an :class:`Int8Linear`.
+    """Replace every plain ``nn.Linear`` of ``model`` (before PEFT wraps it) by an :class:`Int8Linear`,
+    or store its weight input-major (``"transposed"``).
 
     ``fmt`` is one of :data:`FORMATS`; ``"none"`` leaves the model as is. Returns how many layers
-    were replaced. A tied output projection is untied first (its int8 copy is separate from the
-    fp32 embedding table).
+    were changed. For int8 a tied output projection is untied first (its int8 copy is separate
+    from the fp32 embedding table).
     """
     if fmt not in FORMATS:
         raise ValueError(f"weight format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -96,7 +106,9 @@ def quantize_linear_layers(model, fmt: str) -> int:
         raise ValueError("quantize the base model before LoRA layers are attached")
     device = next(model.parameters()).device
     if device.type != "cpu":
-        raise ValueError(f"int8 serving runs on a CPU (the model is on {device}); use models.dtype on a GPU")
+        raise ValueError(f"{fmt} weights are for a CPU (the model is on {device}); use models.dtype on a GPU")
+    if fmt == "transposed":
+        return _store_input_major(model)
     replaced = 0
     with torch.no_grad():
         for module in list(model.modules()):
@@ -107,6 +119,22 @@ def quantize_linear_layers(model, fmt: str) -> int:
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # so nothing re-ties the int8 head to the embedding
     return replaced
+
+
+def _store_input_major(model) -> int:
+    """Re-lay every plain Linear weight as the (out, in) view of a contiguous (in, out) tensor."""
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is torch.nn.Linear and module.weight.is_contiguous():
+                module.weight.data = module.weight.data.t().contiguous().t()  # (out, in) view, in-major
+                changed += 1
+    return changed
+
+
+def is_input_major(weight: torch.Tensor) -> bool:
+    """Whether a (out, in) weight is stored input-major (the ``transposed`` format)."""
+    return weight.dim() == 2 and weight.t().is_contiguous() and not weight.is_contiguous()
 
 
 def weight_bytes_read_per_token(model) -> int:
