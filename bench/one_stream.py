@@ -1,22 +1,31 @@
-"""One decode stream on CPU against its memory-bandwidth limit, per weight format, with its quality cost.
+"""One decode stream on CPU against its memory-bandwidth limit, per weight format and thread count.
 
-    .venv/bin/python bench/one_stream.py [--tokens 32] [--repeats 5] [--formats ...] [--json out.json]
+    .venv/bin/python bench/one_stream.py [--tokens 32] [--repeats 5] [--formats ...] [--threads 1,2]
+                                         [--json out.json]
 
 One request decoding alone reads every weight once per token, so its speed is bounded by
-memory bandwidth / bytes of weights read per token. Every format is loaded in ONE process and
+read bandwidth / bytes of weights read per token. Every format is loaded in ONE process and
 the repeats are interleaved (format A, B, C, ... then again), so a shared machine's load hits
 them alike and the ratios hold:
 
 - ``transformers``: the raw baseline, plain ``model.generate`` on the fp32 model (greedy, no
   serving engine), decode rate from the difference of an N-token and a 1-token generate;
 - ``float32``, ``bfloat16``: the serving engine with ``models.dtype``;
-- ``int8``, ``int8-dynamic``: the engine on fp32 weights quantized to int8
-  (``serving.weight_format``, pfi_rag/models/quantization.py); the LoRA path stays fp32.
+- ``transposed``, ``int8``, ``int8-dynamic``: the engine on fp32 weights stored input-major or
+  quantized to int8 (``serving.weight_format``, pfi_rag/models/quantization.py); the LoRA path
+  stays fp32.
 
-Per format: decode tokens/s of one greedy request (prefill excluded), the limit implied by the
-copy bandwidth measured beside each repeat (a 256 MiB tensor copied, read + write), and the
-quality cost: mean negative log-likelihood per token of the synthetic QA's held-out answers given
-their prompt with the right note, and how many greedy answers match fp32's token for token.
+The limit: beside each repeat, the read bandwidth of a sum over a 512 MiB fp32 tensor (a
+read-only stream, like a decode step's weights) with the same number of threads as the stream;
+the limit is the FASTEST of these reads (an upper bound for that thread count) over the bytes of
+weights a token reads. The machine's best (all cores) is printed too.
+
+Per format and thread count: decode tokens/s of one greedy request (prefill excluded), the limit
+and the share of it reached, and where a step's time goes: the base model's Linear layers run
+alone on one row (each layer's own kernel, in model order) against the rest of the step. Per
+format, the quality cost: mean negative log-likelihood per token of the synthetic QA's held-out
+answers given their prompt with the right note, and how many greedy answers match fp32's token
+for token.
 """
 
 from __future__ import annotations
@@ -32,19 +41,38 @@ from pathlib import Path
 
 import torch
 
-FORMATS = ["transformers", "float32", "bfloat16", "int8", "int8-dynamic"]
+FORMATS = ["transformers", "float32", "transposed", "bfloat16", "int8", "int8-dynamic"]
+DEFAULT_FORMATS = "transformers,float32,transposed,bfloat16,int8"
 
 
-def bandwidth_gb_s(repeats: int = 5) -> float:
-    """Copy bandwidth (bytes read + written per second) of one thread on a 256 MiB tensor."""
-    source = torch.ones(64 * 2**20)  # 256 MiB of float32
-    target = torch.empty_like(source)
+def read_gb_s(threads: int, repeats: int = 5) -> float:
+    """Fastest read bandwidth of ``threads`` threads summing a 512 MiB fp32 tensor (far beyond cache)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    data = torch.ones(128 * 2**20)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        target.copy_(source)
+        data.sum()
         times.append(time.perf_counter() - started)
-    return 2 * source.numel() * source.element_size() / min(times) / 1e9
+    torch.set_num_threads(before)
+    return data.numel() * data.element_size() / min(times) / 1e9
+
+
+def linear_ms(model, repeats: int = 5) -> float:
+    """ms for every base Linear layer of ``model`` (not LoRA's) on one row, in model order: the
+    weights' share of a decode step, through the same kernels the step uses."""
+    layers = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+    dtype = next(model.parameters()).dtype
+    rows = {size: torch.randn(1, 1, size).to(dtype) for size in {m.in_features for m in layers}}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for layer in layers:
+                layer(rows[layer.in_features])
+            best = min(best, time.perf_counter() - started)
+    return best * 1000
 
 
 def build(fmt: str, root: Path):
@@ -58,7 +86,7 @@ def build(fmt: str, root: Path):
     model, tokenizer, _ = load_generator(ModelsConfig(dtype=dtype, threads=1))
     if fmt == "transformers":
         return None, model, tokenizer
-    quantize_linear_layers(model, fmt if fmt.startswith("int8") else "none")
+    quantize_linear_layers(model, fmt if fmt.startswith("int8") or fmt == "transposed" else "none")
     return Engine(model, tokenizer, data_root=root), model, tokenizer
 
 
@@ -177,7 +205,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {FORMATS}")
+    parser.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated, of {FORMATS}")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts for the stream")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--step-gap", action="store_true", help="only the engine's cost per step vs the model's"
@@ -197,57 +226,84 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="pfi-one-stream-"))
     synthesize(root, clients=4, seed=0)
     formats = args.formats.split(",")
+    thread_counts = [int(t) for t in args.threads.split(",")]
     built = {fmt: build(fmt, root) for fmt in formats}
     for engine, _, _ in built.values():
         if engine is not None:
             engine.generate(GenerationRequest("solo", "Hi", passages=[], max_new_tokens=2))  # warm-up
-    rates: dict[str, list[float]] = {fmt: [] for fmt in formats}
-    bandwidths = []
+    runs = [(fmt, threads) for threads in thread_counts for fmt in formats]
+    rates: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+    reads: dict[int, list[float]] = {threads: [] for threads in thread_counts}
     for repeat in range(args.repeats):
-        bandwidths.append(bandwidth_gb_s())
-        order = formats[repeat % len(formats) :] + formats[: repeat % len(formats)]  # rotate who goes first
-        for fmt in order:
+        for threads in thread_counts:
+            reads[threads].append(read_gb_s(threads))
+        order = runs[repeat % len(runs) :] + runs[: repeat % len(runs)]  # rotate who goes first
+        for fmt, threads in order:
             engine, model, tokenizer = built[fmt]
+            torch.set_num_threads(threads)
             if engine is None:
-                rates[fmt].append(transformers_rate(model, tokenizer, args.tokens))
+                rates[fmt, threads].append(transformers_rate(model, tokenizer, args.tokens))
             else:
-                rates[fmt].append(engine_rate(engine, args.tokens))
-    bandwidth = statistics.median(bandwidths)
+                rates[fmt, threads].append(engine_rate(engine, args.tokens))
+    machine = max(read_gb_s(os.cpu_count() or 1) for _ in range(args.repeats))
+    quality_of = {}
+    torch.set_num_threads(thread_counts[0])
+    for fmt, (engine, _, tokenizer) in built.items():
+        if engine is not None:
+            quality_of[fmt] = quality(engine, tokenizer, root)
     rows = []
-    for fmt in formats:
+    for fmt, threads in runs:
         engine, model, tokenizer = built[fmt]
-        weight_bytes = weight_bytes_read_per_token(model if engine is None else engine.model.get_base_model())
+        base = model if engine is None else engine.model.get_base_model()
+        weight_bytes = weight_bytes_read_per_token(base)
+        torch.set_num_threads(threads)
+        read = max(reads[threads])
         row = {
             "format": fmt,
-            "tok_s": statistics.median(rates[fmt]),
-            "tok_s_all": rates[fmt],
+            "threads": threads,
+            "tok_s": statistics.median(rates[fmt, threads]),
+            "tok_s_all": rates[fmt, threads],
             "weight_mb": weight_bytes / 1e6,
-            "bandwidth_gb_s": bandwidth,
-            "limit_tok_s": bandwidth * 1e9 / weight_bytes,
+            "read_gb_s": read,
+            "read_gb_s_all": reads[threads],
+            "limit_tok_s": read * 1e9 / weight_bytes,
+            "linear_ms": linear_ms(base),
         }
-        if engine is not None:
-            row["answer_nll"], row["answers"] = quality(engine, tokenizer, root)
+        row["share_of_limit"] = row["tok_s"] / row["limit_tok_s"]
+        if fmt in quality_of:
+            row["answer_nll"], row["answers"] = quality_of[fmt]
         rows.append(row)
-    reference = next((r for r in rows if r["format"] == "float32"), None)
     print(
-        f"one greedy stream, {args.tokens} new tokens, 1 thread, median of {args.repeats} interleaved "
-        f"repeats; copy bandwidth {bandwidth:.1f} GB/s (median; {min(bandwidths):.1f}-{max(bandwidths):.1f})"
+        f"one greedy stream, {args.tokens} new tokens, median of {args.repeats} interleaved repeats; limit = "
+        f"fastest read (sum of 512 MiB) with the stream's threads / bytes of weights per token"
     )
+    for threads in thread_counts:
+        print(f"  read bandwidth, {threads} thread(s): {max(reads[threads]):.1f} GB/s (fastest; "
+              f"{min(reads[threads]):.1f}-{max(reads[threads]):.1f} over the repeats)")  # fmt: skip
+    print(f"  machine's best read, all {os.cpu_count()} cores: {machine:.1f} GB/s")
+    reference = {r["threads"]: r for r in rows if r["format"] == "float32"}
+    fp32_answers = quality_of.get("float32")
     for row in rows:
+        step = 1000 / row["tok_s"]
         line = (
-            f"  {row['format']:<13} {row['tok_s']:5.1f} tok/s = {row['tok_s'] / row['limit_tok_s']:4.0%} of"
-            f" the bandwidth limit {row['limit_tok_s']:6.1f} tok/s ({row['weight_mb']:.0f} MB read per token)"
+            f"  {row['format']:<13} {row['threads']} thr {row['tok_s']:5.1f} tok/s = "
+            f"{row['share_of_limit']:4.0%} of the limit {row['limit_tok_s']:6.1f} tok/s "
+            f"({row['weight_mb']:.0f} MB/token at {row['read_gb_s']:.1f} GB/s); step {step:5.1f} ms = "
+            f"Linear layers {row['linear_ms']:5.1f} ms ({row['weight_mb'] / row['linear_ms']:4.1f} GB/s)"
+            f" + rest {step - row['linear_ms']:5.1f} ms"
         )
-        if reference is not None and row["format"] != "transformers":
-            line += f"; {row['tok_s'] / reference['tok_s']:.2f}x fp32"
-        if "answers" in row and reference is not None:
-            same = sum(a == b for a, b in zip(row["answers"], reference["answers"], strict=True))
-            row["answers_equal_fp32"] = same
-            line += (
-                f"; held-out answer NLL {row['answer_nll']:.3f} (fp32 {reference['answer_nll']:.3f}); "
-                f"greedy answers equal to fp32's: {same}/{len(reference['answers'])}"
-            )
+        if row["threads"] in reference and row["format"] != "transformers":
+            line += f"; {row['tok_s'] / reference[row['threads']]['tok_s']:.2f}x fp32"
         print(line)
+    if fp32_answers is not None:
+        print("quality (1 thread): held-out answer NLL per token; 16-token greedy answers equal to fp32's")
+        for fmt, (nll, answers) in quality_of.items():
+            same = sum(a == b for a, b in zip(answers, fp32_answers[1], strict=True))
+            print(f"  {fmt:<13} NLL {nll:.3f} (fp32 {fp32_answers[0]:.3f}); "
+                  f"equal to fp32: {same}/{len(answers)}")  # fmt: skip
+            for row in rows:
+                if row["format"] == fmt:
+                    row["answers_equal_fp32"] = same
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
