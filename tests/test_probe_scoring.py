@@ -54,6 +54,20 @@ def test_intervals_match_hand_worked_values():
     assert precision.auc([2.0, 3.0], [0.0, 1.0]).low == 1.0  # separated: no spread left
 
 
+def test_a_bounded_mean_without_spread_keeps_a_wilson_width():
+    # Eight support scores of 1.0: the t interval has zero width, but the mean of a [0, 1] variable
+    # over 8 samples is not pinned to 1. Wilson at p = 1, n = 8: low = n / (n + z^2) = 8 / 11.84.
+    flat = precision.bounded_mean([1.0] * 8)
+    assert precision.mean([1.0] * 8).half_width == 0.0
+    assert flat.high == 1.0 and flat.low == pytest.approx(8 / (8 + precision.Z95**2), rel=1e-9)
+    # A spread-out sample keeps its wider t interval, clipped to [0, 1].
+    spread = precision.bounded_mean([0.0, 1.0, 0.0, 1.0])
+    t = precision.mean([0.0, 1.0, 0.0, 1.0])
+    assert (spread.low, spread.high) == (0.0, 1.0) and t.low < 0.0 < 1.0 < t.high
+    with pytest.raises(ValueError):
+        precision.bounded_mean([1.5, 0.5])
+
+
 def test_sampling_doubles_until_the_interval_is_narrow_enough_or_decided():
     # Prepare: a share of 1/2 at every size; its Clopper-Pearson half-width shrinks with n.
     asked = []

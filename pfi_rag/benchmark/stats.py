@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pfi_rag.probes import precision
 from pfi_rag.probes.precision import Z95  # the standard normal's 97.5% quantile: two-sided 95%
 
 GOAL_TPR = 0.9
@@ -25,19 +26,10 @@ AT_CHANCE = 0.6  # AUROC at or below it: the metric does not see the failure
 
 
 def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of ``successes / trials`` (default two-sided 95%).
-
-    Centre (k + z^2/2) / (n + z^2), half-width z / (n + z^2) * sqrt(k (n - k) / n + z^2 / 4).
-    """
+    """The Wilson score interval of ``successes / trials`` (default two-sided 95%)."""
     if trials <= 0 or not 0 <= successes <= trials:
         raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
-    n, k, z2 = trials, successes, z * z
-    centre = (k + z2 / 2) / (n + z2)
-    half = z / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4)
-    # At k = 0 (k = n) the lower (upper) bound is exactly 0 (1); the formula only reaches it up to rounding.
-    low = 0.0 if k == 0 else max(0.0, centre - half)
-    high = 1.0 if k == n else min(1.0, centre + half)
-    return low, high
+    return precision.wilson(successes / trials, trials, z)
 
 
 def rate_with_interval(flags: list[bool]) -> tuple[float | None, list[float] | None, list[int]]:

@@ -65,14 +65,7 @@ class GroundednessProbe(ClientProbe):
             if len(scored) < 2:
                 estimate = scored[0] if scored else 1.0
                 return precision.Interval(estimate, 0.0, 1.0, len(rows), "fewer than two scored answers")
-            interval = precision.mean(scored)
-            return precision.Interval(
-                interval.estimate,
-                max(0.0, interval.low),
-                min(1.0, interval.high),
-                interval.n,
-                interval.method,
-            )
+            return precision.bounded_mean(scored)
 
         interval = precision.sample_until(
             interval_of,

@@ -9,6 +9,9 @@ while the interval is wider than the precision the configuration asks for:
   ratio estimator's interval, var = sum (d_i - R t_i)^2 / (sum t_i)^2 * n / (n - 1);
 - a mean of per-item values (a gap, a drop): the interval of the mean;
   both with Student's t quantile (n - 1 degrees of freedom): samples start small (8 prompts);
+- a mean of values bounded in [0, 1] (a support score): the t interval, widened to at least the
+  Wilson score interval of the mean, because such a variable's variance is at most m (1 - m):
+  eight answers that all score 1.0 have no spread, but they do not pin the mean to exactly 1;
 - anything else (ECE): a percentile bootstrap over items, seeded.
 
 ``sample_until`` grows a sample (doubling from ``first``) until the interval's half-width is at
@@ -76,6 +79,22 @@ def proportion(k: int, n: int) -> Interval:
     return Interval(k / n, low, high, n, "clopper-pearson")
 
 
+def wilson(share: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a share (k/n, or a [0, 1]-bounded mean) over n samples.
+
+    Centre (p + z^2/2n) / (1 + z^2/n), half-width z / (1 + z^2/n) * sqrt(p (1 - p) / n + z^2 / 4n^2).
+    """
+    if n <= 0 or not 0.0 <= share <= 1.0:
+        raise ValueError(f"need a share in [0, 1] and n > 0, got {share} over {n}")
+    z2 = z * z
+    centre = (share + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n))
+    # At 0 (1) the lower (upper) bound is exactly 0 (1); the formula only reaches it up to rounding.
+    low = 0.0 if share == 0.0 else max(0.0, centre - half)
+    high = 1.0 if share == 1.0 else min(1.0, centre + half)
+    return low, high
+
+
 def mean(values: Sequence[float]) -> Interval:
     x = np.asarray(values, dtype=float)
     if x.size == 0:
@@ -84,6 +103,19 @@ def mean(values: Sequence[float]) -> Interval:
     se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.inf
     q = t95(x.size)
     return Interval(m, m - q * se, m + q * se, int(x.size), "t mean")
+
+
+def bounded_mean(values: Sequence[float]) -> Interval:
+    """The mean of values in [0, 1]: Student's t interval clipped to [0, 1], widened to at least
+    the Wilson interval of the mean (valid since the variance is at most m (1 - m))."""
+    x = np.asarray(values, dtype=float)
+    if x.size and (x.min() < 0.0 or x.max() > 1.0):
+        raise ValueError("bounded_mean needs values in [0, 1]")
+    t = mean(x)
+    low, high = wilson(t.estimate, t.n)
+    return Interval(
+        t.estimate, max(0.0, min(t.low, low)), min(1.0, max(t.high, high)), t.n, "t mean, at least Wilson"
+    )
 
 
 def ratio(numerators: Sequence[float], denominators: Sequence[float]) -> Interval:
