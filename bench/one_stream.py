@@ -201,6 +201,39 @@ def step_gap(repeats: int, steps: int = 16) -> None:
         print(f"  {name:<24} {statistics.median(values):6.1f} ms = {statistics.median(values) / base:.2f}x")
 
 
+def kernels(thread_counts: list[int], repeats: int = 7) -> None:
+    """GB/s of weights read by each one-row product kernel on the output projection's shape
+    (49,152 x 576, beyond cache), beside the read bandwidth of a sum: how close a kernel can come
+    to the limit. ``compiled``: the product written as a reduction (``(w * x).sum(-1)``) and
+    compiled by inductor into one loop that reads each weight once."""
+    weight = torch.randn(49152, 576)
+    codes, scales = torch.randint(-127, 128, weight.shape, dtype=torch.int8), torch.rand(49152)
+    row = torch.randn(1, 576)
+    input_major = weight.t().contiguous().t()
+    reduce32 = torch.compile(lambda x, w: (w * x).sum(-1))
+    reduce8 = torch.compile(lambda x, w, s: (w.to(torch.float32) * x).sum(-1) * s)
+    cases = {
+        "fp32 F.linear, (out, in) weight": (lambda: torch.nn.functional.linear(row, weight), 4),
+        "fp32 F.linear, input-major weight": (lambda: torch.nn.functional.linear(row, input_major), 4),
+        "int8 _weight_int8pack_mm, bf16 row": (
+            lambda: torch._weight_int8pack_mm(row.bfloat16(), codes, scales.bfloat16()), 1),
+        "fp32 compiled reduction": (lambda: reduce32(row, weight), 4),
+        "int8 compiled reduction": (lambda: reduce8(row, codes, scales), 1),
+    }  # fmt: skip
+    with torch.inference_mode():
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            print(f"{threads} thread(s): read (sum of 512 MiB) {read_gb_s(threads):.1f} GB/s")
+            for name, (run, size) in cases.items():
+                run()  # compiles on first call
+                best = float("inf")
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    run()
+                    best = min(best, time.perf_counter() - started)
+                print(f"  {name:<36} {weight.numel() * size / best / 1e9:5.1f} GB/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32)
@@ -211,7 +244,13 @@ def main() -> None:
     parser.add_argument(
         "--step-gap", action="store_true", help="only the engine's cost per step vs the model's"
     )
+    parser.add_argument("--kernels", action="store_true", help="only each one-row kernel's read speed")
     args = parser.parse_args()
+    if args.kernels:
+        print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        kernels([int(t) for t in args.threads.split(",")])
+        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
     if args.step_gap:
         print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         step_gap(args.repeats)
