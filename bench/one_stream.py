@@ -232,6 +232,30 @@ def kernels(thread_counts: list[int], repeats: int = 7) -> None:
                     run()
                     best = min(best, time.perf_counter() - started)
                 print(f"  {name:<36} {weight.numel() * size / best / 1e9:5.1f} GB/s")
+    layout_by_rows(thread_counts[0])
+
+
+def layout_by_rows(threads: int, repeats: int = 5) -> None:
+    """ms for every Linear of a SmolLM2-135M-shaped model (random weights) on 1, 8 and 100 rows,
+    with (out, in) and input-major weights: what the ``transposed`` format gains and costs."""
+    torch.set_num_threads(threads)
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
+    weights = [torch.randn(shape) for shape in [*shapes, (49152, 576)]]
+    layouts = {"(out, in)": weights, "input-major": [w.t().contiguous().t() for w in weights]}
+    print(f"every Linear of the model once, {threads} thread(s), fastest of {repeats}:")
+    with torch.inference_mode():
+        for rows in (1, 8, 100):
+            inputs = {size: torch.randn(rows, size) for size in (576, 1536)}
+            line = f"  {rows:>3} row(s):"
+            for name, layers in layouts.items():
+                best = float("inf")
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    for w in layers:
+                        torch.nn.functional.linear(inputs[w.shape[1]], w)
+                    best = min(best, time.perf_counter() - started)
+                line += f" {name} {best * 1000:6.1f} ms"
+            print(line)
 
 
 def main() -> None:

@@ -225,7 +225,7 @@ class ServingConfig(Section):
     # reads a quarter of fp32's bytes per token (weights only; activations and the LoRA path stay
     # floating point): ~2x the tokens/s of one stream, same exact-answer rate on the synthetic QA.
     # "transposed": the same fp32 values stored input-major, which one-row products read faster
-    # (one stream ~1.2x, batches of 8 ~7% slower). Training is unaffected.
+    # (one stream ~1.1x, batches no slower). Training is unaffected.
     weight_format: Literal["none", "transposed", "int8"] = "none"
     # torch.compile the one-token decode step (docs/serving.md): "auto" on CUDA only, "on" on
     # any device (CPU needs a C++ compiler), "off" never. A failing compile falls back to eager.
