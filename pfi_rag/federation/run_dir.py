@@ -6,6 +6,7 @@ Python object. The launcher names the run directory in the run config (``run-dir
 
 - ``participants.json``: the clients in partition order (the n-th virtual SuperNode is the n-th);
 - ``error.json``: why the ServerApp ended the run (a FederationFailed's message, or a crash);
+- ``finished``: the ServerApp ran every round (without it or an error, the launcher asks Flower);
 - ``round-NNNN.ack``: the launcher has handled round N's record; with ``hold-rounds`` the
   ServerApp waits for it before round N+1, so a per-round callback sees round N's state.
 
@@ -28,6 +29,7 @@ from pfi_rag.storage import atomic_write_json, atomic_write_text
 
 PARTICIPANTS = "participants.json"
 ERROR = "error.json"
+FINISHED = "finished"
 
 
 def write_participants(run_dir: Path, clients: list[str]) -> None:
@@ -86,6 +88,15 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def mark_finished(run_dir: Path) -> None:
+    """The ServerApp ran every round: the launcher need not ask Flower how the run ended."""
+    atomic_write_text(Path(run_dir) / FINISHED, "")
+
+
+def finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / FINISHED).is_file()
 
 
 def _ack_file(run_dir: Path, round_number: int) -> Path:

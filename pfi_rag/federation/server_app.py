@@ -60,6 +60,8 @@ def make_server_app(
             if on_error is not None:
                 on_error(exc)
             raise
+        if run_dir is not None:
+            exchange.mark_finished(run_dir)
         if on_done is not None:
             on_done(records)
 

@@ -162,7 +162,10 @@ def run_apps(
                     f"the run did not finish within {timeout_s:.0f} s; logs in {log_dir}"
                 )
             time.sleep(POLL_S)
-        run.status = _only_run(env)
+        if not exchange.finished(base) and exchange.read_error(base) is None:
+            run.status = _only_run(env)  # the ServerApp said nothing: ask Flower how the run ended
+        else:
+            run.status = {"status": "finished:completed" if exchange.finished(base) else "finished:failed"}
     if run.status.get("status") != "finished:completed" and exchange.read_error(base) is None:
         raise FlowerProcessFailed(
             f"the Flower run ended {run.status.get('status', 'without a status')}: "
