@@ -139,7 +139,9 @@ def register(app: typer.Typer) -> None:
         else:
             print_summary(summary)
             console.print(f"summary: {summary_file(cfg.data_root)}")
-            console.print(f"Flower's and Ray's output: {flower_logs} (--verbose prints it as it comes)")
+            console.print(
+                f"Flower's and Ray's output: {flower_logs} (--verbose prints it as it comes)", soft_wrap=True
+            )
 
     deploy_app = typer.Typer(help="Run the federation as real SuperLink/SuperNode processes.")
     app.add_typer(deploy_app, name="deploy")
