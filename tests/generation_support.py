@@ -57,3 +57,31 @@ def save_random_adapter(
 def save_strong_adapter(base, directory: Path, *, seed: int, rank: int = 8) -> None:
     """Large random A and B: on the tiny model, weak adapters only change an answer's first token."""
     save_random_adapter(base, directory, seed=seed, rank=rank, a_scale=0.5, b_scale=2.0)
+
+
+def engines_by_weight_format(base, tokenizer, data_root: Path, formats, *, max_new_tokens: int) -> dict:
+    """One serving Engine per weight format, each on its own copy of ``base`` (the tiny model:
+    2 layers of 7 Linear layers, and the output head)."""
+    from pfi_rag.config import ServingConfig
+    from pfi_rag.models import Engine
+    from pfi_rag.models.quantization import quantize_linear_layers
+
+    engines = {}
+    for fmt in formats:
+        model = copy.deepcopy(base)
+        assert quantize_linear_layers(model, fmt) == (0 if fmt == "none" else 2 * 7 + 1)
+        serving = ServingConfig(max_new_tokens=max_new_tokens)
+        engines[fmt] = Engine(model, tokenizer, data_root=data_root, serving=serving)
+    return engines
+
+
+def last_token_logits(engines: dict, request) -> tuple[dict, dict]:
+    """Each engine's adapter slot for ``request`` and its logits after the request's whole prompt."""
+    slots, logits = {}, {}
+    for fmt, engine in engines.items():
+        job = engine.prepare(request)
+        job.lease.release()
+        slots[fmt] = job.row.slot
+        with torch.inference_mode(), engine.gathered.rows([job.row.slot]):
+            logits[fmt] = engine.model(input_ids=torch.tensor([job.prompt.input_ids])).logits[0, -1]
+    return slots, logits

@@ -12,7 +12,13 @@ from pfi_rag.models import Engine, GenerationRequest
 from pfi_rag.models.adapters import client_adapter_dir
 from pfi_rag.models.compiled import wants_compile
 from pfi_rag.models.quantization import Int8Linear, quantize_linear_layers, weight_bytes_read_per_token
-from tests.generation_support import PASSAGES, QUESTION, save_strong_adapter
+from tests.generation_support import (
+    PASSAGES,
+    QUESTION,
+    engines_by_weight_format,
+    last_token_logits,
+    save_strong_adapter,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,26 +27,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_int8_base_weights_keep_the_logits_and_the_fp32_lora_path(tiny_generator, tmp_path, fmt):
     base, tokenizer, _ = tiny_generator
     save_strong_adapter(base, client_adapter_dir(tmp_path, "c1"), seed=1)
-    engines = {}
-    for name in ("none", fmt):
-        model = copy.deepcopy(base)
-        replaced = quantize_linear_layers(model, name)
-        assert replaced == (0 if name == "none" else 2 * 7 + 1)  # 7 per layer and the output head
-        engines[name] = Engine(model, tokenizer, data_root=tmp_path, serving=ServingConfig(max_new_tokens=8))
+    engines = engines_by_weight_format(base, tokenizer, tmp_path, ("none", fmt), max_new_tokens=8)
     quantized = engines[fmt].model.get_base_model()
     assert weight_bytes_read_per_token(quantized) < weight_bytes_read_per_token(base) / 3
     lora = [p for n, p in engines[fmt].model.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 for p in lora)  # only the base model is int8
 
     request = GenerationRequest("c1", QUESTION, passages=PASSAGES)
-    jobs = {name: engine.prepare(request) for name, engine in engines.items()}
-    logits = {}
-    for name, job in jobs.items():
-        job.lease.release()
-        ids = torch.tensor([job.prompt.input_ids])
-        with torch.inference_mode(), engines[name].gathered.rows([job.row.slot]):
-            logits[name] = engines[name].model(input_ids=ids).logits[0, -1]
-    assert jobs[fmt].row.slot != 0  # the adapter took a slot on the int8 model too
+    slots, logits = last_token_logits(engines, request)
+    assert slots[fmt] != 0  # the adapter took a slot on the int8 model too
     correlation = torch.corrcoef(torch.stack([logits[fmt], logits["none"]]))[0, 1]
     assert correlation > 0.98  # close, not equal
     assert not torch.equal(logits[fmt], logits["none"])

@@ -11,7 +11,13 @@ from pfi_rag.config import Config, ServingConfig
 from pfi_rag.models import Engine, GenerationRequest
 from pfi_rag.models.adapters import client_adapter_dir
 from pfi_rag.models.quantization import is_input_major, quantize_linear_layers
-from tests.generation_support import PASSAGES, QUESTION, save_strong_adapter
+from tests.generation_support import (
+    PASSAGES,
+    QUESTION,
+    engines_by_weight_format,
+    last_token_logits,
+    save_strong_adapter,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,11 +30,7 @@ def base_linears(engine: Engine) -> dict[str, torch.nn.Linear]:
 def test_transposed_weights_keep_the_values_and_the_greedy_tokens_under_an_adapter(tiny_generator, tmp_path):
     base, tokenizer, _ = tiny_generator
     save_strong_adapter(base, client_adapter_dir(tmp_path, "c1"), seed=1)
-    engines = {}
-    for fmt in ("none", "transposed"):
-        model = copy.deepcopy(base)
-        assert quantize_linear_layers(model, fmt) == (0 if fmt == "none" else 2 * 7 + 1)  # and the head
-        engines[fmt] = Engine(model, tokenizer, data_root=tmp_path, serving=ServingConfig(max_new_tokens=12))
+    engines = engines_by_weight_format(base, tokenizer, tmp_path, ("none", "transposed"), max_new_tokens=12)
 
     reference, transposed = base_linears(engines["none"]), base_linears(engines["transposed"])
     assert reference.keys() == transposed.keys() and len(reference) == 15
@@ -39,14 +41,8 @@ def test_transposed_weights_keep_the_values_and_the_greedy_tokens_under_an_adapt
     assert lora and all(p.is_contiguous() for p in lora)  # the adapter's matrices are left alone
 
     request = GenerationRequest("c1", QUESTION, passages=PASSAGES)
-    jobs = {fmt: engine.prepare(request) for fmt, engine in engines.items()}
-    logits = {}
-    for fmt, job in jobs.items():
-        job.lease.release()
-        ids = torch.tensor([job.prompt.input_ids])
-        with torch.inference_mode(), engines[fmt].gathered.rows([job.row.slot]):
-            logits[fmt] = engines[fmt].model(input_ids=ids).logits[0, -1]
-    assert jobs["transposed"].row.slot != 0  # the adapter is applied on the transposed model too
+    slots, logits = last_token_logits(engines, request)
+    assert slots["transposed"] != 0  # the adapter is applied on the transposed model too
     torch.testing.assert_close(logits["transposed"], logits["none"], rtol=1e-4, atol=1e-4)
     answers = {fmt: engine.generate(request).token_ids for fmt, engine in engines.items()}
     assert len(answers["none"]) == 12 and answers["transposed"] == answers["none"]
