@@ -15,6 +15,7 @@ import pytest
 
 from pfi_rag.config import Config
 from pfi_rag.data.records import Document, load_client_data
+from pfi_rag.probes import precision
 from pfi_rag.probes.base import Verdict
 from pfi_rag.probes.context import ProbeContext
 from pfi_rag.probes.groundedness import GroundednessProbe
@@ -141,9 +142,12 @@ def test_groundedness_flags_answers_that_ignore_the_context(root, embedder):
     assert clean.verdict == Verdict.PASS and clean.value == 1.0 and clean.evidence["ungrounded"] == []
     # Content words: atlantis quokka zeppelin; none is in any document (with, a: stopwords).
     assert planted.verdict == Verdict.FAIL and planted.value == 0.0
-    # Eight answers that all score 0 leave no spread: sampling stopped there, of 10 items.
+    # Eight answers that all score 0 leave no spread, but support lies in [0, 1]: the interval is
+    # Wilson's at 0 of 8, [0, z^2 / (8 + z^2)], already clear of the threshold, so sampling stopped
+    # there, of 10 items.
     assert len(planted.evidence["ungrounded"]) == planted.evidence["answers"] == 8
-    assert planted.evidence["interval"] == [0.0, 0.0]
+    z2 = precision.Z95**2
+    assert planted.evidence["interval"] == [0.0, pytest.approx(z2 / (8 + z2))]
 
     # As in serving, passages under the relevance floor never reach the answerer: with a floor
     # no passage clears, every answer is given none, and none of them is scored.
