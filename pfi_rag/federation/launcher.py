@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pfi_rag import layout
 from pfi_rag.config import Config
 from pfi_rag.federation.records import (
     ClientRow,
@@ -66,7 +65,6 @@ def run_simulation(
     (with the ServerApp's message), or when Flower's processes did not run the federation to its
     end (the message names the logs, ``federation/simulation/logs/``).
     """
-    from pfi_rag.federation import run_dir
     from pfi_rag.federation.checkpoint import load_checkpoint
     from pfi_rag.federation.processes import FlowerProcessFailed
     from pfi_rag.federation.server import FederationFailed
@@ -97,7 +95,7 @@ def run_simulation(
         run = run_apps(cfg, clients, client_mods=mods, on_round=on_round)
     except FlowerProcessFailed as exc:
         raise FederationFailed(f"Flower did not run the federation to its end: {exc}") from exc
-    error = run_dir.read_error(layout.simulation_dir(cfg.data_root))
+    error = run.error
     if error is not None:
         if error["type"] == "FederationFailed":
             raise FederationFailed(error["message"])

@@ -60,6 +60,7 @@ class SimulationRun:
     records: list[RoundRecord] = field(default_factory=list)
     log_dir: Path | None = None
     status: dict = field(default_factory=dict)  # the run's row from `flwr ls`
+    error: dict | None = None  # why the ServerApp ended the run (:func:`run_dir.read_error`)
     started_at: float = 0.0  # when the SuperLink was started (time.time(), comparable across processes)
     superlink_s: float | None = None  # SuperLink start until it listened
     submitted_s: float | None = None  # SuperLink start until `flwr run` had submitted the run
@@ -95,7 +96,7 @@ def run_apps(
     ServerApp waits for it before the next round starts. Processes are stopped on any exit.
     ``apps``: the ServerApp and ClientApp, as ``module:attribute`` (default: pfi-rag's).
     Raises :class:`FlowerProcessFailed` when the run did not complete; a ServerApp's own failure
-    is left in the run directory (:func:`pfi_rag.federation.run_dir.read_error`) for the caller.
+    is returned in ``error`` (:func:`pfi_rag.federation.run_dir.read_error`) for the caller.
     """
     base = layout.simulation_dir(cfg.data_root)
     shutil.rmtree(base, ignore_errors=True)  # the latest run's files and logs only
@@ -162,11 +163,14 @@ def run_apps(
                     f"the run did not finish within {timeout_s:.0f} s; logs in {log_dir}"
                 )
             time.sleep(POLL_S)
-        if not exchange.finished(base) and exchange.read_error(base) is None:
-            run.status = _only_run(env)  # the ServerApp said nothing: ask Flower how the run ended
-        else:
-            run.status = {"status": "finished:completed" if exchange.finished(base) else "finished:failed"}
-    if run.status.get("status") != "finished:completed" and exchange.read_error(base) is None:
+        run.error = exchange.read_error(base)
+        if exchange.finished(base):
+            run.status = {"status": "finished:completed"}
+        elif run.error is not None:
+            run.status = {"status": "finished:failed"}
+        else:  # the ServerApp said nothing: ask Flower how the one run on this SuperLink ended
+            run.status = run_status(None, env)
+    if run.status.get("status") != "finished:completed" and run.error is None:
         raise FlowerProcessFailed(
             f"the Flower run ended {run.status.get('status', 'without a status')}: "
             f"{run.status.get('status-details', '')}; logs in {log_dir}"
@@ -190,11 +194,6 @@ def _relay(offsets: dict[Path, int]) -> None:
         for line in complete.decode("utf-8", "replace").splitlines():
             if line.strip():
                 relay.info("%s: %s", path.stem, line)
-
-
-def _only_run(env: dict[str, str]) -> dict:
-    """The one run on this fresh SuperLink (its id is 1 only by convention; ask instead)."""
-    return run_status(None, env)
 
 
 def _record_stamps(data_root: Path) -> dict[Path, int]:
