@@ -47,15 +47,15 @@ DEFAULT_FORMATS = "transformers,float32,transposed,bfloat16,int8"
 
 def read_gb_s(threads: int, repeats: int = 5) -> float:
     """Fastest read bandwidth of ``threads`` threads summing a 512 MiB fp32 tensor (far beyond cache)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    from pfi_rag.models.loading import torch_threads
+
     data = torch.ones(128 * 2**20)
     times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - started)
-    torch.set_num_threads(before)
+    with torch_threads(threads):
+        for _ in range(repeats):
+            started = time.perf_counter()
+            data.sum()
+            times.append(time.perf_counter() - started)
     return data.numel() * data.element_size() / min(times) / 1e9
 
 

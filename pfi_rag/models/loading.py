@@ -12,11 +12,13 @@ hub unless the user names a hub model themselves:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,20 @@ def default_cpu_threads() -> int:
     decoded 12.5 tok/s on 1 thread and 1.1 tok/s on 2 (OpenMP threads wait on each other), and
     the federation runs two clients side by side."""
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None = None) -> Iterator[None]:
+    """Torch's intra-op thread count set to ``count`` (None: left as it is) for the block, then
+    restored; process-wide. Loading a model applies ``models.threads``: a caller that chose its
+    own count keeps it by loading inside this block."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_runtime(cfg: ModelsConfig) -> Runtime:

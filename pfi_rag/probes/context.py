@@ -11,12 +11,11 @@ personalization" always means the base weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,18 +56,6 @@ class Retriever(Protocol):
 RetrieverFactory = Callable[[str], Retriever | None]
 # (client_id, question, hits) -> the answer the client's system gives from those hits.
 Answerer = Callable[[str, str, list[SearchHit]], str]
-
-
-@contextlib.contextmanager
-def _threads_kept() -> Iterator[None]:
-    """Torch's thread count as it was before the block (model loading sets its own)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def has_adapter(directory: Path) -> bool:
@@ -116,9 +103,9 @@ class ProbeContext:
     # ---- models -------------------------------------------------------------------------
     def _ensure_generator(self) -> tuple[Any, Any]:
         if self._generator is None:
-            from pfi_rag.models.loading import load_generator
+            from pfi_rag.models.loading import load_generator, torch_threads
 
-            with _threads_kept():  # loading applies models.threads; the probe run chose its own
+            with torch_threads():  # loading applies models.threads; the probe run chose its own
                 model, tokenizer, _ = load_generator(self.config.models)
             self._generator = (model, tokenizer)
         return self._generator
@@ -368,9 +355,9 @@ class ProbeContext:
         except ImportError:
             return None
         if self._embedder is None:
-            from pfi_rag.models.loading import load_embedder
+            from pfi_rag.models.loading import load_embedder, torch_threads
 
-            with _threads_kept():
+            with torch_threads():
                 self._embedder = load_embedder(self.config.models)
         store = ClientStore.open(self.data_root, client_id, self.config.retrieval, self._embedder)
         self._opened.append(store)

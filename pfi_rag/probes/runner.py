@@ -11,19 +11,18 @@ are skipped.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from pfi_rag.layout import client_probe_results_file
+from pfi_rag.models.loading import torch_threads
 from pfi_rag.privacy.errors import PrivacyError
 from pfi_rag.probes.base import (
     FLAGGED_CLIENTS,
@@ -236,21 +235,10 @@ def run_suite(
     the seed). ``on_step(label)`` is called before each probe step (progress bars). Torch runs
     on ``probes.threads`` threads meanwhile (every core by default).
     """
-    with _threads(ctx.config.probes.threads or os.cpu_count() or 1):
+    with torch_threads(ctx.config.probes.threads or os.cpu_count() or 1):
         return _run_suite(
             ctx, suite=suite, clients=clients, private=private, rng=rng, on_step=on_step, only=only
         )
-
-
-@contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
-    """Torch's intra-op threads set to ``count`` for the block, then restored (process-wide)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run_suite(
