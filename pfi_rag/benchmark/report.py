@@ -165,6 +165,17 @@ def tradeoff_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def accumulated(meta: dict[str, Any]) -> list[str]:
+    """A line for a matrix that accumulated over invocations: how many, and its runs' own time."""
+    if meta.get("invocations", 1) <= 1 and not meta.get("reused"):
+        return []
+    return [
+        f"Accumulated over {meta['invocations']} invocations with the same settings (fingerprint "
+        f"{meta['fingerprint']}; {meta['reused']} runs reused by the last); the runs' own time summed: "
+        f"{meta['run_seconds'] / 60:.1f} min.  "
+    ]
+
+
 def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / JSON_FILE, result)
@@ -175,6 +186,7 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
         f"Command: `{meta['command']}`  ",
         f"Generator {meta['generator']}, {meta['clients']} clients, {meta['rounds']} rounds, "
         f"{meta['seeds']} seeds; {meta['seconds'] / 60:.1f} min on {meta['machine']}.  ",
+        *accumulated(meta),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         "",
     ]

@@ -120,8 +120,9 @@ def federate(cfg: Config, client_mods: list, on_round=None) -> dict[str, Any]:
     that round's adapters, ledgers and history, before the next round starts."""
     from pfi_rag.federation.launcher import run_simulation, summarize
 
-    started = time.perf_counter()
+    started, wall_started = time.perf_counter(), time.time()
     records = run_simulation(cfg, client_mods=client_mods, on_round=on_round)
+    wall_ended = time.time()
     summary = summarize(cfg, records)
     first, last = (records[0], records[-1]) if records else (None, None)
     return {
@@ -133,6 +134,33 @@ def federate(cfg: Config, client_mods: list, on_round=None) -> dict[str, Any]:
         "aggregate_norm": last.aggregate_norm if last is not None else None,
         "epsilon": {client: row.epsilon for client, row in summary.clients.items()},
         "seconds": time.perf_counter() - started,
+        "timings": federation_timings(cfg, records, wall_started, wall_ended),
+    }
+
+
+def federation_timings(cfg: Config, records, started: float, ended: float) -> dict[str, Any]:
+    """Where a federation's wall time went, from the round records' own durations and their files'
+    times (``time.time()`` stamps, comparable across Flower's processes): start-up (launch until
+    round 1 began: Flower, Ray, the ServerApp's model, the workers' models), each round, the
+    pause after each round (the launcher's per-round work while the ServerApp waits, and writing
+    the round's adapters), and the wind-down after the last round. The clients' own phase sums
+    (model load, evaluation, DP steps) come from their local timings logs."""
+    from pfi_rag.layout import client_timings_file, list_clients, round_record_file
+
+    ends = [round_record_file(cfg.data_root, r.round).stat().st_mtime for r in records]
+    starts = [end - (r.seconds or 0.0) for end, r in zip(ends, records, strict=True)]
+    phases: dict[str, float] = {}
+    for client in list_clients(cfg.data_root) if records else []:
+        path = client_timings_file(cfg.data_root, client)
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            for phase, seconds in json.loads(line)["phases"].items():
+                phases[phase] = phases.get(phase, 0.0) + seconds
+    return {
+        "startup_s": starts[0] - started if records else None,
+        "rounds_s": [r.seconds for r in records],
+        "after_round_s": [nxt - end for end, nxt in zip(ends, starts[1:], strict=False)],
+        "wind_down_s": ended - ends[-1] if records else None,
+        "client_phases_s": {phase: round(seconds, 2) for phase, seconds in phases.items()},
     }
 
 
@@ -153,6 +181,16 @@ def probe_report(cfg: Config, probes: tuple[str, ...] = PROBES, *, embedder=None
         return run_suite(context, suite="all", only=list(probes), private=False)
     finally:
         context.close()
+
+
+def timed_report(cfg: Config, probes: tuple[str, ...], *, embedder, reports: list[dict], name: str):
+    """:func:`probe_report`, its wall time appended to ``reports`` (``name``, seconds, and the
+    probes' own seconds summed: the rest is the context's set-up, models and indexes)."""
+    started = time.perf_counter()
+    report = probe_report(cfg, probes, embedder=embedder)
+    seconds = time.perf_counter() - started
+    reports.append({"report": name, "seconds": seconds, "probes_s": sum(s.seconds for s in report.summaries)})
+    return report
 
 
 def verdicts(report) -> dict[str, dict[str, Any]]:
@@ -200,18 +238,20 @@ def run_one(
     started = time.perf_counter()
     root = work / f"{scenario.name}-seed{seed}"
     cfg, planted = prepare_run(base, root, scenario, seed=seed, embedder=embedder)
+    prepared_s = time.perf_counter() - started
     healthy = scenario.name == "clean" and references is not None
     round_probes: list[dict[str, Any]] = []
+    reports: list[dict[str, Any]] = []  # each probe report's wall time
 
     def probe_round(record) -> None:
         if record.round >= cfg.federation.rounds:
             return  # the last round's state is what the run is probed on below
-        report = probe_report(cfg, probes, embedder=embedder)
+        report = timed_report(cfg, probes, embedder=embedder, reports=reports, name=f"round {record.round}")
         save_reference(report, references, f"clean-seed{seed}-round{record.round:04d}")
         round_probes.append({"round": record.round, "probes": verdicts(report)})
 
     system = federate(cfg, planted.client_mods, on_round=probe_round if healthy and probe_rounds else None)
-    report = probe_report(cfg, probes, embedder=embedder)
+    report = timed_report(cfg, probes, embedder=embedder, reports=reports, name="final")
     if healthy:
         save_reference(report, references, f"clean-seed{seed}-round{cfg.federation.rounds:04d}")
     result = {
@@ -222,6 +262,9 @@ def run_one(
         "system": system,
         "probes": verdicts(report),
         "seconds": time.perf_counter() - started,
+        # Where the run's time went: data and indexes, the federation (its own breakdown under
+        # system.timings), and each probe report (per probe: probes.<name>.seconds).
+        "timings": {"prepare_s": prepared_s, "federation_s": system["seconds"], "reports": reports},
     }
     if round_probes:
         result["round_probes"] = round_probes  # earlier rounds' healthy reports (scoring.py)

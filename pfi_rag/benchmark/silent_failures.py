@@ -2,15 +2,15 @@
 
 The matrix is every scenario (:data:`~pfi_rag.benchmark.scenarios.SCENARIOS`) times the
 preset's seeds, each a real Flower run on its own data root, then the privacy/utility runs.
-Per-run results are appended to ``runs.jsonl`` in the work directory as they finish, so a
-long run that stops keeps what it measured. Every clean run, and every round of it, leaves a
-probe report under ``references/`` in the work directory (:data:`REFERENCES_DIR`): the healthy
-references `pfi-rag calibrate-probes` reads.
+Per-run results are appended to ``runs.jsonl`` in the work directory as they finish
+(:mod:`.worklog`): a later invocation with the same settings reuses them and runs only what is
+missing, so a matrix of hours accumulates over several invocations. Every clean run, and every
+round of it, leaves a probe report under ``references/`` in the work directory
+(:data:`REFERENCES_DIR`): the healthy references `pfi-rag calibrate-probes` reads.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -26,6 +26,7 @@ from pfi_rag.benchmark.runs import PRESETS, PROBES, Preset, run_one
 from pfi_rag.benchmark.scenarios import SCENARIOS, Scenario
 from pfi_rag.benchmark.scoring import calibration_summary, score
 from pfi_rag.benchmark.tradeoff import run_tradeoff
+from pfi_rag.benchmark.worklog import WorkLog, fingerprint
 from pfi_rag.config import Config
 
 REFERENCES_DIR = "references"  # <work>/references/clean-seed<k>-round<r>/report.json
@@ -64,54 +65,77 @@ def run_benchmark(
     probes: tuple[str, ...] = PROBES,
     world: str = "synthetic",
     probe_rounds: bool = True,
+    fresh: bool = False,
     on_event: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Every scenario x seed, then the trade-off runs; ``cfg`` already carries the preset's
     settings (``Preset.overrides()``). Writes the outputs under ``out`` and returns everything.
     ``probe_rounds``: also probe each clean run after every earlier round (one more suite per
-    round, for that many more healthy references)."""
+    round, for that many more healthy references). Runs already finished in ``work`` with the
+    same settings are reused (:class:`~pfi_rag.benchmark.worklog.WorkLog`); ``fresh`` discards
+    them first. Raises :class:`~pfi_rag.benchmark.worklog.SettingsChanged` when ``work`` holds
+    runs made with other settings."""
     from pfi_rag.models.loading import load_embedder
 
     started = time.perf_counter()
-    embedder = load_embedder(cfg.models)
-    work.mkdir(parents=True, exist_ok=True)
-    log = work / "runs.jsonl"
+    command = " ".join(["pfi-rag", *map(shlex.quote, sys.argv[1:])])
+    key = fingerprint(cfg, preset=preset.name, world=world, probes=probes, probe_rounds=probe_rounds)
+    described = {"preset": preset.name, "world": world}
+    log = WorkLog.open(work, key, describe=described, command=command, fresh=fresh)
+    wanted = [(scenario, seed) for seed in range(preset.seeds if matrix else 0) for scenario in scenarios]
+    finished = log.finished_runs()
+    done_tradeoff = log.finished_tradeoff()
+    reused = [finished[(s.name, seed)] for s, seed in wanted if (s.name, seed) in finished]
+    epsilons = preset.tradeoff_epsilons if tradeoff else ()
+    reused_rows = [e for e in epsilons if e in done_tradeoff]
+    if reused or reused_rows:
+        on_event(
+            f"reusing {len(reused)} of {len(wanted)} runs and {len(reused_rows)} of {len(epsilons)} "
+            f"trade-off runs finished earlier in {work} (same settings, fingerprint {key}); "
+            "--fresh runs them again"
+        )
+    to_run = len(wanted) - len(reused) + len(epsilons) - len(reused_rows)
+    embedder = load_embedder(cfg.models) if to_run else None
     runs = []
-    for seed in range(preset.seeds if matrix else 0):
-        for scenario in scenarios:
-            on_event(f"run {scenario.name} seed {seed} ...")
-            result = run_one(
-                cfg,
-                work,
-                scenario,
-                seed=seed,
-                embedder=embedder,
-                probes=probes,
-                references=work / REFERENCES_DIR,
-                probe_rounds=probe_rounds,
-            )
-            runs.append(result)
-            with log.open("a") as handle:
-                handle.write(json.dumps(result, default=str) + "\n")
-            failed = [p for p, v in result["probes"].items() if v["verdict"] == "fail"]
-            on_event(
-                f"  {result['seconds']:.0f} s; federation mean loss {result['system']['mean_loss_end']}; "
-                f"probes failed: {', '.join(failed) or 'none'}"
-            )
-    tradeoff_rows = []
-    if tradeoff:
-        tradeoff_rows = run_tradeoff(
+    for scenario, seed in wanted:
+        if (scenario.name, seed) in finished:
+            runs.append(finished[(scenario.name, seed)])
+            continue
+        on_event(f"run {scenario.name} seed {seed} ...")
+        result = run_one(
             cfg,
             work,
-            preset.tradeoff_epsilons,
+            scenario,
+            seed=seed,
             embedder=embedder,
-            on_run=lambda row: on_event(f"trade-off epsilon {row['epsilon']}: {row['mean']}"),
+            probes=probes,
+            references=work / REFERENCES_DIR,
+            probe_rounds=probe_rounds,
         )
+        runs.append(result)
+        log.record(result)
+        failed = [p for p, v in result["probes"].items() if v["verdict"] == "fail"]
+        on_event(
+            f"  {result['seconds']:.0f} s; federation mean loss {result['system']['mean_loss_end']}; "
+            f"probes failed: {', '.join(failed) or 'none'}"
+        )
+    tradeoff_rows = []
+    if tradeoff:
+
+        def on_row(row: dict[str, Any]) -> None:
+            log.record(row, kind="tradeoff")
+            on_event(f"trade-off epsilon {row['epsilon']}: {row['mean']}")
+
+        tradeoff_rows = run_tradeoff(
+            cfg, work, epsilons, embedder=embedder, finished=done_tradeoff, on_run=on_row
+        )
+    seconds = time.perf_counter() - started
+    log.finish(ran=to_run, reused=len(reused) + len(reused_rows), seconds=seconds)
     result = {
         "meta": {
             "preset": preset.name,
             "world": world,
-            "command": " ".join(["pfi-rag", *map(shlex.quote, sys.argv[1:])]),
+            "command": command,
             "generator": cfg.models.generator,
             "clients": cfg.federation.clients,
             "rounds": cfg.federation.rounds,
@@ -119,10 +143,16 @@ def run_benchmark(
             "device": cfg.models.device,
             "intervals": "Wilson score, 95%",
             # The healthy reports left for `pfi-rag calibrate-probes` (one per clean run and round).
-            "references": sorted(str(p) for p in (work / REFERENCES_DIR).glob("*/report.json")),
+            "references": reference_files(runs, work / REFERENCES_DIR, cfg.federation.rounds),
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
             "versions": versions(),
-            "seconds": time.perf_counter() - started,
+            "seconds": seconds,  # this invocation's wall time
+            # The matrix may have accumulated over several invocations (same settings): how many,
+            # and the sum of its runs' own seconds, this invocation's and the reused ones.
+            "invocations": len(log.invocations),
+            "fingerprint": key,
+            "reused": len(reused) + len(reused_rows),
+            "run_seconds": run_seconds(runs, tradeoff_rows),
         },
         "scenarios": {s.name: {"failure": s.failure, "detectors": list(s.detectors)} for s in scenarios},
         "scores": score(runs, scenarios),
@@ -135,4 +165,21 @@ def run_benchmark(
     return result
 
 
-__all__ = ["PRESETS", "REFERENCES_DIR", "run_benchmark"]
+def run_seconds(runs: list[dict[str, Any]], tradeoff_rows: list[dict[str, Any]]) -> float:
+    """The runs' own seconds summed (matrix and trade-off), whichever invocation made them."""
+    tradeoff = [row["system"].get("seconds", 0.0) + row.get("measure_seconds", 0.0) for row in tradeoff_rows]
+    return sum(r["seconds"] for r in runs) + sum(tradeoff)
+
+
+def reference_files(runs: list[dict[str, Any]], references: Path, rounds: int) -> list[str]:
+    """The healthy reports of this result's clean runs, every round each was probed after."""
+    found = []
+    for run in runs:
+        if run["scenario"] != "clean":
+            continue
+        probed = [r["round"] for r in run.get("round_probes", [])] + [rounds]
+        found += [str(references / f"clean-seed{run['seed']}-round{r:04d}" / "report.json") for r in probed]
+    return sorted(found)
+
+
+__all__ = ["PRESETS", "REFERENCES_DIR", "reference_files", "run_benchmark", "run_seconds"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +138,21 @@ def measure(cfg: Config) -> dict[str, Any]:
 
 
 def run_tradeoff(
-    base: Config, work: Path, epsilons: tuple[float | None, ...], *, embedder, on_run=None
+    base: Config,
+    work: Path,
+    epsilons: tuple[float | None, ...],
+    *,
+    embedder,
+    finished: dict[float | None, dict[str, Any]] | None = None,
+    on_run=None,
 ) -> list[dict[str, Any]]:
+    """One row per total epsilon; ``finished`` rows (by epsilon, from an earlier invocation) are
+    reused, and ``on_run(row)`` hears each new one."""
     rows = []
     for epsilon in epsilons:
+        if finished and epsilon in finished:
+            rows.append(finished[epsilon])
+            continue
         label = "non-private" if epsilon is None else f"eps{epsilon:g}"
         cfg = base.model_copy(deep=True)
         if epsilon is not None:  # spent evenly over the rounds, the budget set to the total
@@ -152,7 +164,9 @@ def run_tradeoff(
             system = train_without_privacy(cfg)
         else:
             system = federate(cfg, [])
+        measured = time.perf_counter()
         rows.append({"epsilon": epsilon, "system": system, **measure(cfg)})
+        rows[-1]["measure_seconds"] = time.perf_counter() - measured
         if on_run is not None:
             on_run(rows[-1])
     return rows

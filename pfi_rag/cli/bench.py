@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -40,6 +39,12 @@ def register(app: typer.Typer) -> None:
             help="Probe clean runs after every round too: a healthy reference each, one more suite a round.",
         ),
         gpu: bool = typer.Option(False, "--gpu", help="Run the models on CUDA (models.device=cuda)."),
+        fresh: bool = typer.Option(
+            False,
+            "--fresh",
+            help="Discard the runs finished by earlier invocations (by default those with the same "
+            "settings are reused and only the missing ones run).",
+        ),
     ) -> None:
         """Plant each silent failure in a federated run, score the probes against the ground truth,
         and measure privacy against utility."""
@@ -47,6 +52,7 @@ def register(app: typer.Typer) -> None:
 
         from pfi_rag.benchmark.scenarios import WORLDS, scenario_named
         from pfi_rag.benchmark.silent_failures import PRESETS, run_benchmark
+        from pfi_rag.benchmark.worklog import SettingsChanged
         from pfi_rag.federation.server import FederationFailed
 
         if preset not in PRESETS:
@@ -80,9 +86,7 @@ def register(app: typer.Typer) -> None:
                 console.print("the privacy/utility part runs on the synthetic world only: left out")
             tradeoff = False
         cfg = config_with_defaults(ctx, defaults)  # an explicit --set wins over the preset
-        work = layout.bench_dir(cfg.data_root)  # replaced on each run
-        if work.exists():
-            shutil.rmtree(work)
+        work = layout.bench_dir(cfg.data_root)  # finished runs with the same settings are reused
         parts = [f"{len(picked)} scenarios x {chosen.seeds} seeds"] if matrix else []
         parts += [f"privacy/utility at epsilon {chosen.tradeoff_epsilons}"] if tradeoff else []
         console.print(
@@ -103,8 +107,11 @@ def register(app: typer.Typer) -> None:
                 matrix=matrix,
                 tradeoff=tradeoff,
                 probe_rounds=round_references,
+                fresh=fresh,
                 on_event=lambda line: console.print(line, highlight=False, soft_wrap=True),
             )
+        except SettingsChanged as exc:
+            fail(str(exc))
         except FederationFailed as exc:
             fail(f"a federated run failed: {exc}", code=1)
         console.print((out / "silent-failures.md").read_text(), highlight=False, soft_wrap=True)
@@ -116,4 +123,10 @@ def register(app: typer.Typer) -> None:
                 f"`pfi-rag calibrate-probes {work}/references/*/report.json --out thresholds.toml`",
                 soft_wrap=True,
             )
+        meta = result["meta"]
+        console.print(
+            f"{meta['reused']} runs reused, {meta['invocations']} invocations so far; "
+            f"the runs' own time summed: {meta['run_seconds'] / 60:.1f} min",
+            soft_wrap=True,
+        )
         console.rule(f"[bold green]benchmark finished in {(time.perf_counter() - started) / 60:.1f} min")

@@ -1,0 +1,119 @@
+"""A benchmark matrix accumulates over invocations: finished runs with the same settings are
+reused, a run cut mid-way is run again, other settings are refused until --fresh.
+
+The runs here are written to the work log as a finished invocation would have written them, so
+no federation has to run to show what is reused (the real runs' path: tests/test_benchmark.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pfi_rag.benchmark.runs import PRESETS
+from pfi_rag.benchmark.scenarios import TARGET
+from pfi_rag.benchmark.worklog import RUNS_FILE, SETTINGS_FILE, SettingsChanged, WorkLog, fingerprint
+from pfi_rag.cli import app
+from pfi_rag.config import load_config
+from pfi_rag.layout import bench_dir
+
+
+def _run(scenario: str, seed: int, value: float, seconds: float) -> dict:
+    planted = scenario != "clean"
+    return {
+        "scenario": scenario,
+        "seed": seed,
+        "planted_clients": [TARGET] if planted else [],
+        "planted": {},
+        "system": {"mean_loss_start": 3.0, "mean_loss_end": 2.0, "failures": 0, "seconds": seconds / 2},
+        "probes": {
+            "update_outliers": {
+                "verdict": "fail" if value > 3.5 else "pass",
+                "value": value,
+                "metric": "robust z",
+                "fails_above": True,
+                "threshold": 3.5,
+                "flagged_clients": [TARGET] if value > 3.5 else [],
+                "seconds": 0.1,
+            }
+        },
+        "seconds": seconds,
+    }
+
+
+def _fingerprint(tmp_path, **changes) -> str:
+    cfg = load_config(None, {"data_root": str(tmp_path), **PRESETS["quick"].overrides(), **changes})
+    return fingerprint(cfg, preset="quick", world="synthetic", probes=("update_outliers",), probe_rounds=True)
+
+
+def test_fingerprint_follows_settings_not_paths(tmp_path):
+    same = _fingerprint(tmp_path)
+
+    assert _fingerprint(tmp_path / "elsewhere", **{"models.cache_dir": str(tmp_path / "cache")}) == same
+    assert _fingerprint(tmp_path, **{"privacy.local_steps": 4}) != same
+    cfg = load_config(None, {"data_root": str(tmp_path), **PRESETS["quick"].overrides()})
+    other_probes = fingerprint(cfg, preset="quick", world="synthetic", probes=("bias",), probe_rounds=True)
+    assert other_probes != same
+
+
+def test_work_log_keeps_finished_runs_and_drops_a_cut_line(tmp_path):
+    work = tmp_path / "work"
+    first = WorkLog.open(work, "aaaa", describe={"preset": "quick", "world": "synthetic"}, command="one")
+    first.record(_run("clean", 0, 1.0, seconds=10.0))
+    first.record(_run("clean", 1, 1.0, seconds=12.0))
+    first.finish(ran=2, reused=0, seconds=25.0)
+    with (work / RUNS_FILE).open("a") as handle:
+        handle.write('{"scenario": "poisoned_client", "seed": 0, "sec')  # killed mid-write
+
+    second = WorkLog.open(work, "aaaa", describe={"preset": "quick", "world": "synthetic"}, command="two")
+    second.record(_run("clean", 1, 2.0, seconds=14.0))  # the same run again: the last line counts
+
+    finished = second.finished_runs()
+    assert sorted(finished) == [("clean", 0), ("clean", 1)]
+    assert finished[("clean", 1)]["seconds"] == 14.0
+    assert all(json.loads(line) for line in (work / RUNS_FILE).read_text().splitlines())  # no cut line
+    settings = json.loads((work / SETTINGS_FILE).read_text())
+    assert [i["command"] for i in settings["invocations"]] == ["one", "two"]
+    assert settings["invocations"][0] | {"ran": 2, "reused": 0} == settings["invocations"][0]
+
+    with pytest.raises(SettingsChanged, match="--fresh"):
+        WorkLog.open(work, "bbbb", describe={"preset": "full", "world": "synthetic"}, command="three")
+    assert len(WorkLog.open(work, "bbbb", describe={}, command="four", fresh=True).finished_runs()) == 0
+
+
+def test_cli_reuses_finished_runs_refuses_other_settings_and_starts_fresh(cli_workdir):
+    runner = CliRunner()
+    base = ["--data-root", str(cli_workdir / "data"), "bench", "silent-failures", "--preset", "quick"]
+    out = ["--out", str(cli_workdir / "results")]
+    matrix = [*base, "--scenarios", "poisoned_client", "--seeds", "2", "--no-tradeoff", *out]
+    work = bench_dir(cli_workdir / "data")
+    # Prepare: an invocation that runs nothing records the settings; then two seeds of finished
+    # runs, as two earlier invocations would have logged them.
+    nothing = runner.invoke(app, [*base, "--no-matrix", "--no-tradeoff", *out])
+    assert nothing.exit_code == 0, nothing.output
+    key = json.loads((work / SETTINGS_FILE).read_text())["fingerprint"]
+    log = WorkLog.open(work, key, describe={"preset": "quick", "world": "synthetic"}, command="earlier")
+    for seed, (clean, poisoned) in enumerate([(1.0, 9.0), (1.5, 8.0)]):
+        log.record(_run("clean", seed, clean, seconds=100.0))
+        log.record(_run("poisoned_client", seed, poisoned, seconds=50.0))
+    log.finish(ran=4, reused=0, seconds=300.0)
+
+    reused = runner.invoke(app, matrix)
+
+    assert reused.exit_code == 0, reused.output
+    assert "reusing 4 of 4 runs" in reused.output
+    saved = json.loads((cli_workdir / "results" / "silent-failures.json").read_text())
+    assert saved["meta"]["invocations"] == 3 and saved["meta"]["reused"] == 4
+    assert saved["meta"]["run_seconds"] == 300.0  # 2 x 100 + 2 x 50, whichever invocation ran them
+    row = saved["scores"]["poisoned_client"]["probes"]["update_outliers"]
+    assert row["tpr"] == 1.0 and row["fpr"] == 0.0 and row["tpr_of"] == [2, 2]
+    assert "3 invocations" in (cli_workdir / "results" / "silent-failures.md").read_text()
+
+    changed = runner.invoke(app, [*matrix, "--no-round-references"])
+    assert changed.exit_code == 2 and "--fresh" in changed.output
+    assert len(log.finished_runs()) == 4  # refused, nothing lost
+
+    fresh = runner.invoke(app, [*base, "--no-matrix", "--no-tradeoff", "--fresh", *out])
+    assert fresh.exit_code == 0, fresh.output
+    assert not (work / RUNS_FILE).exists()
