@@ -117,3 +117,16 @@ def test_cli_reuses_finished_runs_refuses_other_settings_and_starts_fresh(cli_wo
     fresh = runner.invoke(app, [*base, "--no-matrix", "--no-tradeoff", "--fresh", *out])
     assert fresh.exit_code == 0, fresh.output
     assert not (work / RUNS_FILE).exists()
+
+
+def test_planted_runs_can_run_only_their_intended_and_record_probes():
+    from pfi_rag.benchmark.runs import PROBES, probes_for
+    from pfi_rag.benchmark.scenarios import scenario_named
+
+    overfit = scenario_named("overfit_client")
+
+    assert probes_for(overfit, PROBES, "all") == PROBES
+    assert probes_for(scenario_named("clean"), PROBES, "intended") == PROBES  # false alarms need all
+    chosen = probes_for(overfit, PROBES, "intended")
+    assert {"membership", "calibration", "ood", "update_outliers", "budget"} <= set(chosen)
+    assert not {"bias", "refusal", "exposure", "leakage"} & set(chosen)

@@ -40,6 +40,21 @@ PROBES = (
     "silent_failures",
 )
 
+# Probes that read only the round records, ledgers and indexes (no forward pass of the model):
+# under a second a run. With planted_probes = "intended", a planted run runs these and the
+# probes meant to catch its failure; the clean runs always run every probe.
+RECORD_PROBES = ("budget", "retrieval_hit", "stale", "update_outliers", "silent_failures")
+PLANTED_PROBES = ("all", "intended")
+
+
+def probes_for(scenario: Scenario, probes: tuple[str, ...], planted_probes: str = "all") -> tuple[str, ...]:
+    """The probes a run of ``scenario`` runs: all of ``probes`` for a clean run (false alarms
+    and calibration need every one) and with ``planted_probes = "all"``; else its detectors and
+    the :data:`RECORD_PROBES`."""
+    if planted_probes == "all" or scenario.name == "clean":
+        return probes
+    return tuple(p for p in probes if p in scenario.detectors or p in RECORD_PROBES)
+
 
 # round_metrics "exact": the federation's view the benchmark compares against is a plain
 # federation's, exact losses from every client, not the private release (docs/privacy.md).

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pfi_rag.benchmark.report import write_outputs
-from pfi_rag.benchmark.runs import PRESETS, PROBES, Preset, run_one
+from pfi_rag.benchmark.runs import PRESETS, PROBES, Preset, probes_for, run_one
 from pfi_rag.benchmark.scenarios import SCENARIOS, Scenario
 from pfi_rag.benchmark.scoring import calibration_summary, score
 from pfi_rag.benchmark.tradeoff import run_tradeoff
@@ -65,13 +65,16 @@ def run_benchmark(
     probes: tuple[str, ...] = PROBES,
     world: str = "synthetic",
     probe_rounds: bool = True,
+    planted_probes: str = "all",
     fresh: bool = False,
     on_event: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Every scenario x seed, then the trade-off runs; ``cfg`` already carries the preset's
     settings (``Preset.overrides()``). Writes the outputs under ``out`` and returns everything.
     ``probe_rounds``: also probe each clean run after every earlier round (one more suite per
-    round, for that many more healthy references). Runs already finished in ``work`` with the
+    round, for that many more healthy references). ``planted_probes = "intended"``: a planted run
+    runs only its intended probes and the cheap record probes (:func:`~.runs.probes_for`; the
+    clean runs run every probe). Runs already finished in ``work`` with the
     same settings are reused (:class:`~pfi_rag.benchmark.worklog.WorkLog`); ``fresh`` discards
     them first. Raises :class:`~pfi_rag.benchmark.worklog.SettingsChanged` when ``work`` holds
     runs made with other settings."""
@@ -79,7 +82,14 @@ def run_benchmark(
 
     started = time.perf_counter()
     command = " ".join(["pfi-rag", *map(shlex.quote, sys.argv[1:])])
-    key = fingerprint(cfg, preset=preset.name, world=world, probes=probes, probe_rounds=probe_rounds)
+    key = fingerprint(
+        cfg,
+        preset=preset.name,
+        world=world,
+        probes=probes,
+        probe_rounds=probe_rounds,
+        planted_probes=planted_probes,
+    )
     described = {"preset": preset.name, "world": world}
     log = WorkLog.open(work, key, describe=described, command=command, fresh=fresh)
     wanted = [(scenario, seed) for seed in range(preset.seeds if matrix else 0) for scenario in scenarios]
@@ -108,7 +118,7 @@ def run_benchmark(
             scenario,
             seed=seed,
             embedder=embedder,
-            probes=probes,
+            probes=probes_for(scenario, probes, planted_probes),
             references=work / REFERENCES_DIR,
             probe_rounds=probe_rounds,
         )
@@ -142,6 +152,7 @@ def run_benchmark(
             "seeds": preset.seeds if matrix else 0,
             "device": cfg.models.device,
             "intervals": "Wilson score, 95%",
+            "planted_probes": planted_probes,  # "intended": planted runs ran only their detectors
             # The healthy reports left for `pfi-rag calibrate-probes` (one per clean run and round).
             "references": reference_files(runs, work / REFERENCES_DIR, cfg.federation.rounds),
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",

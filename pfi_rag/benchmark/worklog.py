@@ -2,8 +2,8 @@
 
 The work directory (``<data_root>/bench-silent-failures/``) holds one benchmark's settings at a
 time. ``settings.json`` names them by a fingerprint (:func:`fingerprint`: the preset, the world,
-the probes, whether clean runs are probed after every round, and every config value but paths)
-and lists each invocation. ``runs.jsonl`` gets one line per finished run, and one per finished
+the probes and which of them planted runs run, whether clean runs are probed after every round,
+and every config value but paths) and lists each invocation. ``runs.jsonl`` gets one line per finished run, and one per finished
 trade-off federation, stamped with that fingerprint. A later invocation with the same settings
 reuses every finished run it asks for and runs only the rest; a run cut mid-way left no line
 and is simply run again. Different settings are refused (:class:`SettingsChanged`) rather than
@@ -32,7 +32,15 @@ class SettingsChanged(ValueError):
     """The work directory holds runs made with other settings; pass ``fresh`` to discard them."""
 
 
-def fingerprint(cfg: Config, *, preset: str, world: str, probes: tuple[str, ...], probe_rounds: bool) -> str:
+def fingerprint(
+    cfg: Config,
+    *,
+    preset: str,
+    world: str,
+    probes: tuple[str, ...],
+    probe_rounds: bool,
+    planted_probes: str = "all",
+) -> str:
     """A short hash of everything that changes what a run measures: paths do not (the data root,
     the model cache), every other config value does, and so does pfi-rag's version."""
     settings = cfg.model_dump(mode="json")
@@ -47,6 +55,7 @@ def fingerprint(cfg: Config, *, preset: str, world: str, probes: tuple[str, ...]
         "world": world,
         "probes": list(probes),
         "probe_rounds": probe_rounds,
+        "planted_probes": planted_probes,
         "config": settings,
         "pfi-rag": version,
     }

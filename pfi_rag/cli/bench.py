@@ -38,6 +38,12 @@ def register(app: typer.Typer) -> None:
             "--round-references/--no-round-references",
             help="Probe clean runs after every round too: a healthy reference each, one more suite a round.",
         ),
+        planted_probes: str = typer.Option(
+            "all",
+            "--planted-probes",
+            help="all: every planted run runs every probe; intended: only the probes meant to catch "
+            "its failure and the record-only ones (clean runs always run every probe).",
+        ),
         gpu: bool = typer.Option(False, "--gpu", help="Run the models on CUDA (models.device=cuda)."),
         fresh: bool = typer.Option(
             False,
@@ -50,6 +56,7 @@ def register(app: typer.Typer) -> None:
         and measure privacy against utility."""
         from dataclasses import replace
 
+        from pfi_rag.benchmark.runs import PLANTED_PROBES
         from pfi_rag.benchmark.scenarios import WORLDS, scenario_named
         from pfi_rag.benchmark.silent_failures import PRESETS, run_benchmark
         from pfi_rag.benchmark.worklog import SettingsChanged
@@ -57,6 +64,8 @@ def register(app: typer.Typer) -> None:
 
         if preset not in PRESETS:
             fail(f"unknown preset {preset!r}: choose {' or '.join(PRESETS)}")
+        if planted_probes not in PLANTED_PROBES:
+            fail(f"unknown --planted-probes {planted_probes!r}: choose {' or '.join(PLANTED_PROBES)}")
         if world not in WORLDS:
             fail(f"unknown world {world!r}: choose {' or '.join(WORLDS)}")
         chosen = PRESETS[preset] if seeds is None else replace(PRESETS[preset], seeds=seeds)
@@ -107,6 +116,7 @@ def register(app: typer.Typer) -> None:
                 matrix=matrix,
                 tradeoff=tradeoff,
                 probe_rounds=round_references,
+                planted_probes=planted_probes,
                 fresh=fresh,
                 on_event=lambda line: console.print(line, highlight=False, soft_wrap=True),
             )
