@@ -37,7 +37,6 @@ from pfi_rag.federation.protocol import (
     train_reply,
 )
 from pfi_rag.federation.run_dir import read_participants
-from pfi_rag.federation.task import SatOut, failure_code, train_round
 from pfi_rag.layout import client_log_file, list_clients, validate_client_id
 
 logger = logging.getLogger(__name__)
@@ -95,6 +94,9 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        # Imported here: the ServerApp's process imports this module too, and needs no torch.
+        from pfi_rag.federation.task import SatOut, failure_code, train_round
+
         arrived = time.monotonic()
         client_id = run_cfg = None
         try:

@@ -39,6 +39,15 @@ TRAIN_SECONDS = "train-seconds"
 STATUS, ERROR = "status", "error"
 OK, SAT_OUT, FAILED = "ok", "sat_out", "failed"
 
+# The closed vocabulary of what a client may tell the server about why it has no update.
+FAILURE_CODES = (
+    "budget_exhausted",  # the round's spend would pass the client's budget: it sat out
+    "bad_local_data",  # its records could not be read
+    "bad_local_settings",  # its configuration or settings.toml is invalid
+    "privacy_refused",  # e.g. delta not below 1/n, an adapter its ledger does not account for
+    "training_failed",  # anything else
+)
+
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})

@@ -24,10 +24,12 @@ from flwr.serverapp import Grid
 from pfi_rag.config import Config
 from pfi_rag.federation import aggregation
 from pfi_rag.federation.checkpoint import load_checkpoint, save_checkpoint
+from pfi_rag.federation.global_adapter import AdapterFiles
 from pfi_rag.federation.protocol import (
     CLIENT_ID,
     CONFIG,
     ERROR,
+    FAILURE_CODES,
     LOSS_AFTER,
     LOSS_BEFORE,
     METRICS,
@@ -52,7 +54,6 @@ from pfi_rag.federation.records import (
     write_round_record,
 )
 from pfi_rag.federation.strategies import shared_part
-from pfi_rag.federation.task import FAILURE_CODES
 from pfi_rag.layout import global_adapter_dir, round_adapter_dir
 from pfi_rag.privacy.round_metrics import released_loss_std
 
@@ -226,24 +227,20 @@ def last_line(error: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def run_rounds(grid: Grid, cfg: Config, model_factory, on_round=None) -> list[RoundRecord]:
+def run_rounds(grid: Grid, cfg: Config, adapters: AdapterFiles, on_round=None) -> list[RoundRecord]:
     """Run (or resume) the federation; return the round records written in this run.
 
-    ``model_factory()`` returns a PEFT model with a fresh adapter (seeded), used to build the
-    initial shared arrays and to write the global adapter in PEFT format each round.
+    ``adapters``: the fresh (seeded) adapter's weights, the initial shared arrays, and the
+    writer of each round's global adapter in PEFT format, from numpy arrays.
     """
-    from pfi_rag.models.adapters import save_adapter
-    from pfi_rag.models.lora import load_lora_arrays, lora_arrays
-
     fed = cfg.federation
     root = cfg.data_root
-    peft_model = model_factory()
     checkpoint = load_checkpoint(root)
     if checkpoint is not None:
         global_arrays, first_round = checkpoint.arrays, checkpoint.round + 1
         logger.info("resuming after round %d", checkpoint.round)
     else:
-        global_arrays, first_round = shared_part(lora_arrays(peft_model), fed.strategy), 1
+        global_arrays, first_round = shared_part(adapters.initial, fed.strategy), 1
     if first_round > fed.rounds:
         logger.info("all %d rounds already done", fed.rounds)
         return []
@@ -274,11 +271,8 @@ def run_rounds(grid: Grid, cfg: Config, model_factory, on_round=None) -> list[Ro
         global_arrays = {
             name: (global_arrays[name] + delta[name]).astype(np.float32) for name in global_arrays
         }
-        load_lora_arrays(peft_model, global_arrays)
-        save_adapter(
-            peft_model, round_adapter_dir(root, round_number), round=round_number, source="federated"
-        )
-        save_adapter(peft_model, global_adapter_dir(root), round=round_number, source="federated")
+        for directory in (round_adapter_dir(root, round_number), global_adapter_dir(root)):
+            adapters.save(global_arrays, directory, round=round_number, source="federated")
         write_round_record(root, record)
         save_checkpoint(root, round_number, global_arrays, {"strategy": fed.strategy})
         records.append(record)

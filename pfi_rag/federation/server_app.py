@@ -8,12 +8,13 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from pfi_rag import layout
 from pfi_rag.config import Config
 from pfi_rag.federation import run_dir as exchange
 from pfi_rag.federation.client_app import config_from_context
+from pfi_rag.federation.global_adapter import TEMPLATE, AdapterFiles, write_template
 from pfi_rag.federation.records import RoundRecord
 from pfi_rag.federation.server import FederationFailed, run_rounds
-from pfi_rag.federation.task import fresh_adapter
 
 # How long a held round waits for the launcher's acknowledgement (its per-round work, e.g. a
 # probe suite on a real model, takes minutes; a dead launcher takes this process with it).
@@ -32,7 +33,8 @@ def make_server_app(
     The callbacks let an in-process caller see each round record, the run's records, and the
     exception that ended the run (Flower logs a ServerApp's exception and exits 0). Started by
     the launcher (the run config names a ``run-dir``), the app tells it the same through files
-    (:mod:`pfi_rag.federation.run_dir`).
+    (:mod:`pfi_rag.federation.run_dir`), and leaves the fresh adapter there
+    (:data:`~pfi_rag.federation.global_adapter.TEMPLATE`), so this process needs no model.
     """
     app = ServerApp()
 
@@ -53,7 +55,10 @@ def make_server_app(
                 )
 
         try:
-            records = run_rounds(grid, run_cfg, lambda: fresh_adapter(run_cfg)[0], on_round=round_done)
+            template = run_dir / TEMPLATE if run_dir is not None else None
+            if template is None or not template.is_dir():  # a deployment: no launcher wrote one
+                template = write_template(run_cfg, layout.federation_dir(run_cfg.data_root) / TEMPLATE)
+            records = run_rounds(grid, run_cfg, AdapterFiles(template), on_round=round_done)
         except BaseException as exc:
             if run_dir is not None:
                 exchange.write_error(run_dir, exc)

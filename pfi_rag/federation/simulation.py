@@ -29,6 +29,7 @@ from pathlib import Path
 from pfi_rag import layout
 from pfi_rag.config import Config
 from pfi_rag.federation import run_dir as exchange
+from pfi_rag.federation.global_adapter import TEMPLATE, write_template
 from pfi_rag.federation.processes import (
     APPS,
     CONNECTION,
@@ -103,6 +104,8 @@ def run_apps(
     log_dir = layout.simulation_log_dir(cfg.data_root)
     port = free_port()
     app_dir, config_file, flwr_home = write_run_files(cfg, base, f"127.0.0.1:{port}", apps=apps)
+    if apps == APPS:  # the fresh adapter, from this process's model, so the ServerApp loads none
+        write_template(cfg, base / TEMPLATE)
     exchange.write_participants(base, participants)
     run_config = run_config_file(
         base / "run-config.toml",

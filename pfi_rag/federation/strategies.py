@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pfi_rag.models.lora import is_lora_a
-
 STRATEGIES = ("fedavg", "fedsa", "ditto")
+
+
+def is_lora_a(name: str) -> bool:
+    """``models.lora.is_lora_a``, here so that the server's side imports no peft or torch."""
+    return ".lora_A." in name
 
 
 def shared_predicate(strategy: str) -> Callable[[str], bool]:

@@ -50,7 +50,15 @@ from pfi_rag import layout
 from pfi_rag.config import Config, with_client_settings
 from pfi_rag.data.audit_canaries import audit_training_documents
 from pfi_rag.data.corpus import load_corpus, require_training_data, too_little_data, warn_locally
-from pfi_rag.federation.protocol import LOSS_AFTER, LOSS_BEFORE, NUM_EXAMPLES, OK, STATUS, TRAIN_SECONDS
+from pfi_rag.federation.protocol import (  # noqa: F401 - FAILURE_CODES: re-exported, the clients' vocabulary
+    FAILURE_CODES,
+    LOSS_AFTER,
+    LOSS_BEFORE,
+    NUM_EXAMPLES,
+    OK,
+    STATUS,
+    TRAIN_SECONDS,
+)
 from pfi_rag.federation.strategies import shared_predicate
 from pfi_rag.models.adapters import read_adapter_info, save_adapter
 from pfi_rag.models.lora import attach_lora, load_lora_arrays, lora_arrays
@@ -70,16 +78,6 @@ class RoundResult:
 @dataclass
 class SatOut:
     reason: str  # a code from FAILURE_CODES
-
-
-# The closed vocabulary of what a client may tell the server about why it has no update.
-FAILURE_CODES = (
-    "budget_exhausted",  # the round's spend would pass the client's budget: it sat out
-    "bad_local_data",  # its records could not be read
-    "bad_local_settings",  # its configuration or settings.toml is invalid
-    "privacy_refused",  # e.g. delta not below 1/n, an adapter its ledger does not account for
-    "training_failed",  # anything else
-)
 
 
 def failure_code(exc: BaseException) -> str:

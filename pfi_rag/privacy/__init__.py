@@ -8,10 +8,24 @@
   with its privacy metadata: the one thing a client sends.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from pfi_rag.privacy.errors import BudgetExceeded, PrivacyError
-from pfi_rag.privacy.ledger import PrivacyLedger, Spend
-from pfi_rag.privacy.training import StepInfo, TrainResult, train_adapter
-from pfi_rag.privacy.update import OutgoingUpdate, build_outgoing_update
+
+# Imported on first use, so that reading one module of this package (the server's
+# round_metrics, the probes' ledger) does not pull in Opacus and torch.
+_EXPORTS = {
+    "PrivacyLedger": "ledger",
+    "Spend": "ledger",
+    "StepInfo": "training",
+    "TrainResult": "training",
+    "train_adapter": "training",
+    "OutgoingUpdate": "update",
+    "build_outgoing_update": "update",
+}
 
 __all__ = [
     "BudgetExceeded",
@@ -24,3 +38,9 @@ __all__ = [
     "build_outgoing_update",
     "train_adapter",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pfi_rag.privacy' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pfi_rag.privacy.{_EXPORTS[name]}"), name)
