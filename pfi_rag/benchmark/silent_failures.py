@@ -74,10 +74,10 @@ def run_benchmark(
     ``probe_rounds``: also probe each clean run after every earlier round (one more suite per
     round, for that many more healthy references). ``planted_probes = "intended"``: a planted run
     runs only its intended probes and the cheap record probes (:func:`~.runs.probes_for`; the
-    clean runs run every probe). Runs already finished in ``work`` with the
-    same settings are reused (:class:`~pfi_rag.benchmark.worklog.WorkLog`); ``fresh`` discards
-    them first. Raises :class:`~pfi_rag.benchmark.worklog.SettingsChanged` when ``work`` holds
-    runs made with other settings."""
+    clean runs run every probe). Runs already finished in ``work`` with the same settings are
+    reused (:class:`~pfi_rag.benchmark.worklog.WorkLog`); ``fresh`` discards them first. Raises
+    :class:`~pfi_rag.benchmark.worklog.SettingsChanged` when ``work`` holds runs made with other
+    settings."""
     from pfi_rag.models.loading import load_embedder
 
     started = time.perf_counter()

@@ -3,11 +3,12 @@
 The work directory (``<data_root>/bench-silent-failures/``) holds one benchmark's settings at a
 time. ``settings.json`` names them by a fingerprint (:func:`fingerprint`: the preset, the world,
 the probes and which of them planted runs run, whether clean runs are probed after every round,
-and every config value but paths) and lists each invocation. ``runs.jsonl`` gets one line per finished run, and one per finished
-trade-off federation, stamped with that fingerprint. A later invocation with the same settings
-reuses every finished run it asks for and runs only the rest; a run cut mid-way left no line
-and is simply run again. Different settings are refused (:class:`SettingsChanged`) rather than
-mixed or silently discarded: hours of runs go only when asked (``fresh``).
+and every config value but paths) and lists each invocation. ``runs.jsonl`` gets one line per
+finished run, and one per finished trade-off federation, stamped with that fingerprint. A later
+invocation with the same settings reuses every finished run it asks for and runs only the rest;
+a run cut mid-way left no line and is simply run again. Different settings are refused
+(:class:`SettingsChanged`) rather than mixed or silently discarded: hours of runs go only when
+asked (``fresh``).
 """
 
 from __future__ import annotations
