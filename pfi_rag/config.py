@@ -230,6 +230,12 @@ class ServingConfig(Section):
     # torch.compile the one-token decode step (docs/serving.md): "auto" on CUDA only, "on" on
     # any device (CPU needs a C++ compiler), "off" never. A failing compile falls back to eager.
     compile_decode: Literal["auto", "on", "off"] = "auto"
+    # How a one-token decode step runs (docs/serving.md "The lean decode step"): "lean" runs
+    # Llama-architecture models on fused input-major fp32/bf16 weights (the model's Linear weights
+    # become views of them) with grouped-query attention that never copies the cache; prefill and
+    # other models keep the model's own forward, as does a compiled step (compile_decode).
+    # "transformers": every step through the model's own forward.
+    decode_step: Literal["lean", "transformers"] = "lean"
     # Against small models' loops, over the generated tokens only (docs/serving.md "Answer
     # quality"): CTRL's repetition penalty, 1.0 = off. Requests setting OpenAI's own penalties,
     # logit_bias or logprobs get neither this nor the n-gram ban.

@@ -59,9 +59,12 @@ def save_strong_adapter(base, directory: Path, *, seed: int, rank: int = 8) -> N
     save_random_adapter(base, directory, seed=seed, rank=rank, a_scale=0.5, b_scale=2.0)
 
 
-def engines_by_weight_format(base, tokenizer, data_root: Path, formats, *, max_new_tokens: int) -> dict:
+def engines_by_weight_format(
+    base, tokenizer, data_root: Path, formats, *, max_new_tokens: int, decode_step: str = "transformers"
+) -> dict:
     """One serving Engine per weight format, each on its own copy of ``base`` (the tiny model:
-    2 layers of 7 Linear layers, and the output head)."""
+    2 layers of 7 Linear layers, and the output head). Decoded by transformers' forward unless
+    ``decode_step`` says otherwise: the lean step would lay every fp32 format out alike."""
     from pfi_rag.config import ServingConfig
     from pfi_rag.models import Engine
     from pfi_rag.models.quantization import quantize_linear_layers
@@ -70,7 +73,7 @@ def engines_by_weight_format(base, tokenizer, data_root: Path, formats, *, max_n
     for fmt in formats:
         model = copy.deepcopy(base)
         assert quantize_linear_layers(model, fmt) == (0 if fmt == "none" else 2 * 7 + 1)
-        serving = ServingConfig(max_new_tokens=max_new_tokens)
+        serving = ServingConfig(max_new_tokens=max_new_tokens, decode_step=decode_step)
         engines[fmt] = Engine(model, tokenizer, data_root=data_root, serving=serving)
     return engines
 

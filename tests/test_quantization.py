@@ -50,15 +50,20 @@ def test_transposed_weights_keep_the_values_and_the_greedy_tokens_under_an_adapt
 
 @pytest.mark.parametrize("fmt", ["none", "transposed"])
 def test_the_weight_format_setting_decides_the_served_layout(tiny_models_config, tmp_path, fmt):
-    cfg = Config(data_root=tmp_path, models=tiny_models_config, serving=ServingConfig(weight_format=fmt))
-    engine = Engine.from_config(cfg)
+    serving = ServingConfig(weight_format=fmt, decode_step="transformers")
+    engine = Engine.from_config(Config(data_root=tmp_path, models=tiny_models_config, serving=serving))
     layouts = [is_input_major(layer.weight) for layer in base_linears(engine).values()]
     assert len(layouts) == 15 and layouts == [fmt == "transposed"] * 15
     assert engine.generate(GenerationRequest("c1", QUESTION, passages=PASSAGES, max_new_tokens=4)).token_ids
+    # The lean decode step (the default) fuses every Linear input-major whatever the format.
+    lean = Engine.from_config(Config(data_root=tmp_path, models=tiny_models_config,
+                                     serving=ServingConfig(weight_format=fmt)))  # fmt: skip
+    assert lean.lean is not None and all(is_input_major(m.weight) for m in base_linears(lean).values())
 
 
 def test_transposed_refuses_a_wrapped_model(tiny_generator, tmp_path):
-    engine = Engine(copy.deepcopy(tiny_generator[0]), tiny_generator[1], data_root=tmp_path)
+    serving = ServingConfig(decode_step="transformers")  # the lean step would re-lay the weights itself
+    engine = Engine(copy.deepcopy(tiny_generator[0]), tiny_generator[1], data_root=tmp_path, serving=serving)
     with pytest.raises(ValueError, match="before LoRA"):
         quantize_linear_layers(engine.model, "transposed")
     assert not any(is_input_major(layer.weight) for layer in base_linears(engine).values())

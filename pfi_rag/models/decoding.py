@@ -113,6 +113,7 @@ class DecodeBatch:
         gathered=None,
         prefix=None,
         compiled=None,
+        lean=None,
     ):
         self.model = model
         # A PrefixCache (prefix_cache.py): rows whose prompt starts with its tokens reuse their
@@ -120,6 +121,9 @@ class DecodeBatch:
         self.prefix = prefix if gathered is not None else None
         # A CompiledDecode (compiled.py) runs the one-token steps; prefill stays eager.
         self.compiled = compiled
+        # A LeanStep (lean_step.py) runs the one-token steps of gathered-LoRA batches on fused
+        # weights; prefill, and every step of a model it does not fit, stay on the model's forward.
+        self.lean = lean if gathered is not None and compiled is None else None
         # A GatheredLoRA holding every loaded adapter in a slot: one batched product per LoRA layer
         # for a mixed batch instead of PEFT's loop over the adapters present.
         self.gathered = gathered
@@ -155,6 +159,9 @@ class DecodeBatch:
     def _forward(self, input_ids, mask, positions, cache, rows: Sequence[Row], *, step: bool = False):
         slots = [row.slot for row in rows]
         gathered = self.gathered is not None and None not in slots
+        if step and gathered and self.lean is not None:
+            with self.lock, torch.inference_mode(), self.gathered.rows(slots):
+                return self.lean(input_ids, mask, positions, cache)  # (B, V)
         with self.lock, torch.inference_mode():
             # Gathered LoRA routes rows by slot; otherwise PEFT's own adapter selection does.
             routing = self.gathered.rows(slots) if gathered else contextlib.nullcontext()

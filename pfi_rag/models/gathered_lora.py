@@ -168,22 +168,38 @@ class GatheredLoRA:
                 layer._disable_adapters = flag
             self._idx = self._single = None
 
+    @property
+    def active(self) -> bool:
+        """Whether a :meth:`rows` block is routing the current forward pass."""
+        return self._idx is not None or self._single is not None
+
+    @property
+    def routes_adapters(self) -> bool:
+        """Whether some row of the current forward pass has an adapter (a slot other than 0)."""
+        return self._idx is not None or self._single not in (None, 0)
+
+    def delta(self, stack: _Stack, x: torch.Tensor) -> torch.Tensor | None:
+        """The LoRA delta of ``stack``'s layer for input ``x`` (B, T, in) or (B, in), each row with
+        its slot (inside :meth:`rows`); None when every row is on slot 0 (no adapter)."""
+        x = x.to(self.dtype)
+        if self._single is not None:
+            slot = self._single
+            if slot == 0:
+                return None
+            # PEFT's order of operations: lora_B(lora_A(x)) * scaling.
+            return F.linear(F.linear(x, stack.A[slot]), stack.B[slot]) * stack.scaling[slot]
+        idx = self._idx
+        rows = x if x.dim() == 3 else x[:, None, :]  # (B, T, in)
+        low = torch.bmm(rows, stack.A[idx].transpose(1, 2))  # (B, T, r)
+        delta = torch.bmm(low, stack.B[idx].transpose(1, 2))  # (B, T, out)
+        delta = delta * stack.scaling[idx][:, None, None]
+        return delta if x.dim() == 3 else delta[:, 0]
+
     def _hook(self, stack: _Stack):
         def add_delta(module, args, output):
-            if self._idx is None and self._single is None:
+            if not self.active:
                 return None  # not inside rows(): PEFT's own path ran
-            x = args[0].to(self.dtype)  # (B, T, in)
-            if self._single is not None:
-                slot = self._single
-                if slot == 0:
-                    return None
-                # PEFT's order of operations: lora_B(lora_A(x)) * scaling.
-                delta = F.linear(F.linear(x, stack.A[slot]), stack.B[slot]) * stack.scaling[slot]
-            else:
-                idx = self._idx
-                low = torch.bmm(x, stack.A[idx].transpose(1, 2))  # (B, T, r)
-                delta = torch.bmm(low, stack.B[idx].transpose(1, 2))  # (B, T, out)
-                delta = delta * stack.scaling[idx][:, None, None]
-            return output + delta.to(output.dtype)
+            delta = self.delta(stack, args[0])
+            return None if delta is None else output + delta.to(output.dtype)
 
         return add_delta

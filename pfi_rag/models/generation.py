@@ -28,6 +28,7 @@ from pfi_rag.models.adapter_cache import (
 from pfi_rag.models.compiled import CompiledDecode, wants_compile
 from pfi_rag.models.decoding import DecodeBatch, Row, SamplingParams
 from pfi_rag.models.gathered_lora import GatheredLoRA
+from pfi_rag.models.lean_step import lean_step_for
 from pfi_rag.models.prefix_cache import PrefixCache, shared_prefix_ids
 from pfi_rag.models.prompting import PassageLike, Prompt, UsedPassage, build_prompt
 from pfi_rag.models.sampling import TokenLogprob
@@ -186,6 +187,11 @@ class Engine:
         self.compiled = None  # the decode step under torch.compile (serving.compile_decode)
         if wants_compile(self.serving.compile_decode, next(self.model.parameters()).device):
             self.compiled = CompiledDecode(self.model)
+        # The lean one-token step on fused weights (serving.decode_step), for Llama models
+        # decoded with gathered LoRA; any other model keeps its own forward (logged once).
+        self.lean = None
+        if self.serving.decode_step == "lean" and self.compiled is None and self.gathered is not None:
+            self.lean = lean_step_for(self.model, gathered=self.gathered)
         self._prefix: PrefixCache | None = None  # built on first use, for the current system prompt
         self._prefix_prompt: str | None = None
         self.retrieve = retrieve
@@ -235,6 +241,7 @@ class Engine:
             gathered=self.gathered,
             prefix=self.prefix_cache(),
             compiled=self.compiled,
+            lean=self.lean,
         )
 
     def prepare(

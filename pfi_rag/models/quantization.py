@@ -133,8 +133,9 @@ def _store_input_major(model) -> int:
 
 
 def is_input_major(weight: torch.Tensor) -> bool:
-    """Whether a (out, in) weight is stored input-major (the ``transposed`` format)."""
-    return weight.dim() == 2 and weight.t().is_contiguous() and not weight.is_contiguous()
+    """Whether a (out, in) weight is stored input-major (the ``transposed`` format, or a slice of the
+    lean decode step's fused (in, outs) tensors): consecutive outputs of one input lie side by side."""
+    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) >= weight.shape[0] > 1
 
 
 def weight_bytes_read_per_token(model) -> int:

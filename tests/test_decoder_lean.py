@@ -1,0 +1,118 @@
+"""The lean decode step (models/lean_step.py) against transformers' forward, on the tiny random Llama."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from pfi_rag.config import AdapterConfig, ServingConfig
+from pfi_rag.models import Engine, GenerationRequest
+from pfi_rag.models.adapters import client_adapter_dir
+from tests.generation_support import PASSAGES, QUESTION, save_strong_adapter
+
+# One torch thread (tests/conftest.py): on the shared 2-core machine two threads decoded ~5x slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_engine(base, tokenizer, root, step: str, *, max_new_tokens: int = 12) -> Engine:
+    serving = ServingConfig(max_new_tokens=max_new_tokens, decode_step=step)
+    return Engine(copy.deepcopy(base), tokenizer, data_root=root, serving=serving,
+                  adapter=AdapterConfig(cache_size=4))  # fmt: skip
+
+
+@pytest.fixture()
+def engines(tiny_generator, tmp_path):
+    """A lean engine and a transformers engine over the same data root, with three strong adapters."""
+    base, tokenizer, _ = tiny_generator
+    for i in range(1, 4):
+        save_strong_adapter(base, client_adapter_dir(tmp_path, f"c{i}"), seed=i)
+    lean = make_engine(base, tokenizer, tmp_path, "lean")
+    plain = make_engine(base, tokenizer, tmp_path, "transformers")
+    assert lean.lean is not None and plain.lean is None
+    return lean, plain
+
+
+def test_lean_weights_are_views_of_one_buffer_with_the_same_values(tiny_generator, engines):
+    base = tiny_generator[0]
+    lean, _ = engines
+    served = dict(lean.model.get_base_model().named_modules())
+    buffer = lean.lean.buffer.untyped_storage().data_ptr()
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            layer = served[name].get_base_layer() if hasattr(served[name], "get_base_layer") else served[name]
+            assert layer.weight.untyped_storage().data_ptr() == buffer  # no second copy of the weights
+            assert torch.equal(layer.weight, module.weight)
+
+
+def test_lean_logprobs_match_transformers_and_greedy_tokens_are_equal(engines):
+    # Prepare: each client (three adapters, and one without: the base model) alone, with logprobs.
+    lean, plain = engines
+    clients = ("c1", "c2", "c3", "x")
+    requests = [GenerationRequest(c, QUESTION, passages=PASSAGES, logprobs=3) for c in clients]
+
+    # Execute
+    got = [lean.generate(r) for r in requests]
+    want = [plain.generate(r) for r in requests]
+
+    # Assert: fp32 throughout, only the order of additions differs (fused products, the residual
+    # added inside the product), so logprobs agree to ~1e-6 relative; 1e-4 leaves margin and still
+    # catches any wrong weight, head or position (those move logprobs by > 1e-2).
+    assert len({tuple(r.token_ids) for r in want}) == 4  # the adapters change the answers
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids and len(g.token_ids) > 3
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in g.logprobs]), torch.tensor([t.logprob for t in w.logprobs]),
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
+
+
+def test_mixed_adapter_batch_with_rows_joining_and_leaving_gives_each_rows_tokens(engines):
+    # Prepare: every request's answer alone through transformers' forward.
+    lean, plain = engines
+    plan = [("c1", "", 12), ("c2", " Tell me.", 5), ("x", "", 9), ("c3", " Briefly?", 12)]
+    asks = [GenerationRequest(c, QUESTION + more, passages=PASSAGES, max_new_tokens=n) for c, more, n in plan]
+    alone = [plain.generate(r).token_ids for r in asks]
+    assert lean.prefix_cache() is not None  # rows start from the cached system prompt
+
+    # Execute: two rows start, a third joins after two steps, a fourth after four; short ones leave.
+    batch = lean.new_batch()
+    jobs = [lean.prepare(r) for r in asks]
+    batch.add([jobs[0].row, jobs[1].row])
+    for step in range(40):
+        if step == 2:
+            batch.add([jobs[2].row])
+        if step == 4:
+            batch.add([jobs[3].row])
+        if step > 4 and not len(batch):
+            break
+        batch.step()
+
+    # Assert
+    assert [lean.finish(job).token_ids for job in jobs] == alone
+
+
+def test_a_model_the_lean_step_does_not_fit_decodes_with_its_own_forward(tiny_generator, tmp_path, caplog):
+    # Prepare: a tiny random Qwen2 (biased q/k/v projections: not what the lean step fuses).
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = tiny_generator[1]
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+
+    # Execute
+    with caplog.at_level(logging.INFO, logger="pfi_rag.models.lean_step"):
+        engine = Engine(model, tokenizer, data_root=tmp_path, serving=ServingConfig(max_new_tokens=6))
+        result = engine.generate(GenerationRequest("alice", QUESTION, passages=PASSAGES))
+
+    # Assert: served, through the model's own forward, and said once why.
+    assert engine.lean is None and result.completion_tokens > 0
+    notes = [r.getMessage() for r in caplog.records if "lean decode step does not fit" in r.getMessage()]
+    assert len(notes) == 1 and "Qwen2ForCausalLM" in notes[0]
