@@ -130,3 +130,40 @@ def test_planted_runs_can_run_only_their_intended_and_record_probes():
     chosen = probes_for(overfit, PROBES, "intended")
     assert {"membership", "calibration", "ood", "update_outliers", "budget"} <= set(chosen)
     assert not {"bias", "refusal", "exposure", "leakage"} & set(chosen)
+
+
+def test_finished_trade_off_runs_are_reused_and_counted(tmp_path):
+    from dataclasses import replace
+
+    from pfi_rag.benchmark.silent_failures import run_benchmark
+
+    # Prepare: the non-private trade-off row of an earlier invocation with the same settings.
+    preset = replace(PRESETS["quick"], tradeoff_epsilons=(None,))
+    cfg = load_config(None, {"data_root": str(tmp_path), **preset.overrides()})
+    key = fingerprint(cfg, preset="quick", world="synthetic", probes=("update_outliers",), probe_rounds=True)
+    log = WorkLog.open(
+        tmp_path / "work", key, describe={"preset": "quick", "world": "synthetic"}, command="x"
+    )
+    cell = {"answer_ppl": 4.9, "accuracy": 0.95}
+    log.record(
+        {"epsilon": None, "system": {"seconds": 0.0}, "mean": {"base": cell}, "measure_seconds": 30.0},
+        kind="tradeoff",
+    )
+    events = []
+
+    # Execute: a trade-off-only invocation (nothing left to run, so nothing loads a model).
+    result = run_benchmark(
+        cfg,
+        preset=preset,
+        out=tmp_path / "out",
+        work=tmp_path / "work",
+        matrix=False,
+        probes=("update_outliers",),
+        on_event=events.append,
+    )
+
+    # Assert
+    assert "reusing 0 of 0 runs and 1 of 1 trade-off runs" in events[0]
+    assert result["tradeoff"][0]["mean"]["base"] == cell
+    assert result["meta"]["run_seconds"] == 30.0 and result["meta"]["invocations"] == 2
+    assert "| non-private | 4.9 / 0.95 |" in (tmp_path / "out" / "silent-failures.md").read_text()
