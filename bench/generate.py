@@ -9,7 +9,8 @@
 (b) Throughput for 8 concurrent clients, each with its own adapter, prefill and decode timed
     apart: one batch of the 8 vs the same 8 requests one at a time (target: decode at least 3x),
     and a batch of 8 adapters vs a batch of 8 rows on one adapter (target: at least 0.8x), for
-    gathered LoRA and for PEFT's mixed-adapter path, in the same run; then the batching
+    gathered LoRA with the lean decode step (the default), gathered LoRA with transformers' own
+    step (``hf-step``) and PEFT's mixed-adapter path, in the same run; then the batching
     scheduler end to end (concurrent submitters, continuous admission). Prompts carry one of the
     client's notes as a passage (no retrieval: this part measures decoding).
 (c) One request's tokens/s and memory (RSS after loading, peak RSS sampled while decoding, and
@@ -163,6 +164,7 @@ def batch_shapes(engines: dict[str, Engine], requests: list[GenerationRequest], 
         row["mixed_vs_one_adapter"] = row["batch"]["decode_tok_s"] / row["one_adapter_batch"]["decode_tok_s"]
         first = {shape: runs[name, shape][0]["token_ids"] for shape in shapes}
         row["batched_equals_alone"] = first["batch"] == first["alone"]
+        row["token_ids"] = first
         out[name] = row
     return out
 
@@ -271,6 +273,7 @@ def main() -> None:
     baseline, _, _ = load_generator(cfg)
     make_adapters(model, root, clients)
     peft_model = copy.deepcopy(model) if "b" in args.parts else None
+    hf_model = copy.deepcopy(model) if "b" in args.parts else None  # gathered, transformers' step
     engine = Engine(model, tokenizer, data_root=root, serving=ServingConfig(), adapter=AdapterConfig())
     print(
         f"model {cfg.generator} on {runtime.device}, {runtime.dtype}, attn={runtime.attn_implementation}, "
@@ -285,8 +288,10 @@ def main() -> None:
     if "b" in args.parts:
         serving = ServingConfig(gathered_lora=False)
         peft = Engine(peft_model, tokenizer, data_root=root, serving=serving, adapter=AdapterConfig())
-        b = _part_b({"gathered": engine, "peft": peft}, root, clients, args)
-        del peft, peft_model
+        serving = ServingConfig(decode_step="transformers")
+        hf_step = Engine(hf_model, tokenizer, data_root=root, serving=serving, adapter=AdapterConfig())
+        b = _part_b({"gathered": engine, "hf-step": hf_step, "peft": peft}, root, clients, args)
+        del peft, peft_model, hf_step, hf_model
     del engine, model
     if "c" in args.parts:
         c = _part_c(args)
@@ -345,6 +350,14 @@ def _part_b(engines: dict[str, Engine], root: Path, clients: list[str], args) ->
         f"    gathered vs peft, batch of 8 adapters, decode: "
         f"{shapes['gathered']['batch']['decode_tok_s'] / shapes['peft']['batch']['decode_tok_s']:.2f}x"
     )
+    if "hf-step" in shapes:
+        lean, hf = shapes["gathered"], shapes["hf-step"]
+        print(
+            "    lean decode step (default) vs transformers' step, gathered LoRA, decode: batch of 8 "
+            f"adapters {lean['batch']['decode_tok_s'] / hf['batch']['decode_tok_s']:.2f}x, one at a time "
+            f"{lean['alone']['decode_tok_s'] / hf['alone']['decode_tok_s']:.2f}x; same greedy tokens: "
+            f"{lean['token_ids'] == hf['token_ids']}"
+        )
     b = concurrent_clients(engines["gathered"], requests, args.repeats)
     b["shapes"] = shapes
     print(

@@ -10,7 +10,10 @@ them alike and the ratios hold:
 
 - ``transformers``: the raw baseline, plain ``model.generate`` on the fp32 model (greedy, no
   serving engine), decode rate from the difference of an N-token and a 1-token generate;
-- ``float32``, ``bfloat16``: the serving engine with ``models.dtype``;
+- ``float32``, ``bfloat16``: the serving engine with ``models.dtype``, decode steps through
+  transformers' forward (``serving.decode_step = "transformers"``), as every format but ``lean``;
+- ``lean``: the engine's default, fp32 decode steps through the lean step on fused input-major
+  weights (pfi_rag/models/lean_step.py); its Linear time is its own fused products;
 - ``transposed``, ``int8``, ``int8-dynamic``: the engine on fp32 weights stored input-major or
   quantized to int8 (``serving.weight_format``, pfi_rag/models/quantization.py); the LoRA path
   stays fp32.
@@ -41,8 +44,8 @@ from pathlib import Path
 
 import torch
 
-FORMATS = ["transformers", "float32", "transposed", "bfloat16", "int8", "int8-dynamic"]
-DEFAULT_FORMATS = "transformers,float32,transposed,bfloat16,int8"
+FORMATS = ["transformers", "float32", "transposed", "lean", "bfloat16", "int8", "int8-dynamic"]
+DEFAULT_FORMATS = "transformers,float32,transposed,lean,bfloat16,int8"
 
 
 def read_gb_s(threads: int, repeats: int = 5) -> float:
@@ -75,9 +78,29 @@ def linear_ms(model, repeats: int = 5) -> float:
     return best * 1000
 
 
+def lean_linear_ms(lean, repeats: int = 5) -> float:
+    """ms for the lean step's fused products of one row (qkv, o + residual, gate-up, down +
+    residual per layer, then the output projection), in model order."""
+    dtype = lean.head.dtype
+    h, act = torch.randn(1, lean.head.shape[0]).to(dtype), torch.randn(1, lean.intermediate).to(dtype)
+    attn = torch.randn(1, lean.heads * lean.head_dim).to(dtype)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for layer in lean.layers:
+                h @ layer.qkv
+                torch.addmm(h, attn, layer.o)
+                h @ layer.gate_up
+                torch.addmm(h, act, layer.down)
+            h @ lean.head
+            best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
 def build(fmt: str, root: Path):
     """(engine or None, model, tokenizer) for one format."""
-    from pfi_rag.config import ModelsConfig
+    from pfi_rag.config import ModelsConfig, ServingConfig
     from pfi_rag.models import Engine
     from pfi_rag.models.loading import load_generator
     from pfi_rag.models.quantization import quantize_linear_layers
@@ -87,7 +110,8 @@ def build(fmt: str, root: Path):
     if fmt == "transformers":
         return None, model, tokenizer
     quantize_linear_layers(model, fmt if fmt.startswith("int8") or fmt == "transposed" else "none")
-    return Engine(model, tokenizer, data_root=root), model, tokenizer
+    serving = ServingConfig(decode_step="lean" if fmt == "lean" else "transformers")
+    return Engine(model, tokenizer, data_root=root, serving=serving), model, tokenizer
 
 
 def engine_rate(engine, tokens: int) -> float:
@@ -149,7 +173,7 @@ def step_gap(repeats: int, steps: int = 16) -> None:
     model, of the same model wrapped by PEFT with gathered routing (slot 0), and of an engine step."""
     import copy
 
-    from pfi_rag.config import ModelsConfig
+    from pfi_rag.config import ModelsConfig, ServingConfig
     from pfi_rag.data.synth import synthesize
     from pfi_rag.models import Engine, GenerationRequest
     from pfi_rag.models.loading import load_generator
@@ -158,7 +182,7 @@ def step_gap(repeats: int, steps: int = 16) -> None:
     plain = copy.deepcopy(model)
     root = Path(tempfile.mkdtemp(prefix="pfi-one-stream-"))
     synthesize(root, clients=1, seed=0)
-    engine = Engine(model, tokenizer, data_root=root)
+    engine = Engine(model, tokenizer, data_root=root, serving=ServingConfig(decode_step="transformers"))
     question = "Tell me about my week please, in detail."
     ids = tokenizer(question, return_tensors="pt").input_ids
 
@@ -330,7 +354,7 @@ def main() -> None:
             "read_gb_s": read,
             "read_gb_s_all": reads[threads],
             "limit_tok_s": read * 1e9 / weight_bytes,
-            "linear_ms": linear_ms(base),
+            "linear_ms": lean_linear_ms(engine.lean) if fmt == "lean" else linear_ms(base),
         }
         row["share_of_limit"] = row["tok_s"] / row["limit_tok_s"]
         if fmt in quality_of:
