@@ -116,3 +116,25 @@ def test_a_model_the_lean_step_does_not_fit_decodes_with_its_own_forward(tiny_ge
     assert engine.lean is None and result.completion_tokens > 0
     notes = [r.getMessage() for r in caplog.records if "lean decode step does not fit" in r.getMessage()]
     assert len(notes) == 1 and "Qwen2ForCausalLM" in notes[0]
+
+
+@pytest.mark.slow  # the real default model (SmolLM2-135M): ~20 s
+def test_lean_step_on_the_default_model_gives_transformers_greedy_answers(default_models_config, tmp_path):
+    # Prepare: the default model twice, one engine per decode step.
+    from pfi_rag.models.loading import load_generator
+
+    base, tokenizer, _ = load_generator(default_models_config)
+    requests = [GenerationRequest("alice", q, passages=PASSAGES, max_new_tokens=24, logprobs=1)
+                for q in (QUESTION, "What does Bob drink in the morning?")]  # fmt: skip
+
+    # Execute
+    answers = {}
+    for step in ("lean", "transformers"):
+        engine = make_engine(base, tokenizer, tmp_path, step, max_new_tokens=24)
+        answers[step] = [engine.generate(r) for r in requests]
+
+    # Assert: same tokens; logprobs within 1e-3 (30 layers of reordered fp32 sums: ~1e-5 seen).
+    for lean, plain in zip(answers["lean"], answers["transformers"], strict=True):
+        assert lean.token_ids == plain.token_ids and len(lean.token_ids) > 5
+        got, want = ([t.logprob for t in result.logprobs] for result in (lean, plain))
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-3, atol=1e-3)
