@@ -4,12 +4,15 @@ import copy
 
 import numpy as np
 import pytest
+import torch
+from peft import LoraConfig, get_peft_model
 
 from pfi_rag.config import AdapterConfig
 from pfi_rag.models.lora import attach_lora, is_lora_b, load_lora_arrays, lora_arrays
 from pfi_rag.models.scoring import continuation_nll, options_nll
 from pfi_rag.probes import precision
 from pfi_rag.probes.exposure import canary_exposure, canary_exposures
+from pfi_rag.probes.lm import greedy_answers
 
 
 def test_many_prompts_in_one_pass_score_each_option_as_a_full_pass_does(tiny_generator):
@@ -126,3 +129,25 @@ def test_canaries_ranked_together_get_what_each_gets_alone(tiny_generator):
         assert a["samples"] == b["samples"] and a["prefix"] == b["prefix"]
         assert a["exposure"] == pytest.approx(b["exposure"], abs=1e-3)
         assert a["interval"] == pytest.approx(b["interval"], abs=1e-3)
+
+
+def test_clients_completed_in_one_mixed_batch_get_what_each_adapter_gives_alone(tiny_generator):
+    # Prepare: two LoRA adapters (q/v, random B: each moves the model its own way) in one PeftModel
+    base, tokenizer, _ = tiny_generator
+    torch.manual_seed(0)
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora), adapter_name="alice")
+    model.add_adapter("bob", LoraConfig(**lora))
+    model.eval()
+    prompts = ["Audit note qzkf: the access code is", "My dog is called"]
+    # Execute: both clients' prompts in one batch, and each adapter alone
+    mixed = greedy_answers(
+        model, tokenizer, prompts * 2, max_new_tokens=6, adapter_names=["alice", "alice", "bob", "bob"]
+    )
+    alone = []
+    for name in ("alice", "bob"):
+        model.set_adapter(name)
+        alone += greedy_answers(model, tokenizer, prompts, max_new_tokens=6)
+    # Assert: row for row the same completion, and the adapters do differ (routing matters)
+    assert mixed == alone
+    assert alone[:2] != alone[2:]

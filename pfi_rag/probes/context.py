@@ -357,6 +357,18 @@ class ProbeContext:
         (retrieval_hit and leakage ask the same client's store the same item queries)."""
         return self.memo(("search", client_id, query, k), lambda: self.retriever(client_id).search(query, k))
 
+    def search_many(self, client_id: str, queries: list[str], k: int) -> list[list[SearchHit]]:
+        """``search`` for many queries: those not searched yet are embedded as one batch where the
+        store can (``search_many``); one at a time, each query cost a pass of the embedder."""
+        retriever = self.retriever(client_id)
+        new = [q for q in dict.fromkeys(queries) if ("search", client_id, q, k) not in self._memo]
+        if new:
+            many = getattr(retriever, "search_many", None)
+            found = many(new, k) if many is not None else [retriever.search(q, k) for q in new]
+            for query, hits in zip(new, found, strict=True):
+                self._memo[("search", client_id, query, k)] = hits
+        return [self._memo[("search", client_id, q, k)] for q in queries]
+
     def _open_store(self, client_id: str) -> Retriever | None:
         # Only an existing index: ClientStore.open would create an empty one, and probes never write.
         if not layout.client_index_dir(self.data_root, client_id).is_dir():

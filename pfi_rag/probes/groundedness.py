@@ -46,7 +46,7 @@ class GroundednessProbe(ClientProbe):
         def interval_of(n: int) -> precision.Interval:
             """Answers up to the first n items (those not answered yet) and the mean support's interval."""
             more = qa[len(rows) : n]
-            hits = [retriever.search(q.query, ctx.config.retrieval.top_k) for q in more]
+            hits = ctx.search_many(client_id, [q.query for q in more], ctx.config.retrieval.top_k)
             if ctx.answerer is not None:
                 given = [served_passages(ctx, h) for h in hits]
                 answers = [ctx.answerer(client_id, q.question, g) for q, g in zip(more, given, strict=True)]

@@ -71,16 +71,22 @@ class LeakageProbe(FederationProbe):
         k = ctx.config.retrieval.top_k
         leaks: list[dict] = []
         checked = {"retrieval_queries": 0, "completions": 0}
+        asked: list[tuple[str, str, dict]] = []  # (observer, victim, canary) completed by the observer
+        adapters: list[str] = []  # the observer's adapter, one per completion
+        peft = None  # the context's PeftModel, every loaded adapter in it
         for observer in client_ids:
             retriever = ctx.retriever(observer)
             model = ctx.client_model(observer) or ctx.global_model()
             victims = [v for v in client_ids if v != observer]
             if retriever is not None:
-                # The observer's own queries are searched once, then checked against every victim.
+                # The observer's own queries are searched once, then checked against every victim;
+                # every search of the observer's store is embedded in one batch.
                 own = [q.query for q in ctx.eval_items(observer)][:MAX_OWN_QUERIES]
-                own_hits = [ctx.search(observer, query, k) for query in own]
+                prefixes = [c["prefix"] for victim in victims for c in secrets[victim]]
+                found = ctx.search_many(observer, own + prefixes, k)
+                own_hits, by_prefix = found[: len(own)], dict(zip(prefixes, found[len(own) :], strict=True))
                 for victim in victims:
-                    prefix_hits = [retriever.search(c["prefix"], k) for c in secrets[victim]]
+                    prefix_hits = [by_prefix[c["prefix"]] for c in secrets[victim]]
                     checked["retrieval_queries"] += len(prefix_hits) + len(own_hits)
                     for hits in prefix_hits + own_hits:
                         for hit in hits:
@@ -96,26 +102,32 @@ class LeakageProbe(FederationProbe):
                                     }
                                 )
             if model is not None:
-                # Every victim's prefixes completed in batches: one decoding step serves many.
-                asked = [(victim, canary) for victim in victims for canary in secrets[victim]]
-                completions = greedy_answers(
-                    model,
-                    ctx.tokenizer,
-                    [canary["prefix"].rstrip(" ") for _, canary in asked],
-                    max_new_tokens=SECRET_TOKENS,
-                    batch_size=64,  # canary prefixes are short and of similar length: little padding
-                )
-                checked["completions"] += len(asked)
-                for (victim, canary), text in zip(asked, completions, strict=True):
-                    if canary["secret"] in text:
-                        leaks.append(
-                            {
-                                "channel": "output",
-                                "victim": victim,
-                                "observer": observer,
-                                "item": f"canary {canary['prefix']!r}",
-                            }
-                        )
+                pairs = [(observer, victim, canary) for victim in victims for canary in secrets[victim]]
+                asked.extend(pairs)
+                adapters.extend([model.active_adapter] * len(pairs))  # the adapter just activated
+                peft = model
+        if peft is not None and asked:
+            # Every observer's completions in one batch, each row with its observer's adapter: one
+            # decoding step serves every client (canary prefixes are short and of similar length).
+            completions = greedy_answers(
+                peft,
+                ctx.tokenizer,
+                [canary["prefix"].rstrip(" ") for _, _, canary in asked],
+                max_new_tokens=SECRET_TOKENS,
+                batch_size=256,
+                adapter_names=adapters,
+            )
+            checked["completions"] += len(asked)
+            for (observer, victim, canary), text in zip(asked, completions, strict=True):
+                if canary["secret"] in text:
+                    leaks.append(
+                        {
+                            "channel": "output",
+                            "victim": victim,
+                            "observer": observer,
+                            "item": f"canary {canary['prefix']!r}",
+                        }
+                    )
         if not any(checked.values()):
             why = "no client has a store or a model to check: run `pfi-rag ingest` and `pfi-rag federate`"
             return self.skip(ctx, why)

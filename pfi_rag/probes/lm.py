@@ -103,12 +103,46 @@ def greedy_answer(model, tokenizer, prompt: str, *, max_new_tokens: int) -> str:
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def _mixable(model, adapter_names: Sequence[str]) -> bool:
+    """Whether PEFT can serve these adapters in one batch: it mixes LoRA layers only, so an adapter
+    that also saves whole modules (``modules_to_save``, e.g. trained norms) runs on its own."""
+    configs = getattr(model, "peft_config", {})
+    return all(
+        not getattr(configs.get(name), "modules_to_save", None)
+        and not getattr(configs.get(name), "trainable_token_indices", None)
+        for name in set(adapter_names)
+    )
+
+
 @torch.no_grad()
 def greedy_answers(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[str]:
     """``greedy_answer`` for many prompts, ``batch_size`` decoded together (left-padded): one
-    decoding step serves them all, where one prompt at a time pays each step per answer."""
+    decoding step serves them all, where one prompt at a time pays each step per answer.
+
+    ``adapter_names`` (a PeftModel's loaded adapters, one per prompt) answers each prompt with its
+    own adapter in the same batch (PEFT's mixed-adapter batches), so several clients' models share
+    each decoding step."""
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError("give one adapter name per prompt")
+    if adapter_names is not None and not _mixable(model, adapter_names):
+        answers: dict[int, str] = {}
+        for name in dict.fromkeys(adapter_names):  # one adapter at a time, in order of appearance
+            mine = [i for i, n in enumerate(adapter_names) if n == name]
+            model.set_adapter(name)
+            asked = [prompts[i] for i in mine]
+            texts = greedy_answers(
+                model, tokenizer, asked, max_new_tokens=max_new_tokens, batch_size=batch_size
+            )
+            answers.update(zip(mine, texts, strict=True))
+        return [answers[i] for i in range(len(prompts))]
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last column of every row
@@ -121,11 +155,14 @@ def greedy_answers(
                 return_tensors="pt",
                 padding=True,
             ).to(device)
+            names = None if adapter_names is None else list(adapter_names[start : start + batch_size])
+            mixed = {} if names is None else {"adapter_names": names}
             output = model.generate(
                 **encoded,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
+                **mixed,
             )
             width = encoded["input_ids"].shape[1]
             answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in output)
