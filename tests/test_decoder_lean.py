@@ -138,3 +138,38 @@ def test_lean_step_on_the_default_model_gives_transformers_greedy_answers(defaul
         assert lean.token_ids == plain.token_ids and len(lean.token_ids) > 5
         got, want = ([t.logprob for t in result.logprobs] for result in (lean, plain))
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-3, atol=1e-3)
+
+
+def test_an_adapter_targeting_more_projections_gets_its_delta_on_every_one(tiny_generator, tmp_path):
+    # Prepare: c1 targets q/v (the default); "wide" also targets o, gate, up and down, which no
+    # adapter had wrapped when the lean step was built, so PEFT wraps them on its first load.
+    from pfi_rag.models.adapters import save_adapter
+    from pfi_rag.models.lora import attach_lora
+
+    base, tokenizer, _ = tiny_generator
+    save_strong_adapter(base, client_adapter_dir(tmp_path, "c1"), seed=1)
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    wide = attach_lora(copy.deepcopy(base), AdapterConfig(r=8, alpha=16, target_modules=targets), seed=5)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in wide.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                scale = 2.0 if "lora_B" in name else 0.5  # save_strong_adapter's scales
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    save_adapter(wide, client_adapter_dir(tmp_path, "wide"), source="local")
+    lean = make_engine(base, tokenizer, tmp_path, "lean")
+    plain = make_engine(base, tokenizer, tmp_path, "transformers")
+    requests = [GenerationRequest(c, QUESTION, passages=PASSAGES, logprobs=1) for c in ("c1", "wide")]
+
+    # Execute: c1 first, so the lean step meets the newly wrapped projections only afterwards.
+    got = [lean.generate(r) for r in requests]
+    want = [plain.generate(r) for r in requests]
+
+    # Assert
+    assert got[1].token_ids != got[0].token_ids
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in g.logprobs]), torch.tensor([t.logprob for t in w.logprobs]),
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip

@@ -112,7 +112,7 @@ class _Arena:
 
 @dataclass(eq=False)
 class _Layer:
-    """One decoder layer's fused weights and the LoRA wrappers whose deltas it adds."""
+    """One decoder layer's fused weights and where its projections (and their LoRA wrappers) live."""
 
     input_norm: torch.nn.Module
     post_norm: torch.nn.Module
@@ -120,7 +120,10 @@ class _Layer:
     o: torch.Tensor  # (H d, hidden)
     gate_up: torch.Tensor  # (hidden, 2 I)
     down: torch.Tensor  # (I, hidden)
-    wrappers: dict[str, torch.nn.Module]  # projection name -> the module PEFT may have wrapped
+    # projection name -> its parent (self_attn or mlp). The projection itself is looked up there
+    # at each step: loading an adapter that targets a projection no earlier adapter did makes PEFT
+    # replace that module with a LoRA wrapper, whose delta the step must then add.
+    parents: dict[str, torch.nn.Module]
 
 
 class LeanStep:
@@ -146,19 +149,18 @@ class LeanStep:
         groups_of = []
         for layer in base.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            wrappers = {n: getattr(attn, n) for n in (*_ATTENTION, "o_proj")}
-            wrappers.update({n: getattr(mlp, n) for n in (*_MLP, "down_proj")})
-            linears = {n: _base_linear(m) for n, m in wrappers.items()}
+            parents = {n: attn for n in (*_ATTENTION, "o_proj")} | {n: mlp for n in (*_MLP, "down_proj")}
+            linears = {n: _base_linear(getattr(parent, n)) for n, parent in parents.items()}
             groups = [[linears[n] for n in _ATTENTION], [linears["o_proj"]],
                       [linears[n] for n in _MLP], [linears["down_proj"]]]  # fmt: skip
-            groups_of.append((layer, wrappers, groups))
+            groups_of.append((layer, parents, groups))
         head = base.get_output_embeddings()
         arena = _Arena([g for _, _, groups in groups_of for g in groups] + [[head]])
         with torch.no_grad():
-            for layer, wrappers, groups in groups_of:
+            for layer, parents, groups in groups_of:
                 qkv, o, gate_up, down = (arena.fuse(group) for group in groups)
                 self.layers.append(_Layer(layer.input_layernorm, layer.post_attention_layernorm,
-                                          qkv, o, gate_up, down, wrappers))  # fmt: skip
+                                          qkv, o, gate_up, down, parents))  # fmt: skip
             # A tied output projection shares this tensor with the embedding table, whose row
             # lookups then read strided values: the step looks its tokens up in ``head`` itself.
             self.head = arena.fuse([head])  # (hidden, V)
@@ -167,8 +169,9 @@ class LeanStep:
         self._stacks: dict[int, object] = {}  # id(LoRA wrapper) -> its gathered-LoRA stack
         self._stack_count = -1
 
-    def _stack(self, wrapper):
-        """The gathered-LoRA stack of a wrapped projection (None: no LoRA layer there)."""
+    def _stack(self, layer: _Layer, name: str):
+        """The gathered-LoRA stack of ``layer``'s projection ``name`` (None: no LoRA layer there)."""
+        wrapper = getattr(layer.parents[name], name)
         stacks = self.gathered._stacks
         if len(stacks) != self._stack_count:  # an adapter targeting more layers added stacks
             self._stacks = {id(stack.layer): stack for stack in stacks.values()}
@@ -179,7 +182,7 @@ class LeanStep:
         """Add each named projection's gathered LoRA delta to its slice of ``out`` (B, sum of sizes)."""
         start = 0
         for name, size in zip(names, sizes, strict=True):
-            stack = self._stack(layer.wrappers[name])
+            stack = self._stack(layer, name)
             if stack is not None:
                 delta = self.gathered.delta(stack, x)  # (B, size) or None
                 if delta is not None:
@@ -238,7 +241,7 @@ class LeanStep:
 
     def _residual(self, h, x, weight, layer: _Layer, name: str, lora: bool) -> torch.Tensor:
         """``h + x @ weight`` (+ the projection's LoRA delta), the residual add fused into the product."""
-        stack = self._stack(layer.wrappers[name]) if lora else None
+        stack = self._stack(layer, name) if lora else None
         delta = None if stack is None else self.gathered.delta(stack, x)
         if delta is None:
             return torch.addmm(h, x, weight)
