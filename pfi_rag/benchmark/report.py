@@ -171,7 +171,7 @@ def accumulated(meta: dict[str, Any]) -> list[str]:
         return []
     return [
         f"Accumulated over {meta['invocations']} invocations with the same settings (fingerprint "
-        f"{meta['fingerprint']}; {meta['reused']} runs reused by the last); the runs' own time summed: "
+        f"{meta['fingerprint']}; runs reused by the last: {meta['reused']}); the runs' own time summed: "
         f"{meta['run_seconds'] / 60:.1f} min.  "
     ]
 

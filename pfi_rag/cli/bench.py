@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
             )
         meta = result["meta"]
         console.print(
-            f"{meta['reused']} runs reused, {meta['invocations']} invocations so far; "
+            f"runs reused: {meta['reused']}; invocations so far: {meta['invocations']}; "
             f"the runs' own time summed: {meta['run_seconds'] / 60:.1f} min",
             soft_wrap=True,
         )
