@@ -7,13 +7,22 @@ no federation has to run to show what is reused (the real runs' path: tests/test
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from pfi_rag.benchmark.runs import PRESETS
 from pfi_rag.benchmark.scenarios import TARGET
-from pfi_rag.benchmark.worklog import RUNS_FILE, SETTINGS_FILE, SettingsChanged, WorkLog, fingerprint
+from pfi_rag.benchmark.worklog import (
+    RUNS_FILE,
+    SETTINGS_FILE,
+    SettingsChanged,
+    WorkLog,
+    code_version,
+    fingerprint,
+)
 from pfi_rag.cli import app
 from pfi_rag.config import load_config
 from pfi_rag.layout import bench_dir
@@ -47,6 +56,21 @@ def _fingerprint(tmp_path, **changes) -> str:
     return fingerprint(cfg, preset="quick", world="synthetic", probes=("update_outliers",), probe_rounds=True)
 
 
+def test_code_version_follows_the_package_source(tmp_path, monkeypatch):
+    from pfi_rag.benchmark import worklog
+
+    now = code_version()
+    assert len(now) == 12 and code_version() == now
+    # The same hash over a copy of the package, then with one source file changed.
+    package = Path(worklog.__file__).resolve().parents[1]
+    copy = tmp_path / "pfi_rag"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(worklog, "__file__", str(copy / "benchmark" / "worklog.py"))
+    assert code_version() == now
+    (copy / "config.py").write_text((copy / "config.py").read_text() + "\n# changed\n")
+    assert code_version() != now
+
+
 def test_fingerprint_follows_settings_not_paths(tmp_path):
     same = _fingerprint(tmp_path)
 
@@ -72,9 +96,11 @@ def test_work_log_keeps_finished_runs_and_drops_a_cut_line(tmp_path):
     finished = second.finished_runs()
     assert sorted(finished) == [("clean", 0), ("clean", 1)]
     assert finished[("clean", 1)]["seconds"] == 14.0
+    assert {run["code"] for run in finished.values()} == {code_version()}
     assert all(json.loads(line) for line in (work / RUNS_FILE).read_text().splitlines())  # no cut line
     settings = json.loads((work / SETTINGS_FILE).read_text())
     assert [i["command"] for i in settings["invocations"]] == ["one", "two"]
+    assert {i["code"] for i in settings["invocations"]} == {code_version()}
     assert settings["invocations"][0] | {"ran": 2, "reused": 0} == settings["invocations"][0]
 
     with pytest.raises(SettingsChanged, match="--fresh"):
@@ -106,9 +132,11 @@ def test_cli_reuses_finished_runs_refuses_other_settings_and_starts_fresh(cli_wo
     saved = json.loads((cli_workdir / "results" / "silent-failures.json").read_text())
     assert saved["meta"]["invocations"] == 3 and saved["meta"]["reused"] == 4
     assert saved["meta"]["run_seconds"] == 300.0  # 2 x 100 + 2 x 50, whichever invocation ran them
+    assert saved["meta"]["code_versions"] == [code_version()]  # which code made the runs, never hidden
     row = saved["scores"]["poisoned_client"]["probes"]["update_outliers"]
     assert row["tpr"] == 1.0 and row["fpr"] == 0.0 and row["tpr_of"] == [2, 2]
-    assert "3 invocations" in (cli_workdir / "results" / "silent-failures.md").read_text()
+    report = (cli_workdir / "results" / "silent-failures.md").read_text()
+    assert "3 invocations" in report and f"1 version(s) of pfi-rag's code ({code_version()})" in report
 
     changed = runner.invoke(app, [*matrix, "--no-round-references"])
     assert changed.exit_code == 2 and "--fresh" in changed.output

@@ -169,10 +169,12 @@ def accumulated(meta: dict[str, Any]) -> list[str]:
     """A line for a matrix that accumulated over invocations: how many, and its runs' own time."""
     if meta.get("invocations", 1) <= 1 and not meta.get("reused"):
         return []
+    codes = meta.get("code_versions", [])
     return [
         f"Accumulated over {meta['invocations']} invocations with the same settings (fingerprint "
         f"{meta['fingerprint']}; runs reused by the last: {meta['reused']}); the runs' own time summed: "
-        f"{meta['run_seconds'] / 60:.1f} min.  "
+        f"{meta['run_seconds'] / 60:.1f} min; made by {len(codes)} version(s) of pfi-rag's code "
+        f"({', '.join(codes)}).  "
     ]
 
 

@@ -164,6 +164,9 @@ def run_benchmark(
             "fingerprint": key,
             "reused": len(reused) + len(reused_rows),
             "run_seconds": run_seconds(runs, tradeoff_rows),
+            # Which versions of pfi-rag's code made these runs (worklog.code_version); runs logged
+            # before runs were stamped say "unrecorded".
+            "code_versions": sorted({r.get("code", "unrecorded") for r in [*runs, *tradeoff_rows]}),
         },
         "scenarios": {s.name: {"failure": s.failure, "detectors": list(s.detectors)} for s in scenarios},
         "scores": score(runs, scenarios),

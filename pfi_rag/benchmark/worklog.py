@@ -9,6 +9,10 @@ invocation with the same settings reuses every finished run it asks for and runs
 a run cut mid-way left no line and is simply run again. Different settings are refused
 (:class:`SettingsChanged`) rather than mixed or silently discarded: hours of runs go only when
 asked (``fresh``).
+
+The code is not part of the fingerprint (a matrix of hours may span fixes that do not change what
+it measures), but it is never hidden: every run and invocation is stamped with
+:func:`code_version`, and the outputs list the versions a result's runs came from.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from pfi_rag.storage import atomic_write_json
 
 SETTINGS_FILE = "settings.json"
 RUNS_FILE = "runs.jsonl"
+
+
+def code_version() -> str:
+    """A short hash of pfi-rag's own source files: which code made a run, installed or checked out."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 class SettingsChanged(ValueError):
@@ -71,6 +84,7 @@ class WorkLog:
     fingerprint: str
     describe: dict[str, Any]  # preset and world, for people reading settings.json
     invocations: list[dict[str, Any]] = field(default_factory=list)
+    code: str = field(default_factory=code_version)  # stamped on this invocation and its runs
 
     @classmethod
     def open(
@@ -100,7 +114,8 @@ class WorkLog:
         directory.mkdir(parents=True, exist_ok=True)
         log._repair()
         log.invocations.append(
-            {"started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "command": command}
+            {"started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "command": command,
+             "code": log.code}  # fmt: skip
         )
         log._save()
         return log
@@ -145,7 +160,9 @@ class WorkLog:
         return {row["epsilon"]: row for row in self._entries("tradeoff")}
 
     def record(self, entry: dict[str, Any], *, kind: str = "run") -> None:
-        """Append a finished run (or trade-off row) as one line, stamped with the fingerprint."""
+        """Append a finished run (or trade-off row) as one line, stamped with the fingerprint; the
+        entry itself gets this invocation's ``code`` version, so results in memory carry it too."""
+        entry["code"] = self.code
         line = json.dumps({**entry, "kind": kind, "fingerprint": self.fingerprint}, default=str)
         with self.runs_file.open("a", encoding="utf-8") as handle:
             handle.write(line + "\n")
@@ -156,4 +173,4 @@ class WorkLog:
         self._save()
 
 
-__all__ = ["RUNS_FILE", "SETTINGS_FILE", "SettingsChanged", "WorkLog", "fingerprint"]
+__all__ = ["RUNS_FILE", "SETTINGS_FILE", "SettingsChanged", "WorkLog", "code_version", "fingerprint"]
