@@ -173,3 +173,22 @@ def test_an_adapter_targeting_more_projections_gets_its_delta_on_every_one(tiny_
             torch.tensor([t.logprob for t in g.logprobs]), torch.tensor([t.logprob for t in w.logprobs]),
             rtol=1e-4, atol=1e-4,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("attention", "step", "prefills_with"),
+    [("auto", "lean", "sdpa"), ("eager", "lean", "eager"), ("auto", "transformers", "eager")],
+)
+def test_served_engine_prefills_with_sdpa_only_where_auto_and_the_lean_step_decodes(
+    tiny_models_config, tmp_path, attention, step, prefills_with
+):
+    from pfi_rag.config import Config
+
+    models = tiny_models_config.model_copy(update={"attn_implementation": attention})
+    config = Config(data_root=tmp_path, models=models, serving=ServingConfig(decode_step=step))
+
+    engine = Engine.from_config(config)  # what `pfi-rag serve` builds
+    result = engine.generate(GenerationRequest("alice", QUESTION, passages=PASSAGES, max_new_tokens=4))
+
+    assert engine.model.config._attn_implementation == prefills_with  # an explicit setting is kept
+    assert result.completion_tokens > 0

@@ -1,7 +1,7 @@
 """The groundedness probe's answers are the serving engine's: same prompt, adapter and tokens.
 
-The probe decodes many questions together through ``ProbeContext.engine()`` (whose prefill runs
-SDPA attention); the HTTP service answers each alone with ``Engine.generate`` (eager prefill).
+The probe decodes many questions together through ``ProbeContext.engine()``; the HTTP service
+answers each alone with ``Engine.generate``. Both prefill with SDPA where the lean step decodes.
 Prompts of different lengths (left padding) and a passage under the relevance floor, on the tiny
 model with a client adapter and a global one.
 """
@@ -45,10 +45,10 @@ def test_probe_answers_are_the_serving_engines_alone(tiny_generator, tiny_models
         assert [doc_ids(r) for r in probed] == [doc_ids(r) for r in alone]
         assert {r.adapter.kind for r in probed} == {kind}
         assert all(0 < len(r.token_ids) <= 12 for r in probed)
-    # The probe's engine prefilled with SDPA (its lean step decodes), serving's with eager attention
-    assert ctx.engine().lean is not None
+    # Both prefilled with SDPA ("auto" attention, and the lean step decodes)
+    assert ctx.engine().lean is not None and server.lean is not None
     assert ctx.engine().model.config._attn_implementation == "sdpa"
-    assert server.model.config._attn_implementation == "eager"
+    assert server.model.config._attn_implementation == "sdpa"
     # Passages under retrieval.relevance_floor (0.3) never reach the prompt, ranked by score
     assert [doc_ids(r) for r in probed] == [["doc-dog", "doc-tea"], ["doc-tea"], ["doc-dog"]]
 

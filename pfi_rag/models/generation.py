@@ -209,7 +209,7 @@ class Engine:
 
         model, tokenizer, _ = load_generator(cfg.models)
         quantize_linear_layers(model, cfg.serving.weight_format)  # "none": unchanged
-        return cls(
+        engine = cls(
             model,
             tokenizer,
             data_root=cfg.data_root,
@@ -219,6 +219,19 @@ class Engine:
             retrieval_k=cfg.retrieval.top_k,
             relevance_floor=cfg.retrieval.relevance_floor,
         )
+        engine.choose_prefill_attention(cfg.models.attn_implementation)
+        return engine
+
+    def choose_prefill_attention(self, setting: str) -> None:
+        """With ``models.attn_implementation = "auto"``, prefill with SDPA when the lean step decodes.
+
+        "auto" picks eager attention on a CPU because eager decoded faster there; with the lean
+        step the model's own forward only prefills, where eager attention writes and rereads a
+        (rows, heads, T, T) score tensor in every layer: on long RAG prompts SDPA prefilled 1.6x
+        faster on two cores, for the same keys and values up to float rounding (docs/serving.md).
+        An explicit setting is kept as it is."""
+        if setting == "auto" and self.lean is not None and hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation("sdpa")
 
     def prefix_cache(self) -> PrefixCache | None:
         """The cache of the prompt prefix every request shares (None when turned off or without

@@ -62,10 +62,6 @@ def has_adapter(directory: Path) -> bool:
     return (Path(directory) / "adapter_config.json").is_file()
 
 
-# The attention the probes' serving engine prefills with, where its lean step decodes (engine()).
-PREFILL_ATTENTION = "sdpa"
-
-
 class ProbeContext:
     def __init__(
         self,
@@ -159,13 +155,8 @@ class ProbeContext:
                 retrieval_k=self.config.retrieval.top_k,
                 relevance_floor=self.config.retrieval.relevance_floor,
             )
-            if self._engine.lean is not None and hasattr(self._engine.model, "set_attn_implementation"):
-                # The lean step decodes with its own attention, so the model's forward only prefills
-                # here, and prefill is most of the probe's work (prompts of 100-900 tokens). Eager
-                # attention writes and rereads a (rows, heads, T, T) score tensor in every layer: on
-                # four real-text clients' prompts SDPA prefilled 1.6x faster on two cores, for the
-                # same keys and values up to float rounding (bench/results/probes-suite.txt).
-                self._engine.model.set_attn_implementation(PREFILL_ATTENTION)
+            # As `pfi-rag serve` does; prefill is most of the probe's work (prompts of 100-900 tokens).
+            self._engine.choose_prefill_attention(self.config.models.attn_implementation)
         return self._engine
 
     def client_model(self, client_id: str):
