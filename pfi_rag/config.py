@@ -40,7 +40,8 @@ class ModelsConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # None: half the cores (see models.loading.default_cpu_threads for the measurement).
     threads: int | None = Field(default=None, ge=1, le=512)
-    # "auto": eager on cpu (12.5 vs 12.2 tok/s for sdpa at 1 thread; docs/models.md), sdpa on cuda.
+    # "auto": eager on cpu (12.5 vs 12.2 tok/s for sdpa at 1 thread; docs/models.md), sdpa on cuda;
+    # serving prefills with sdpa where its lean step decodes (docs/serving.md).
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
     # Where converted default models are cached (GGUF -> safetensors, once).
     cache_dir: Path = Field(
