@@ -12,15 +12,18 @@ a few seconds less on every launch.
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from pfi_rag.config import Config
-from pfi_rag.models.adapters import METADATA_FILE, AdapterInfo, read_adapter_info
+from pfi_rag.models.adapters import (
+    METADATA_FILE,
+    AdapterInfo,
+    next_adapter_info,
+    write_adapter_info,
+)
 from pfi_rag.storage import atomic_directory
 
 TEMPLATE = "initial-adapter"  # under the run directory: the fresh adapter, PEFT format
@@ -59,26 +62,14 @@ class AdapterFiles:
             name: np.ascontiguousarray(arrays.get(name, value), dtype=value.dtype)
             for name, value in self.initial.items()
         }
-        previous = read_adapter_info(directory)
-        info = AdapterInfo(
-            version=(previous.version if previous else 0) + 1,
-            round=round,
-            created_at=_now(),
-            source=source,
-        )
+        info = next_adapter_info(directory, round=round, source=source)
         with atomic_directory(directory) as staging:
             for item in self.template.iterdir():
                 if item.is_file() and item.name not in (WEIGHTS, METADATA_FILE):
                     shutil.copy2(item, staging / item.name)
             save_file(weights, str(staging / WEIGHTS), metadata={"format": "pt"})  # as PEFT writes it
-            (staging / METADATA_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
+            write_adapter_info(staging, info)
         return info
-
-
-def _now() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 __all__ = ["TEMPLATE", "AdapterFiles", "write_template"]

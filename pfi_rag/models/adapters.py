@@ -59,14 +59,7 @@ def save_adapter(
     epsilon: float | None = None,
 ) -> AdapterInfo:
     """Save ``model``'s adapter ``adapter_name`` to ``directory`` as the next version, atomically."""
-    previous = read_adapter_info(directory)
-    info = AdapterInfo(
-        version=(previous.version if previous else 0) + 1,
-        round=round,
-        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        source=source,
-        epsilon=epsilon,
-    )
+    info = next_adapter_info(directory, round=round, source=source, epsilon=epsilon)
     with atomic_directory(directory) as staging:
         model.save_pretrained(staging, selected_adapters=[adapter_name])
         if adapter_name != "default":
@@ -75,8 +68,27 @@ def save_adapter(
             for item in nested.iterdir():
                 item.rename(staging / item.name)
             nested.rmdir()
-        (staging / METADATA_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
+        write_adapter_info(staging, info)
     return info
+
+
+def next_adapter_info(
+    directory: Path, *, round: int | None, source: str, epsilon: float | None = None
+) -> AdapterInfo:
+    """The metadata of the next version of the adapter in ``directory`` (version 1 if it has none)."""
+    previous = read_adapter_info(directory)
+    return AdapterInfo(
+        version=(previous.version if previous else 0) + 1,
+        round=round,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        source=source,
+        epsilon=epsilon,
+    )
+
+
+def write_adapter_info(staging: Path, info: AdapterInfo) -> None:
+    """Write ``info`` beside the adapter files being staged in ``staging``."""
+    (staging / METADATA_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
 
 
 def peek_adapter_info(directory: Path, *, attempts: int = 20, wait_s: float = 0.005) -> AdapterInfo | None:
