@@ -147,6 +147,44 @@ def test_cli_reuses_finished_runs_refuses_other_settings_and_starts_fresh(cli_wo
     assert not (work / RUNS_FILE).exists()
 
 
+def test_report_only_tables_the_finished_runs_and_changes_nothing(cli_workdir):
+    runner = CliRunner()
+    base = ["--data-root", str(cli_workdir / "data"), "bench", "silent-failures", "--preset", "quick"]
+    out = ["--out", str(cli_workdir / "results")]
+    report = [*base, "--scenarios", "poisoned_client", "--seeds", "2", "--no-tradeoff", "--report-only", *out]
+    work = bench_dir(cli_workdir / "data")
+    nothing_yet = runner.invoke(app, report)
+    assert nothing_yet.exit_code == 2 and "run the benchmark first" in nothing_yet.output
+    # Prepare: settings recorded, and three of the four runs finished (poisoned seed 1 missing).
+    assert runner.invoke(app, [*base, "--no-matrix", "--no-tradeoff", *out]).exit_code == 0
+    key = json.loads((work / SETTINGS_FILE).read_text())["fingerprint"]
+    log = WorkLog.open(work, key, describe={"preset": "quick", "world": "synthetic"}, command="running")
+    log.record(_run("clean", 0, 1.0, seconds=100.0))
+    log.record(_run("poisoned_client", 0, 9.0, seconds=50.0))
+    log.record(_run("clean", 1, 1.5, seconds=100.0))
+    before = {name: (work / name).read_bytes() for name in (SETTINGS_FILE, RUNS_FILE)}
+
+    reported = runner.invoke(app, report)
+
+    assert reported.exit_code == 0, reported.output
+    assert "reporting on 3 of 4 runs" in reported.output
+    assert {name: (work / name).read_bytes() for name in before} == before  # only read
+    saved = json.loads((cli_workdir / "results" / "silent-failures.json").read_text())
+    assert saved["meta"]["report_only"] and saved["meta"]["missing"] == {
+        "runs": {"poisoned_client": [1]},
+        "tradeoff": [],
+    }
+    row = saved["scores"]["poisoned_client"]["probes"]["update_outliers"]
+    assert row["tpr_of"] == [1, 1] and row["fpr_of"] == [0, 2]
+    table = (cli_workdir / "results" / "silent-failures.md").read_text()
+    assert "Partial report" in table and "Not finished: poisoned_client seed 1." in table
+
+    other = runner.invoke(app, [*report, "--no-round-references"])
+    assert other.exit_code == 2 and "options they were run with" in other.output
+    both = runner.invoke(app, [*report, "--fresh"])
+    assert both.exit_code == 2 and (work / RUNS_FILE).read_bytes() == before[RUNS_FILE]
+
+
 def test_planted_runs_can_run_only_their_intended_and_record_probes():
     from pfi_rag.benchmark.runs import PROBES, probes_for
     from pfi_rag.benchmark.scenarios import scenario_named

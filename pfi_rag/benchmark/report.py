@@ -170,11 +170,42 @@ def accumulated(meta: dict[str, Any]) -> list[str]:
     if meta.get("invocations", 1) <= 1 and not meta.get("reused"):
         return []
     codes = meta.get("code_versions", [])
+    reused = "" if meta.get("report_only") else f"; runs reused by the last: {meta['reused']}"
     return [
         f"Accumulated over {meta['invocations']} invocations with the same settings (fingerprint "
-        f"{meta['fingerprint']}; runs reused by the last: {meta['reused']}); the runs' own time summed: "
+        f"{meta['fingerprint']}{reused}); the runs' own time summed: "
         f"{meta['run_seconds'] / 60:.1f} min; made by {len(codes)} version(s) of pfi-rag's code "
         f"({', '.join(codes)}).  "
+    ]
+
+
+def _took(meta: dict[str, Any]) -> str:
+    if meta.get("report_only"):
+        return "tables written from the runs finished so far (nothing ran for them)"
+    return f"{meta['seconds'] / 60:.1f} min"
+
+
+def not_finished(meta: dict[str, Any]) -> int:
+    """How many runs (matrix and trade-off) a report-only result does not cover yet."""
+    missing = meta.get("missing") or {}
+    return sum(map(len, missing.get("runs", {}).values())) + len(missing.get("tradeoff", []))
+
+
+def partial(meta: dict[str, Any]) -> list[str]:
+    """A line for a report on a matrix that is still accumulating: what it does not cover."""
+    missing = meta.get("missing") or {}
+    runs, tradeoff = missing.get("runs", {}), missing.get("tradeoff", [])
+    count = not_finished(meta)
+    if not count:
+        return []
+    parts = [
+        f"{name} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+        for name, seeds in runs.items()
+    ]
+    parts += [f"trade-off at epsilon {', '.join(tradeoff)}"] if tradeoff else []
+    return [
+        f"**Partial report** (`--report-only`): {count} runs not finished yet, so the rates below "
+        f"cover fewer runs than the full matrix. Not finished: {'; '.join(parts)}.  "
     ]
 
 
@@ -187,8 +218,9 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
         "",
         f"Command: `{meta['command']}`  ",
         f"Generator {meta['generator']}, {meta['clients']} clients, {meta['rounds']} rounds, "
-        f"{meta['seeds']} seeds; {meta['seconds'] / 60:.1f} min on {meta['machine']}.  ",
+        f"{meta['seeds']} seeds; {_took(meta)} on {meta['machine']}.  ",
         *accumulated(meta),
+        *partial(meta),
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         "",
     ]

@@ -67,6 +67,7 @@ def run_benchmark(
     probe_rounds: bool = True,
     planted_probes: str = "all",
     fresh: bool = False,
+    report_only: bool = False,
     on_event: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Every scenario x seed, then the trade-off runs; ``cfg`` already carries the preset's
@@ -75,9 +76,12 @@ def run_benchmark(
     round, for that many more healthy references). ``planted_probes = "intended"``: a planted run
     runs only its intended probes and the cheap record probes (:func:`~.runs.probes_for`; the
     clean runs run every probe). Runs already finished in ``work`` with the same settings are
-    reused (:class:`~pfi_rag.benchmark.worklog.WorkLog`); ``fresh`` discards them first. Raises
+    reused (:class:`~pfi_rag.benchmark.worklog.WorkLog`); ``fresh`` discards them first.
+    ``report_only``: run nothing, write the outputs from the runs finished so far (the work log
+    is only read, so this is safe beside a running invocation; ``meta["missing"]`` lists what is
+    not done yet). Raises
     :class:`~pfi_rag.benchmark.worklog.SettingsChanged` when ``work`` holds runs made with other
-    settings."""
+    settings (or, for a report, none)."""
     from pfi_rag.models.loading import load_embedder
 
     started = time.perf_counter()
@@ -91,25 +95,39 @@ def run_benchmark(
         planted_probes=planted_probes,
     )
     described = {"preset": preset.name, "world": world}
-    log = WorkLog.open(work, key, describe=described, command=command, fresh=fresh)
+    if report_only:
+        log = WorkLog.read(work, key)
+    else:
+        log = WorkLog.open(work, key, describe=described, command=command, fresh=fresh)
     wanted = [(scenario, seed) for seed in range(preset.seeds if matrix else 0) for scenario in scenarios]
     finished = log.finished_runs()
     done_tradeoff = log.finished_tradeoff()
     reused = [finished[(s.name, seed)] for s, seed in wanted if (s.name, seed) in finished]
     epsilons = preset.tradeoff_epsilons if tradeoff else ()
     reused_rows = [e for e in epsilons if e in done_tradeoff]
-    if reused or reused_rows:
+    missing = {"runs": {}, "tradeoff": [_epsilon_label(e) for e in epsilons if e not in done_tradeoff]}
+    for scenario, seed in wanted:
+        if (scenario.name, seed) not in finished:
+            missing["runs"].setdefault(scenario.name, []).append(seed)
+    if report_only:
+        on_event(
+            f"reporting on {len(reused)} of {len(wanted)} runs and {len(reused_rows)} of "
+            f"{len(epsilons)} trade-off runs finished in {work}; nothing runs"
+        )
+    elif reused or reused_rows:
         on_event(
             f"reusing {len(reused)} of {len(wanted)} runs and {len(reused_rows)} of {len(epsilons)} "
             f"trade-off runs finished earlier in {work} (same settings, fingerprint {key}); "
             "--fresh runs them again"
         )
     to_run = len(wanted) - len(reused) + len(epsilons) - len(reused_rows)
-    embedder = load_embedder(cfg.models) if to_run else None
+    embedder = load_embedder(cfg.models) if to_run and not report_only else None
     runs = []
     for scenario, seed in wanted:
         if (scenario.name, seed) in finished:
             runs.append(finished[(scenario.name, seed)])
+            continue
+        if report_only:
             continue
         on_event(f"run {scenario.name} seed {seed} ...")
         result = run_one(
@@ -129,8 +147,8 @@ def run_benchmark(
             f"  {result['seconds']:.0f} s; federation mean loss {result['system']['mean_loss_end']}; "
             f"probes failed: {', '.join(failed) or 'none'}"
         )
-    tradeoff_rows = []
-    if tradeoff:
+    tradeoff_rows = [done_tradeoff[e] for e in epsilons if e in done_tradeoff]
+    if tradeoff and not report_only:
 
         def on_row(row: dict[str, Any]) -> None:
             log.record(row, kind="tradeoff")
@@ -140,7 +158,9 @@ def run_benchmark(
             cfg, work, epsilons, embedder=embedder, finished=done_tradeoff, on_run=on_row
         )
     seconds = time.perf_counter() - started
-    log.finish(ran=to_run, reused=len(reused) + len(reused_rows), seconds=seconds)
+    if not report_only:
+        log.finish(ran=to_run, reused=len(reused) + len(reused_rows), seconds=seconds)
+        missing = {"runs": {}, "tradeoff": []}  # everything wanted ran (a failed run raises)
     result = {
         "meta": {
             "preset": preset.name,
@@ -158,6 +178,10 @@ def run_benchmark(
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
             "versions": versions(),
             "seconds": seconds,  # this invocation's wall time
+            # A report on a matrix still accumulating: what it does not cover yet (seeds by
+            # scenario, trade-off runs by epsilon).
+            "report_only": report_only,
+            "missing": missing,
             # The matrix may have accumulated over several invocations (same settings): how many,
             # and the sum of its runs' own seconds, this invocation's and the reused ones.
             "invocations": len(log.invocations),
@@ -177,6 +201,10 @@ def run_benchmark(
     }
     result["outputs"] = {k: str(v) for k, v in write_outputs(out, result).items()}
     return result
+
+
+def _epsilon_label(epsilon: float | None) -> str:
+    return "non-private" if epsilon is None else f"{epsilon:g}"
 
 
 def run_seconds(runs: list[dict[str, Any]], tradeoff_rows: list[dict[str, Any]]) -> float:

@@ -96,14 +96,12 @@ class WorkLog:
         if fresh and directory.exists():
             shutil.rmtree(directory)
         log = cls(directory, fingerprint, describe)
-        settings = directory / SETTINGS_FILE
-        if settings.is_file():
-            saved = json.loads(settings.read_text(encoding="utf-8"))
+        saved = _saved_settings(directory)
+        if saved is not None:
             if saved["fingerprint"] != fingerprint:
                 raise SettingsChanged(
-                    f"{directory} holds runs made with other settings (preset {saved['preset']}, "
-                    f"world {saved['world']}, fingerprint {saved['fingerprint']}; now {fingerprint}): "
-                    "pass --fresh to discard them, or --data-root to keep them and work elsewhere"
+                    f"{_other_settings(directory, saved, fingerprint)}: pass --fresh to discard "
+                    "them, or --data-root to keep them and work elsewhere"
                 )
             log.invocations = list(saved["invocations"])
         elif (directory / RUNS_FILE).is_file():
@@ -119,6 +117,23 @@ class WorkLog:
         )
         log._save()
         return log
+
+    @classmethod
+    def read(cls, directory: Path, fingerprint: str) -> WorkLog:
+        """The log as it stands, to report on, changing nothing: safe beside a running
+        invocation. Raises :class:`SettingsChanged` when ``directory`` holds no runs with these
+        settings."""
+        directory = Path(directory)
+        saved = _saved_settings(directory)
+        if saved is None:
+            raise SettingsChanged(f"{directory} holds no benchmark runs: run the benchmark first")
+        if saved["fingerprint"] != fingerprint:
+            raise SettingsChanged(
+                f"{_other_settings(directory, saved, fingerprint)}: report on them with the "
+                "options they were run with"
+            )
+        describe = {k: v for k, v in saved.items() if k not in ("fingerprint", "invocations")}
+        return cls(directory, fingerprint, describe, invocations=list(saved["invocations"]))
 
     @property
     def runs_file(self) -> Path:
@@ -171,6 +186,18 @@ class WorkLog:
         """Close this invocation's entry: how many runs it made and reused, and its wall time."""
         self.invocations[-1].update(ran=ran, reused=reused, seconds=round(seconds, 1))
         self._save()
+
+
+def _saved_settings(directory: Path) -> dict[str, Any] | None:
+    settings = directory / SETTINGS_FILE
+    return json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else None
+
+
+def _other_settings(directory: Path, saved: dict[str, Any], fingerprint: str) -> str:
+    return (
+        f"{directory} holds runs made with other settings (preset {saved['preset']}, "
+        f"world {saved['world']}, fingerprint {saved['fingerprint']}; now {fingerprint})"
+    )
 
 
 __all__ = ["RUNS_FILE", "SETTINGS_FILE", "SettingsChanged", "WorkLog", "code_version", "fingerprint"]

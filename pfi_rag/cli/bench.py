@@ -51,6 +51,12 @@ def register(app: typer.Typer) -> None:
             help="Discard the runs finished by earlier invocations (by default those with the same "
             "settings are reused and only the missing ones run).",
         ),
+        report_only: bool = typer.Option(
+            False,
+            "--report-only",
+            help="Run nothing: write the tables from the runs finished so far with the same "
+            "settings (safe while another invocation is still running them).",
+        ),
     ) -> None:
         """Plant each silent failure in a federated run, score the probes against the ground truth,
         and measure privacy against utility."""
@@ -68,6 +74,8 @@ def register(app: typer.Typer) -> None:
             fail(f"unknown --planted-probes {planted_probes!r}: choose {' or '.join(PLANTED_PROBES)}")
         if world not in WORLDS:
             fail(f"unknown world {world!r}: choose {' or '.join(WORLDS)}")
+        if report_only and fresh:
+            fail("--report-only reads the finished runs and --fresh discards them: pass one of the two")
         chosen = PRESETS[preset] if seeds is None else replace(PRESETS[preset], seeds=seeds)
         picked = WORLDS[world]
         if scenarios:
@@ -118,6 +126,7 @@ def register(app: typer.Typer) -> None:
                 probe_rounds=round_references,
                 planted_probes=planted_probes,
                 fresh=fresh,
+                report_only=report_only,
                 on_event=lambda line: console.print(line, highlight=False, soft_wrap=True),
             )
         except SettingsChanged as exc:
@@ -139,4 +148,9 @@ def register(app: typer.Typer) -> None:
             f"the runs' own time summed: {meta['run_seconds'] / 60:.1f} min",
             soft_wrap=True,
         )
+        if report_only:
+            from pfi_rag.benchmark.report import not_finished
+
+            console.rule(f"[bold]report from the finished runs; {not_finished(meta)} not finished yet")
+            return
         console.rule(f"[bold green]benchmark finished in {(time.perf_counter() - started) / 60:.1f} min")
