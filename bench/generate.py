@@ -9,10 +9,12 @@
 (b) Throughput for 8 concurrent clients, each with its own adapter, prefill and decode timed
     apart: one batch of the 8 vs the same 8 requests one at a time (target: decode at least 3x),
     and a batch of 8 adapters vs a batch of 8 rows on one adapter (target: at least 0.8x), for
-    gathered LoRA with the lean decode step (the default), gathered LoRA with transformers' own
-    step (``hf-step``) and PEFT's mixed-adapter path, in the same run; then the batching
-    scheduler end to end (concurrent submitters, continuous admission). Prompts carry one of the
-    client's notes as a passage (no retrieval: this part measures decoding).
+    gathered LoRA with the lean decode step (the default), the lean step with its batched steps
+    on the one shared copy of the weights (``shared``, serving.batched_weights), gathered LoRA
+    with transformers' own step (``hf-step``) and PEFT's mixed-adapter path, in the same run;
+    then the batching scheduler end to end (concurrent submitters, continuous admission).
+    Prompts carry one of the client's notes as a passage (no retrieval: this part measures
+    decoding).
 (c) One request's tokens/s and memory (RSS after loading, peak RSS sampled while decoding, and
     the process's max RSS, which includes loading) for eager vs sdpa attention at 1 and 2
     threads, each in a fresh process so peaks do not mix.
@@ -274,6 +276,7 @@ def main() -> None:
     make_adapters(model, root, clients)
     peft_model = copy.deepcopy(model) if "b" in args.parts else None
     hf_model = copy.deepcopy(model) if "b" in args.parts else None  # gathered, transformers' step
+    shared_model = copy.deepcopy(model) if "b" in args.parts else None  # lean, one copy of weights
     engine = Engine(model, tokenizer, data_root=root, serving=ServingConfig(), adapter=AdapterConfig())
     print(
         f"model {cfg.generator} on {runtime.device}, {runtime.dtype}, attn={runtime.attn_implementation}, "
@@ -290,8 +293,11 @@ def main() -> None:
         peft = Engine(peft_model, tokenizer, data_root=root, serving=serving, adapter=AdapterConfig())
         serving = ServingConfig(decode_step="transformers")
         hf_step = Engine(hf_model, tokenizer, data_root=root, serving=serving, adapter=AdapterConfig())
-        b = _part_b({"gathered": engine, "hf-step": hf_step, "peft": peft}, root, clients, args)
-        del peft, peft_model, hf_step, hf_model
+        serving = ServingConfig(batched_weights="shared")
+        shared = Engine(shared_model, tokenizer, data_root=root, serving=serving, adapter=AdapterConfig())
+        engines = {"gathered": engine, "shared": shared, "hf-step": hf_step, "peft": peft}
+        b = _part_b(engines, root, clients, args)
+        del peft, peft_model, hf_step, hf_model, shared, shared_model, engines
     del engine, model
     if "c" in args.parts:
         c = _part_c(args)
@@ -357,6 +363,16 @@ def _part_b(engines: dict[str, Engine], root: Path, clients: list[str], args) ->
             f"adapters {lean['batch']['decode_tok_s'] / hf['batch']['decode_tok_s']:.2f}x, one at a time "
             f"{lean['alone']['decode_tok_s'] / hf['alone']['decode_tok_s']:.2f}x; same greedy tokens: "
             f"{lean['token_ids'] == hf['token_ids']}"
+        )
+    if "shared" in shapes:
+        packed, one_copy = shapes["gathered"], shapes["shared"]
+        gain = {
+            s: packed[s]["decode_tok_s"] / one_copy[s]["decode_tok_s"] for s in ("batch", "one_adapter_batch")
+        }
+        print(
+            "    packed batched weights (default) vs the one shared copy, lean step, decode: batch of 8 "
+            f"adapters {gain['batch']:.2f}x, 8 rows on one adapter {gain['one_adapter_batch']:.2f}x; "
+            f"same greedy tokens: {packed['token_ids'] == one_copy['token_ids']}"
         )
     b = concurrent_clients(engines["gathered"], requests, args.repeats)
     b["shapes"] = shapes

@@ -237,6 +237,11 @@ class ServingConfig(Section):
     # other models keep the model's own forward, as does a compiled step (compile_decode).
     # "transformers": every step through the model's own forward.
     decode_step: Literal["lean", "transformers"] = "lean"
+    # What the lean step's batched steps (two rows or more) read on a CPU (docs/serving.md "The
+    # lean decode step"): "packed" a second copy of the base weights, packed once for oneDNN and
+    # made at the first batched step (the weights' bytes again: 538 MB for the default model),
+    # since MKL re-packs the weights for every product of a few rows; "shared" the one copy.
+    batched_weights: Literal["packed", "shared"] = "packed"
     # Against small models' loops, over the generated tokens only (docs/serving.md "Answer
     # quality"): CTRL's repetition penalty, 1.0 = off. Requests setting OpenAI's own penalties,
     # logit_bias or logprobs get neither this nor the n-gram ban.

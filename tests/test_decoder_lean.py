@@ -17,8 +17,10 @@ from tests.generation_support import PASSAGES, QUESTION, save_strong_adapter
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_engine(base, tokenizer, root, step: str, *, max_new_tokens: int = 12) -> Engine:
-    serving = ServingConfig(max_new_tokens=max_new_tokens, decode_step=step)
+def make_engine(
+    base, tokenizer, root, step: str, *, max_new_tokens: int = 12, batched_weights="packed"
+) -> Engine:
+    serving = ServingConfig(max_new_tokens=max_new_tokens, decode_step=step, batched_weights=batched_weights)
     return Engine(copy.deepcopy(base), tokenizer, data_root=root, serving=serving,
                   adapter=AdapterConfig(cache_size=4))  # fmt: skip
 
@@ -92,6 +94,48 @@ def test_mixed_adapter_batch_with_rows_joining_and_leaving_gives_each_rows_token
 
     # Assert
     assert [lean.finish(job).token_ids for job in jobs] == alone
+
+
+def _batched(engine: Engine, requests: list[GenerationRequest]) -> list:
+    """``requests`` prefilled together and decoded as one batch to the end."""
+    jobs = [engine.prepare(r) for r in requests]
+    batch = engine.new_batch()
+    batch.add([job.row for job in jobs])
+    while len(batch):
+        batch.step()
+    return [engine.finish(job) for job in jobs]
+
+
+def test_batched_steps_read_a_packed_copy_made_at_the_first_batch_with_the_same_logprobs(
+    tiny_generator, engines, tmp_path
+):
+    # Prepare: the four clients alone through transformers' forward; a lean engine that keeps one
+    # copy of the weights; one row through the packing engine, which must not pack for it.
+    lean, plain = engines
+    shared = make_engine(tiny_generator[0], tiny_generator[1], tmp_path, "lean", batched_weights="shared")
+    requests = [
+        GenerationRequest(c, QUESTION, passages=PASSAGES, logprobs=3) for c in ("c1", "c2", "c3", "x")
+    ]
+    alone = [plain.generate(r) for r in requests]
+    lean.generate(requests[0])
+    assert lean.lean._packed is None
+
+    # Execute
+    packed_rows = _batched(lean, requests)
+    shared_rows = _batched(shared, requests)
+
+    # Assert: the packed copy exists now, in memory of its own, and rows decode as they do alone
+    # (oneDNN's sums run in another order than MKL's: ~1e-6, as in the test above).
+    assert lean.lean._packed is not None and shared.lean._packed is None
+    assert lean.lean._packed.nbytes == lean.lean.buffer.numel() * lean.lean.buffer.element_size()
+    for rows in (packed_rows, shared_rows):
+        for got, want in zip(rows, alone, strict=True):
+            assert got.token_ids == want.token_ids
+            torch.testing.assert_close(
+                torch.tensor([t.logprob for t in got.logprobs]),
+                torch.tensor([t.logprob for t in want.logprobs]),
+                rtol=1e-4, atol=1e-4,
+            )  # fmt: skip
 
 
 def test_a_model_the_lean_step_does_not_fit_decodes_with_its_own_forward(tiny_generator, tmp_path, caplog):

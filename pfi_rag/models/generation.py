@@ -191,7 +191,8 @@ class Engine:
         # decoded with gathered LoRA; any other model keeps its own forward (logged once).
         self.lean = None
         if self.serving.decode_step == "lean" and self.compiled is None and self.gathered is not None:
-            self.lean = lean_step_for(self.model, gathered=self.gathered)
+            packed = self.serving.batched_weights == "packed"
+            self.lean = lean_step_for(self.model, gathered=self.gathered, packed_batches=packed)
         self._prefix: PrefixCache | None = None  # built on first use, for the current system prompt
         self._prefix_prompt: str | None = None
         self.retrieve = retrieve
