@@ -17,10 +17,8 @@ from tests.generation_support import PASSAGES, QUESTION, save_strong_adapter
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_engine(
-    base, tokenizer, root, step: str, *, max_new_tokens: int = 12, batched_weights="packed"
-) -> Engine:
-    serving = ServingConfig(max_new_tokens=max_new_tokens, decode_step=step, batched_weights=batched_weights)
+def make_engine(base, tokenizer, root, step: str, *, max_new_tokens: int = 12, **serving) -> Engine:
+    serving = ServingConfig(max_new_tokens=max_new_tokens, decode_step=step, **serving)
     return Engine(copy.deepcopy(base), tokenizer, data_root=root, serving=serving,
                   adapter=AdapterConfig(cache_size=4))  # fmt: skip
 
@@ -128,14 +126,8 @@ def test_batched_steps_read_a_packed_copy_made_at_the_first_batch_with_the_same_
     # (oneDNN's sums run in another order than MKL's: ~1e-6, as in the test above).
     assert lean.lean._packed is not None and shared.lean._packed is None
     assert lean.lean._packed.nbytes == lean.lean.buffer.numel() * lean.lean.buffer.element_size()
-    for rows in (packed_rows, shared_rows):
-        for got, want in zip(rows, alone, strict=True):
-            assert got.token_ids == want.token_ids
-            torch.testing.assert_close(
-                torch.tensor([t.logprob for t in got.logprobs]),
-                torch.tensor([t.logprob for t in want.logprobs]),
-                rtol=1e-4, atol=1e-4,
-            )  # fmt: skip
+    assert_same_answers(packed_rows, alone)
+    assert_same_answers(shared_rows, alone)
 
 
 def test_a_model_the_lean_step_does_not_fit_decodes_with_its_own_forward(tiny_generator, tmp_path, caplog):
@@ -184,14 +176,11 @@ def test_lean_step_on_the_default_model_gives_transformers_greedy_answers(defaul
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-3, atol=1e-3)
 
 
-def test_an_adapter_targeting_more_projections_gets_its_delta_on_every_one(tiny_generator, tmp_path):
-    # Prepare: c1 targets q/v (the default); "wide" also targets o, gate, up and down, which no
-    # adapter had wrapped when the lean step was built, so PEFT wraps them on its first load.
+def save_wide_adapter(base, root) -> None:
+    """Client "wide": strong LoRA on q/v and also on o, gate, up and down."""
     from pfi_rag.models.adapters import save_adapter
     from pfi_rag.models.lora import attach_lora
 
-    base, tokenizer, _ = tiny_generator
-    save_strong_adapter(base, client_adapter_dir(tmp_path, "c1"), seed=1)
     targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     wide = attach_lora(copy.deepcopy(base), AdapterConfig(r=8, alpha=16, target_modules=targets), seed=5)
     generator = torch.Generator().manual_seed(5)
@@ -200,7 +189,25 @@ def test_an_adapter_targeting_more_projections_gets_its_delta_on_every_one(tiny_
             if "lora_A" in name or "lora_B" in name:
                 scale = 2.0 if "lora_B" in name else 0.5  # save_strong_adapter's scales
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    save_adapter(wide, client_adapter_dir(tmp_path, "wide"), source="local")
+    save_adapter(wide, client_adapter_dir(root, "wide"), source="local")
+
+
+def assert_same_answers(got: list, want: list) -> None:
+    """Equal greedy tokens, and token logprobs within 1e-4 (the order of additions differs)."""
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in g.logprobs]), torch.tensor([t.logprob for t in w.logprobs]),
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
+
+
+def test_an_adapter_targeting_more_projections_gets_its_delta_on_every_one(tiny_generator, tmp_path):
+    # Prepare: c1 targets q/v (the default); "wide" also targets o, gate, up and down, which no
+    # adapter had wrapped when the lean step was built, so PEFT wraps them on its first load.
+    base, tokenizer, _ = tiny_generator
+    save_strong_adapter(base, client_adapter_dir(tmp_path, "c1"), seed=1)
+    save_wide_adapter(base, tmp_path)
     lean = make_engine(base, tokenizer, tmp_path, "lean")
     plain = make_engine(base, tokenizer, tmp_path, "transformers")
     requests = [GenerationRequest(c, QUESTION, passages=PASSAGES, logprobs=1) for c in ("c1", "wide")]
@@ -211,12 +218,31 @@ def test_an_adapter_targeting_more_projections_gets_its_delta_on_every_one(tiny_
 
     # Assert
     assert got[1].token_ids != got[0].token_ids
-    for g, w in zip(got, want, strict=True):
-        assert g.token_ids == w.token_ids
-        torch.testing.assert_close(
-            torch.tensor([t.logprob for t in g.logprobs]), torch.tensor([t.logprob for t in w.logprobs]),
-            rtol=1e-4, atol=1e-4,
-        )  # fmt: skip
+    assert_same_answers(got, want)
+
+
+def test_compiled_one_row_steps_give_transformers_answers_alone_and_batched(tiny_generator, tmp_path):
+    # Prepare: adapters on q/v (c1) and on every projection (wide: its layers take the compiled
+    # products one by one, not the fused block), an engine compiling its one-row steps.
+    base, tokenizer, _ = tiny_generator
+    save_strong_adapter(base, client_adapter_dir(tmp_path, "c1"), seed=1)
+    save_wide_adapter(base, tmp_path)
+    compiled = make_engine(base, tokenizer, tmp_path, "lean", compile_decode="on")
+    plain = make_engine(base, tokenizer, tmp_path, "transformers")
+    requests = [GenerationRequest(c, QUESTION, passages=PASSAGES, logprobs=3) for c in ("c1", "wide", "x")]
+    assert compiled.lean.compiled_rows is not None and compiled.compiled is None
+    layer = compiled.model.get_base_model().model.layers[0].self_attn.q_proj.get_base_layer()
+    assert not compiled.lean.input_major and layer.weight.is_contiguous()  # out-major rows of the buffer
+
+    # Execute
+    alone = [compiled.generate(r) for r in requests]
+    batched = _batched(compiled, requests)  # steps of 3 rows, then fewer as rows finish
+    want = [plain.generate(r) for r in requests]
+
+    # Assert
+    assert len({tuple(r.token_ids) for r in want}) == 3
+    assert_same_answers(alone, want)
+    assert_same_answers(batched, want)
 
 
 @pytest.mark.parametrize(

@@ -184,15 +184,25 @@ class Engine:
             model_lock=self.lock,
             gathered=self.gathered,
         )
-        self.compiled = None  # the decode step under torch.compile (serving.compile_decode)
-        if wants_compile(self.serving.compile_decode, next(self.model.parameters()).device):
-            self.compiled = CompiledDecode(self.model)
+        device = next(self.model.parameters()).device
+        compile_step = wants_compile(self.serving.compile_decode, device)
         # The lean one-token step on fused weights (serving.decode_step), for Llama models
-        # decoded with gathered LoRA; any other model keeps its own forward (logged once).
+        # decoded with gathered LoRA; any other model keeps its own forward (logged once). On a
+        # CPU, compile_decode compiles the lean step's one-row products; elsewhere it compiles the
+        # model's own forward instead of taking the lean step.
         self.lean = None
-        if self.serving.decode_step == "lean" and self.compiled is None and self.gathered is not None:
-            packed = self.serving.batched_weights == "packed"
-            self.lean = lean_step_for(self.model, gathered=self.gathered, packed_batches=packed)
+        lean_compiles = device.type == "cpu"
+        wants_lean = self.serving.decode_step == "lean" and self.gathered is not None
+        if wants_lean and (lean_compiles or not compile_step):
+            self.lean = lean_step_for(
+                self.model,
+                gathered=self.gathered,
+                packed_batches=self.serving.batched_weights == "packed",
+                compiled_rows=compile_step and lean_compiles,
+            )
+        self.compiled = None  # the decode step under torch.compile (serving.compile_decode)
+        if compile_step and self.lean is None:
+            self.compiled = CompiledDecode(self.model)
         self._prefix: PrefixCache | None = None  # built on first use, for the current system prompt
         self._prefix_prompt: str | None = None
         self.retrieve = retrieve

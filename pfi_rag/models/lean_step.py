@@ -22,7 +22,10 @@ per row, with
 - each row's gathered-LoRA delta (``GatheredLoRA.delta``, fp32) added to its projection's slice
   of the fused outputs;
 - for steps of two rows or more on a CPU (``packed_batches``), a second copy of the fused
-  weights packed once for oneDNN's inner product (:class:`_PackedWeights`).
+  weights packed once for oneDNN's inner product (:class:`_PackedWeights`);
+- optionally (``compiled_rows``), one-row steps through products compiled into reductions over
+  out-major weights, with the norms, the SiLU gate and the residual adds fused around them
+  (:mod:`pfi_rag.models.lean_rows`); the fused weights are then stored out-major.
 
 :func:`lean_step_for` says why a model cannot take this path (another architecture, biases,
 another activation, int8 weights); the decode loop then keeps transformers' forward.
@@ -90,24 +93,36 @@ class _Arena:
     prefetcher keeps streaming from one matrix into the next).
     """
 
-    def __init__(self, groups: list[list[torch.nn.Linear]]):
+    def __init__(self, groups: list[list[torch.nn.Linear]], *, input_major: bool = True):
         first = groups[0][0].weight
         total = sum(linear.weight.numel() for group in groups for linear in group)
         self.buffer = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.input_major = input_major
         self._offset = 0
 
     def fuse(self, linears: list[torch.nn.Linear]) -> torch.Tensor:
-        """The Linears' weights as one (in, sum of outs) input-major tensor in the buffer; each
-        Linear's weight becomes a (out, in) view of it, so the model keeps no second copy."""
+        """The Linears' weights as one tensor in the buffer, (in, sum of outs) input-major or
+        (sum of outs, in) out-major; each Linear's weight becomes a (out, in) view of it, so the
+        model keeps no second copy."""
         width = sum(linear.out_features for linear in linears)
         size = linears[0].in_features * width
-        fused = self.buffer[self._offset : self._offset + size].view(linears[0].in_features, width)
+        flat = self.buffer[self._offset : self._offset + size]
         self._offset += size
+        if self.input_major:
+            fused = flat.view(linears[0].in_features, width)
+            start = 0
+            for linear in linears:
+                end = start + linear.out_features
+                fused[:, start:end] = linear.weight.detach().t()
+                linear.weight.data = fused[:, start:end].t()  # (out, in) view into the buffer
+                start = end
+            return fused
+        fused = flat.view(width, linears[0].in_features)
         start = 0
         for linear in linears:
             end = start + linear.out_features
-            fused[:, start:end] = linear.weight.detach().t()
-            linear.weight.data = fused[:, start:end].t()  # (out, in) view into the buffer
+            fused[start:end] = linear.weight.detach()
+            linear.weight.data = fused[start:end]  # (out, in) rows of the buffer
             start = end
         return fused
 
@@ -140,10 +155,10 @@ class _PackedWeights:
     at the first step of two rows or more, not at load.
     """
 
-    def __init__(self, weights: list[torch.Tensor]):
+    def __init__(self, weights: list[torch.Tensor], *, input_major: bool):
         # The packing reads (out, in) weights; a transposed copy of one matrix lives at a time.
         pack = torch.ops.mkldnn._reorder_linear_weight  # (out, in) weight, expected rows
-        self._packed = {id(w): pack(w.t().contiguous(), 8) for w in weights}
+        self._packed = {id(w): pack((w.t() if input_major else w).contiguous(), 8) for w in weights}
         self.nbytes = sum(w.numel() * w.element_size() for w in weights)
 
     @staticmethod
@@ -155,11 +170,11 @@ class _PackedWeights:
         )
 
     def mm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``x @ weight`` for the input-major ``weight``, through its packed copy."""
+        """``x`` times the fused ``weight`` (either layout), through its packed copy."""
         return torch.ops.mkldnn._linear_pointwise(x, self._packed[id(weight)], None, "none", [], "")
 
     def addmm(self, h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``h + x @ weight``, the add fused into the product."""
+        """``h + x`` times ``weight``, the add fused into the product."""
         return torch.ops.mkldnn._linear_pointwise.binary(x, h, self._packed[id(weight)], None, "add")
 
 
@@ -168,9 +183,11 @@ class LeanStep:
 
     ``packed_batches``: steps of two rows or more read a packed second copy of the weights
     (:class:`_PackedWeights`, made at the first such step) where the CPU's oneDNN can; else every
-    step reads the shared input-major weights."""
+    step reads the shared fused weights. ``compiled_rows``: one-row steps run compiled
+    (:class:`~pfi_rag.models.lean_rows.CompiledRows`) over out-major fused weights; when
+    compiling fails (no C++ compiler, say) the step says why once and stays eager."""
 
-    def __init__(self, model, *, gathered=None, packed_batches: bool = True):
+    def __init__(self, model, *, gathered=None, packed_batches: bool = True, compiled_rows: bool = False):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the lean decode step does not support this model: {reason}")
@@ -196,7 +213,11 @@ class LeanStep:
                       [linears[n] for n in _MLP], [linears["down_proj"]]]  # fmt: skip
             groups_of.append((layer, parents, groups))
         head = base.get_output_embeddings()
-        arena = _Arena([g for _, _, groups in groups_of for g in groups] + [[head]])
+        first = base.model.layers[0].input_layernorm
+        self.compiled_rows = _compiled_rows(first, groups_of[0][2], head) if compiled_rows else None
+        groups = [g for _, _, layer_groups in groups_of for g in layer_groups] + [[head]]
+        arena = _Arena(groups, input_major=self.compiled_rows is None)
+        self.input_major = arena.input_major
         with torch.no_grad():
             for layer, parents, groups in groups_of:
                 qkv, o, gate_up, down = (arena.fuse(group) for group in groups)
@@ -204,7 +225,7 @@ class LeanStep:
                                           qkv, o, gate_up, down, parents))  # fmt: skip
             # A tied output projection shares this tensor with the embedding table, whose row
             # lookups then read strided values: the step looks its tokens up in ``head`` itself.
-            self.head = arena.fuse([head])  # (hidden, V)
+            self.head = arena.fuse([head])  # (hidden, V), or (V, hidden) out-major
         self._tied = head.weight is self.embed.weight
         self.buffer = arena.buffer
         self._stacks: dict[int, object] = {}  # id(LoRA wrapper) -> its gathered-LoRA stack
@@ -219,7 +240,7 @@ class LeanStep:
         if self._packed is None:
             weights = [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
             try:
-                self._packed = _PackedWeights([*weights, self.head])
+                self._packed = _PackedWeights([*weights, self.head], input_major=self.input_major)
             except RuntimeError as exc:  # a oneDNN build that cannot pack these: stay on MKL
                 logger.info("batched decode steps read the shared weights: packing failed (%s)", exc)
                 self._pack_batches = False
@@ -259,13 +280,15 @@ class LeanStep:
         inside ``GatheredLoRA.rows`` (with gathered LoRA) and ``torch.inference_mode``.
         """
         lora = self.gathered is not None and self.gathered.routes_adapters
-        if self._tied:  # a column of the input-major head (the embedding's view would copy it whole)
+        if not self._tied:
+            h = self.embed(tokens[:, 0])  # (B, hidden)
+        elif self.input_major:  # a column of the head (the embedding's view would copy it whole)
             h = self.head[:, tokens[:, 0]].t().contiguous()  # (B, hidden)
         else:
-            h = self.embed(tokens[:, 0])  # (B, hidden)
+            h = self.head[tokens[:, 0]]  # (B, hidden)
         B, hd, kv, d = h.shape[0], self.heads * self.head_dim, self.kv_heads, self.head_dim
-        packed = self._weights_for(B)
-        mm = packed.mm if packed is not None else torch.mm
+        mm, addmm = self._products(B)
+        rows = self.compiled_rows if B == 1 else None  # compiled one-row blocks, or None
         cos, sin = self.rotary(h, positions)  # (B, 1, d) each, the model's own rope
         half = d // 2
         # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2] (a sign flip is exact)
@@ -279,8 +302,12 @@ class LeanStep:
             bias = bias[:, None, None, :]  # (B, 1, 1, T)
         sizes_qkv = (hd, kv * d, kv * d)
         for index, layer in enumerate(self.layers):
-            x = _rms_norm(h, layer.input_norm)  # (B, hidden)
-            qkv = mm(x, layer.qkv)  # (B, (H + 2 KV) d)
+            if rows is not None:
+                norm = layer.input_norm
+                x, qkv = rows.normed_product(h, norm.weight, layer.qkv, norm.variance_epsilon)
+            else:
+                x = _rms_norm(h, layer.input_norm)  # (B, hidden)
+                qkv = mm(x, layer.qkv)  # (B, (H + 2 KV) d)
             if lora:
                 self._add_lora(qkv, x, layer, _ATTENTION, sizes_qkv)
             qk = qkv[:, : hd + kv * d].view(B, self.heads + kv, d)  # queries and keys rotate alike
@@ -294,29 +321,76 @@ class LeanStep:
             if bias is not None:
                 scores.add_(bias)
             attn = torch.matmul(torch.softmax(scores, dim=-1), values).reshape(B, hd)  # (B, H d)
-            h = self._residual(h, attn, layer.o, layer, "o_proj", lora, packed)  # h + o_proj(attn)
+            if rows is not None and not (lora and self._lora_after_attention(layer)):
+                norm = layer.post_norm
+                h = rows.mlp_block(h, attn, layer.o, norm.weight, layer.gate_up, layer.down,
+                                   norm.variance_epsilon)  # fmt: skip
+                continue
+            h = self._residual(h, attn, layer.o, layer, "o_proj", lora, mm, addmm)  # h + o_proj(attn)
             x = _rms_norm(h, layer.post_norm)
             gate_up = mm(x, layer.gate_up)  # (B, 2 I)
             if lora:
                 self._add_lora(gate_up, x, layer, _MLP, (self.intermediate, self.intermediate))
             act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]  # (B, I)
-            h = self._residual(h, act, layer.down, layer, "down_proj", lora, packed)  # h + down_proj(act)
+            h = self._residual(h, act, layer.down, layer, "down_proj", lora, mm, addmm)  # h + down_proj(act)
+        if rows is not None:
+            norm = self.final_norm
+            return rows.normed_product(h, norm.weight, self.head, norm.variance_epsilon)[1].float()
         return mm(_rms_norm(h, self.final_norm), self.head).float()  # (B, V)
 
-    def _residual(self, h, x, weight, layer: _Layer, name: str, lora: bool, packed) -> torch.Tensor:
+    def _products(self, rows: int):
+        """``(mm, addmm)`` for a step of ``rows`` rows: ``mm(x, w)`` is x times the fused weight w
+        and ``addmm(h, x, w)`` adds h to it, for the weights and kernels this step reads."""
+        packed = self._weights_for(rows)
+        if packed is not None:
+            return packed.mm, packed.addmm
+        if rows == 1 and self.compiled_rows is not None:
+            product = self.compiled_rows.product
+            return product, lambda h, x, weight: h + product(x, weight)
+        if self.input_major:
+            return torch.mm, torch.addmm
+        return F.linear, lambda h, x, weight: torch.addmm(h, x, weight.t())
+
+    def _lora_after_attention(self, layer: _Layer) -> bool:
+        """Whether a loaded adapter has LoRA on ``layer``'s o, gate, up or down projection."""
+        return any(self._stack(layer, name) is not None for name in ("o_proj", *_MLP, "down_proj"))
+
+    def _residual(self, h, x, weight, layer: _Layer, name: str, lora: bool, mm, addmm) -> torch.Tensor:
         """``h + x @ weight`` (+ the projection's LoRA delta), the residual add fused into the product."""
         stack = self._stack(layer, name) if lora else None
         delta = None if stack is None else self.gathered.delta(stack, x)
         if delta is None:
-            return torch.addmm(h, x, weight) if packed is None else packed.addmm(h, x, weight)
-        product = x @ weight if packed is None else packed.mm(x, weight)
-        return h + (product + delta.to(h.dtype))  # PEFT's order: base output + delta, then residual
+            return addmm(h, x, weight)
+        return h + (mm(x, weight) + delta.to(h.dtype))  # PEFT's order: base output + delta, then residual
 
 
-def lean_step_for(model, *, gathered=None, packed_batches: bool = True) -> LeanStep | None:
+def _compiled_rows(norm, groups: list[list[torch.nn.Linear]], head: torch.nn.Linear):
+    """:class:`~pfi_rag.models.lean_rows.CompiledRows` for the model's shapes (``groups``: one
+    layer's q/k/v, o, gate/up and down Linears; ``norm``: one of its RMSNorms), or None, logged,
+    when compiling fails."""
+    from pfi_rag.models.lean_rows import CompiledRows
+
+    qkv, (o,), gate_up, (down,) = groups
+    shapes = {
+        "qkv": (sum(linear.out_features for linear in qkv), o.out_features),
+        "o": (o.out_features, o.in_features),
+        "gate_up": (sum(linear.out_features for linear in gate_up), o.out_features),
+        "down": (down.out_features, down.in_features),
+        "head": (head.out_features, head.in_features),
+    }
+    try:
+        return CompiledRows(shapes, norm=norm)
+    except Exception as exc:  # the compiler's own errors vary by backend and version
+        logger.warning("one-row decode steps stay eager: compiling them failed (%s)", f"{exc}"[:300])
+        return None
+
+
+def lean_step_for(
+    model, *, gathered=None, packed_batches: bool = True, compiled_rows: bool = False
+) -> LeanStep | None:
     """A :class:`LeanStep` for ``model``, or None (logged once, with the reason) when it has none."""
     reason = unsupported_reason(model)
     if reason is not None:
         logger.info("decoding with the model's own forward: the lean decode step does not fit (%s)", reason)
         return None
-    return LeanStep(model, gathered=gathered, packed_batches=packed_batches)
+    return LeanStep(model, gathered=gathered, packed_batches=packed_batches, compiled_rows=compiled_rows)
