@@ -130,6 +130,28 @@ def test_batched_steps_read_a_packed_copy_made_at_the_first_batch_with_the_same_
     assert_same_answers(shared_rows, alone)
 
 
+def test_without_a_cpp_compiler_one_row_steps_stay_eager_and_say_why(tiny_generator, tmp_path, caplog):
+    # Prepare: inductor pointed at a compiler that does not exist, its caches off, and dynamo's
+    # compiled functions forgotten, so building the engine really compiles (and fails).
+    import torch._inductor.config as inductor
+
+    base, tokenizer, _ = tiny_generator
+    torch._dynamo.reset()
+    no_compiler = {"force_disable_caches": True, "cpp.cxx": ("/nonexistent/c++",)}
+
+    # Execute
+    with inductor.patch(no_compiler), caplog.at_level(logging.WARNING):
+        engine = make_engine(base, tokenizer, tmp_path, "lean", compile_decode="on")
+    torch._dynamo.reset()
+
+    # Assert: the lean step decodes eagerly on input-major weights, and the log says why, once.
+    assert engine.lean is not None and engine.lean.compiled_rows is None and engine.lean.input_major
+    assert [r.message for r in caplog.records if "stay eager" in r.message][0].count("C++ compiler") == 1
+    request = GenerationRequest("x", QUESTION, passages=PASSAGES)
+    plain = make_engine(base, tokenizer, tmp_path, "transformers")
+    assert engine.generate(request).token_ids == plain.generate(request).token_ids
+
+
 def test_a_model_the_lean_step_does_not_fit_decodes_with_its_own_forward(tiny_generator, tmp_path, caplog):
     # Prepare: a tiny random Qwen2 (biased q/k/v projections: not what the lean step fuses).
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -219,6 +241,40 @@ def test_an_adapter_targeting_more_projections_gets_its_delta_on_every_one(tiny_
     # Assert
     assert got[1].token_ids != got[0].token_ids
     assert_same_answers(got, want)
+
+
+def test_compiled_one_row_functions_compute_what_their_eager_arithmetic_does():
+    # The tiny model's answers barely move when a base product is off by a few percent in a layer
+    # whose adapter deltas dominate, so each compiled function is checked against eager torch too.
+    from pfi_rag.models.lean_rows import CompiledRows
+
+    norm = torch.nn.RMSNorm(48, eps=1e-5)  # its weight and variance_epsilon, as LlamaRMSNorm's
+    norm.variance_epsilon = norm.eps
+    norm.weight.requires_grad_(False)
+    shapes = {"qkv": (80, 48), "o": (48, 32), "gate_up": (192, 48), "down": (48, 96), "head": (300, 48)}
+    rows = CompiledRows(shapes, norm=norm)
+    generator = torch.Generator().manual_seed(0)
+    w = {name: torch.randn(shape, generator=generator) * 0.2 for name, shape in shapes.items()}
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48, generator=generator) + 0.5)
+    with torch.inference_mode():
+        h, attn = torch.randn(1, 48, generator=generator), torch.randn(1, 32, generator=generator)
+        act = torch.randn(1, 96, generator=generator)
+        x, qkv = rows.normed_product(h, norm.weight, w["qkv"], 1e-5)
+        after = rows.mlp_block(h, attn, w["o"], norm.weight, w["gate_up"], w["down"], 1e-5)
+        product = rows.product(act, w["down"])
+
+        want_x = torch.nn.functional.rms_norm(h, (48,), norm.weight, 1e-5)
+        mid = h + attn @ w["o"].t()
+        gate, up = (torch.nn.functional.rms_norm(mid, (48,), norm.weight, 1e-5) @ w["gate_up"].t()).chunk(
+            2, -1
+        )
+        want_after = mid + (torch.nn.functional.silu(gate) * up) @ w["down"].t()
+    close = {"rtol": 1e-5, "atol": 1e-5}  # fp32 sums in another order
+    torch.testing.assert_close(x, want_x, **close)
+    torch.testing.assert_close(qkv, want_x @ w["qkv"].t(), **close)
+    torch.testing.assert_close(after, want_after, **close)
+    torch.testing.assert_close(product, act @ w["down"].t(), **close)
 
 
 def test_compiled_one_row_steps_give_transformers_answers_alone_and_batched(tiny_generator, tmp_path):
