@@ -14,6 +14,9 @@ them alike and the ratios hold:
   transformers' forward (``serving.decode_step = "transformers"``), as every format but ``lean``;
 - ``lean``: the engine's default, fp32 decode steps through the lean step on fused input-major
   weights (pfi_rag/models/lean_step.py); its Linear time is its own fused products;
+- ``lean-compiled``: the lean step with ``serving.compile_decode = "on"``: one-row steps through
+  products compiled into reductions over out-major weights (pfi_rag/models/lean_rows.py); its
+  Linear time is those compiled products alone (in the step the norms and the MLP fuse in);
 - ``transposed``, ``int8``, ``int8-dynamic``: the engine on fp32 weights stored input-major or
   quantized to int8 (``serving.weight_format``, pfi_rag/models/quantization.py); the LoRA path
   stays fp32.
@@ -44,7 +47,16 @@ from pathlib import Path
 
 import torch
 
-FORMATS = ["transformers", "float32", "transposed", "lean", "bfloat16", "int8", "int8-dynamic"]
+FORMATS = [
+    "transformers",
+    "float32",
+    "transposed",
+    "lean",
+    "lean-compiled",
+    "bfloat16",
+    "int8",
+    "int8-dynamic",
+]
 DEFAULT_FORMATS = "transformers,float32,transposed,lean,bfloat16,int8"
 
 
@@ -80,20 +92,23 @@ def linear_ms(model, repeats: int = 5) -> float:
 
 def lean_linear_ms(lean, repeats: int = 5) -> float:
     """ms for the lean step's fused products of one row (qkv, o + residual, gate-up, down +
-    residual per layer, then the output projection), in model order."""
+    residual per layer, then the output projection), in model order, through the kernels its
+    one-row steps use (MKL on input-major weights, or the compiled reductions on out-major ones)."""
     dtype = lean.head.dtype
-    h, act = torch.randn(1, lean.head.shape[0]).to(dtype), torch.randn(1, lean.intermediate).to(dtype)
+    mm, addmm = lean._products(1)
+    h = torch.randn(1, lean.final_norm.weight.shape[0]).to(dtype)
+    act = torch.randn(1, lean.intermediate).to(dtype)
     attn = torch.randn(1, lean.heads * lean.head_dim).to(dtype)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
             started = time.perf_counter()
             for layer in lean.layers:
-                h @ layer.qkv
-                torch.addmm(h, attn, layer.o)
-                h @ layer.gate_up
-                torch.addmm(h, act, layer.down)
-            h @ lean.head
+                mm(h, layer.qkv)
+                addmm(h, attn, layer.o)
+                mm(h, layer.gate_up)
+                addmm(h, act, layer.down)
+            mm(h, lean.head)
             best = min(best, time.perf_counter() - started)
     return best * 1000
 
@@ -110,7 +125,9 @@ def build(fmt: str, root: Path):
     if fmt == "transformers":
         return None, model, tokenizer
     quantize_linear_layers(model, fmt if fmt.startswith("int8") or fmt == "transposed" else "none")
-    serving = ServingConfig(decode_step="lean" if fmt == "lean" else "transformers")
+    lean = fmt in ("lean", "lean-compiled")
+    compile_decode = "on" if fmt == "lean-compiled" else "off"
+    serving = ServingConfig(decode_step="lean" if lean else "transformers", compile_decode=compile_decode)
     return Engine(model, tokenizer, data_root=root, serving=serving), model, tokenizer
 
 
@@ -354,7 +371,7 @@ def main() -> None:
             "read_gb_s": read,
             "read_gb_s_all": reads[threads],
             "limit_tok_s": read * 1e9 / weight_bytes,
-            "linear_ms": lean_linear_ms(engine.lean) if fmt == "lean" else linear_ms(base),
+            "linear_ms": lean_linear_ms(engine.lean) if fmt.startswith("lean") else linear_ms(base),
         }
         row["share_of_limit"] = row["tok_s"] / row["limit_tok_s"]
         if fmt in quality_of:

@@ -228,8 +228,10 @@ class ServingConfig(Section):
     # "transposed": the same fp32 values stored input-major, which one-row products read faster
     # (one stream ~1.1x, batches no slower). Training is unaffected.
     weight_format: Literal["none", "transposed", "int8"] = "none"
-    # torch.compile the one-token decode step (docs/serving.md): "auto" on CUDA only, "on" on
-    # any device (CPU needs a C++ compiler), "off" never. A failing compile falls back to eager.
+    # torch.compile the one-token decode step (docs/serving.md): on a CPU with the lean step
+    # (auto or on), its one-row products, compiled once when the engine starts (needs a C++
+    # compiler; ~1.4x one stream's tokens/s); otherwise the model's whole step, with "auto" on
+    # CUDA only and "on" on any device. "off" never. A failing compile falls back to eager.
     compile_decode: Literal["auto", "on", "off"] = "auto"
     # How a one-token decode step runs (docs/serving.md "The lean decode step"): "lean" runs
     # Llama-architecture models on fused input-major fp32/bf16 weights (the model's Linear weights

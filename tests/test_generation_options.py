@@ -51,12 +51,16 @@ def test_int8_refuses_a_wrapped_model_and_unknown_formats(tiny_generator, tmp_pa
     assert not any(isinstance(m, Int8Linear) for m in engine.model.modules())
 
 
-def test_the_decode_step_compiles_on_cuda_only_by_default(tiny_generator, tmp_path):
+def test_the_whole_decode_step_compiles_on_cuda_only_and_the_lean_rows_on_a_cpu(tiny_generator, tmp_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [wants_compile("auto", cpu), wants_compile("auto", cuda)] == [False, True]
     assert [wants_compile("on", cpu), wants_compile("off", cuda)] == [True, False]
     engine = Engine(copy.deepcopy(tiny_generator[0]), tiny_generator[1], data_root=tmp_path)
-    assert engine.compiled is None and engine.new_batch().compiled is None  # CPU: eager, as before
+    assert engine.compiled is None and engine.new_batch().compiled is None  # CPU: the model eager
+    assert engine.lean.compiled_rows is not None  # ... and the lean step's one-row products compiled
+    serving = ServingConfig(compile_decode="off")
+    eager = Engine(copy.deepcopy(tiny_generator[0]), tiny_generator[1], data_root=tmp_path, serving=serving)
+    assert eager.compiled is None and eager.lean.compiled_rows is None
 
 
 def test_the_weight_format_setting_quantizes_the_served_model(tiny_models_config, tmp_path):

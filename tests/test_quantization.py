@@ -55,10 +55,14 @@ def test_the_weight_format_setting_decides_the_served_layout(tiny_models_config,
     layouts = [is_input_major(layer.weight) for layer in base_linears(engine).values()]
     assert len(layouts) == 15 and layouts == [fmt == "transposed"] * 15
     assert engine.generate(GenerationRequest("c1", QUESTION, passages=PASSAGES, max_new_tokens=4)).token_ids
-    # The lean decode step (the default) fuses every Linear input-major whatever the format.
-    lean = Engine.from_config(Config(data_root=tmp_path, models=tiny_models_config,
-                                     serving=ServingConfig(weight_format=fmt)))  # fmt: skip
-    assert lean.lean is not None and all(is_input_major(m.weight) for m in base_linears(lean).values())
+    # The lean decode step (the default) lays every Linear out as its one-row steps read it,
+    # whatever the format: out-major for its compiled products (the CPU default), input-major for
+    # MKL's (compile_decode = off).
+    for compile_decode, input_major in (("auto", False), ("off", True)):
+        serving = ServingConfig(weight_format=fmt, compile_decode=compile_decode)
+        lean = Engine.from_config(Config(data_root=tmp_path, models=tiny_models_config, serving=serving))
+        assert lean.lean is not None and lean.lean.input_major is input_major
+        assert all(is_input_major(m.weight) is input_major for m in base_linears(lean).values())
 
 
 def test_transposed_refuses_a_wrapped_model(tiny_generator, tmp_path):

@@ -188,19 +188,19 @@ class Engine:
         compile_step = wants_compile(self.serving.compile_decode, device)
         # The lean one-token step on fused weights (serving.decode_step), for Llama models
         # decoded with gathered LoRA; any other model keeps its own forward (logged once). On a
-        # CPU, compile_decode compiles the lean step's one-row products; elsewhere it compiles the
-        # model's own forward instead of taking the lean step.
+        # CPU, compile_decode (auto or on) compiles the lean step's one-row products; elsewhere
+        # it compiles the model's own forward instead of taking the lean step.
         self.lean = None
-        lean_compiles = device.type == "cpu"
+        on_cpu = device.type == "cpu"
         wants_lean = self.serving.decode_step == "lean" and self.gathered is not None
-        if wants_lean and (lean_compiles or not compile_step):
+        if wants_lean and (on_cpu or not compile_step):
             self.lean = lean_step_for(
                 self.model,
                 gathered=self.gathered,
                 packed_batches=self.serving.batched_weights == "packed",
-                compiled_rows=compile_step and lean_compiles,
+                compiled_rows=on_cpu and self.serving.compile_decode != "off",
             )
-        self.compiled = None  # the decode step under torch.compile (serving.compile_decode)
+        self.compiled = None  # the model's decode step under torch.compile (serving.compile_decode)
         if compile_step and self.lean is None:
             self.compiled = CompiledDecode(self.model)
         self._prefix: PrefixCache | None = None  # built on first use, for the current system prompt
