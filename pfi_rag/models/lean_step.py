@@ -1,4 +1,4 @@
-"""A lean one-token decode step for Llama-architecture models, on fused input-major weights.
+"""A lean one-token decode step for Llama-architecture models, on fused weights.
 
 One request decoding alone on a CPU reads every weight once per token, so its speed is bounded
 by memory bandwidth over the weights' bytes (docs/serving.md, "One stream on a CPU"). Two things
@@ -8,10 +8,11 @@ copies the whole KV cache to repeat 3 key/value heads for 9 query heads) cost as
 the products. :class:`LeanStep` runs the same arithmetic as ``LlamaForCausalLM`` for one new token
 per row, with
 
-- the weights fused and stored input-major, once: per layer ``qkv`` (hidden, (H + 2 KV) d),
-  ``o`` (H d, hidden), ``gate_up`` (hidden, 2 I), ``down`` (I, hidden), and the output projection
-  (hidden, V). The model's own ``nn.Linear`` weights become (out, in) views into these tensors,
-  so there is no second copy and prefill (still transformers' forward) reads the same memory;
+- the weights fused and stored once, input-major for MKL's one-row products (out-major for the
+  compiled ones, below): per layer ``qkv`` (hidden, (H + 2 KV) d), ``o`` (H d, hidden),
+  ``gate_up`` (hidden, 2 I), ``down`` (I, hidden), and the output projection (hidden, V). The
+  model's own ``nn.Linear`` weights become (out, in) views into these tensors, so there is no
+  second copy and prefill (still transformers' forward) reads the same memory;
 - the residual adds fused into the products (``torch.addmm``);
 - rotary cos/sin from the model's own rotary module (every rope type it knows), computed once
   per step instead of once per layer;
@@ -224,7 +225,8 @@ class LeanStep:
                 self.layers.append(_Layer(layer.input_layernorm, layer.post_attention_layernorm,
                                           qkv, o, gate_up, down, parents))  # fmt: skip
             # A tied output projection shares this tensor with the embedding table, whose row
-            # lookups then read strided values: the step looks its tokens up in ``head`` itself.
+            # lookups read strided values when it is input-major: the step looks its tokens up
+            # in ``head`` itself.
             self.head = arena.fuse([head])  # (hidden, V), or (V, hidden) out-major
         self._tied = head.weight is self.embed.weight
         self.buffer = arena.buffer
@@ -234,7 +236,7 @@ class LeanStep:
         self._pack_batches = packed_batches and _PackedWeights.fits(self.head)
 
     def _weights_for(self, rows: int) -> _PackedWeights | None:
-        """The packed weights for a step of ``rows`` rows (None: the shared input-major ones)."""
+        """The packed weights for a step of ``rows`` rows (None: the shared fused ones)."""
         if rows < 2 or not self._pack_batches:
             return None
         if self._packed is None:
