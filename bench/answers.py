@@ -59,15 +59,6 @@ def loops(text: str) -> bool:
     return bool(grams) and max(grams.values()) >= 3
 
 
-def answer_all(engine: Engine, requests: list[GenerationRequest]) -> list:
-    jobs = [engine.prepare(r) for r in requests]
-    batch = engine.new_batch()
-    batch.add([job.row for job in jobs])
-    while len(batch):
-        batch.step()
-    return [engine.finish(job) for job in jobs]
-
-
 def score(results, questions) -> dict:
     n = len(results)
     cited = right = exact = looped = 0
@@ -109,7 +100,7 @@ def compare_weights(args, root: Path, requests, questions, floor: float, started
         quantize_linear_layers(model, fmt)
         serving = ServingConfig(max_new_tokens=args.tokens)  # quantized above (int8-dynamic is not a setting)
         engine = Engine(model, tokenizer, data_root=root, serving=serving, relevance_floor=floor)
-        results = answer_all(engine, requests)
+        results = engine.generate_together(requests)
         out[fmt] = score(results, questions)
         texts = [r.text for r in results]
         reference = reference or texts
@@ -175,7 +166,7 @@ def main() -> None:
     for name, (serving, turn) in settings.items():
         engine.serving = serving
         with mock.patch.object(prompting, "user_turn", turn):
-            results = answer_all(engine, requests)
+            results = engine.generate_together(requests)
         out[name] = score(results, questions)
         print_setting(name, out[name], results, questions, args.show)
     finish(out, args, started)

@@ -94,16 +94,6 @@ def test_mixed_adapter_batch_with_rows_joining_and_leaving_gives_each_rows_token
     assert [lean.finish(job).token_ids for job in jobs] == alone
 
 
-def _batched(engine: Engine, requests: list[GenerationRequest]) -> list:
-    """``requests`` prefilled together and decoded as one batch to the end."""
-    jobs = [engine.prepare(r) for r in requests]
-    batch = engine.new_batch()
-    batch.add([job.row for job in jobs])
-    while len(batch):
-        batch.step()
-    return [engine.finish(job) for job in jobs]
-
-
 def test_batched_steps_read_a_packed_copy_made_at_the_first_batch_with_the_same_logprobs(
     tiny_generator, engines, tmp_path
 ):
@@ -119,8 +109,8 @@ def test_batched_steps_read_a_packed_copy_made_at_the_first_batch_with_the_same_
     assert lean.lean._packed is None
 
     # Execute
-    packed_rows = _batched(lean, requests)
-    shared_rows = _batched(shared, requests)
+    packed_rows = lean.generate_together(requests)
+    shared_rows = shared.generate_together(requests)
 
     # Assert: the packed copy exists now, in memory of its own, and rows decode as they do alone
     # (oneDNN's sums run in another order than MKL's: ~1e-6, as in the test above).
@@ -292,7 +282,7 @@ def test_compiled_one_row_steps_give_transformers_answers_alone_and_batched(tiny
 
     # Execute
     alone = [compiled.generate(r) for r in requests]
-    batched = _batched(compiled, requests)  # steps of 3 rows, then fewer as rows finish
+    batched = compiled.generate_together(requests)  # steps of 3 rows, then fewer as rows finish
     want = [plain.generate(r) for r in requests]
 
     # Assert

@@ -114,12 +114,8 @@ def test_adapter_of_another_rank_takes_a_slot_too(tiny_generator, tmp_path, rank
     expected = make_engine(tiny_generator, tmp_path, gathered=False).generate(request).token_ids
 
     engine = make_engine(tiny_generator, tmp_path)
-    batch = engine.new_batch()
-    jobs = [engine.prepare(request), engine.prepare(GenerationRequest("c1", QUESTION, passages=PASSAGES))]
-    batch.add([job.row for job in jobs])
-    while len(batch):
-        batch.step()
-    assert engine.finish(jobs[0]).token_ids == expected
+    results = engine.generate_together([request, GenerationRequest("c1", QUESTION, passages=PASSAGES)])
+    assert results[0].token_ids == expected
     assert engine.gathered.rank == max(rank, 8)
 
 
@@ -147,3 +143,14 @@ def test_preallocated_cache_gives_dynamic_cache_logits_across_reallocations(tiny
     assert isinstance(layer, PreallocatedLayer) and layer.get_seq_length() == 5 + 11
     assert layer._buffers["keys"].shape[-2] > layer.get_seq_length()  # room left: no copy per step
     torch.testing.assert_close(logits["preallocated"], logits["dynamic"], rtol=1e-5, atol=1e-5)
+
+
+def test_generating_together_refused_by_one_request_releases_the_adapters_it_pinned(tiny_generator, tmp_path):
+    from pfi_rag.models.generation import InvalidRequest
+
+    save_strong_adapter(tiny_generator[0], client_adapter_dir(tmp_path, "c1"), seed=1)
+    engine = make_engine(tiny_generator, tmp_path)
+    too_long = GenerationRequest("c1", QUESTION, passages=PASSAGES, max_new_tokens=10**6)
+    with pytest.raises(InvalidRequest, match="max_new_tokens"):
+        engine.generate_together([GenerationRequest("c1", QUESTION, passages=PASSAGES), too_long])
+    assert [entry.users for entry in engine.adapters._loaded.values()] == [0]  # c1 loaded, not pinned

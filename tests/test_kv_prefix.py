@@ -41,12 +41,7 @@ def requests() -> list[GenerationRequest]:
 def decode(engine: Engine, batched: bool) -> list[list[int]]:
     if not batched:
         return [engine.generate(r).token_ids for r in requests()]
-    jobs = [engine.prepare(r) for r in requests()]
-    batch = engine.new_batch()
-    batch.add([job.row for job in jobs])
-    while len(batch):
-        batch.step()
-    return [engine.finish(job).token_ids for job in jobs]
+    return [result.token_ids for result in engine.generate_together(requests())]
 
 
 def test_prefix_cache_gives_the_same_greedy_tokens_alone_and_batched(tiny_generator, tmp_path):

@@ -334,15 +334,25 @@ class Engine:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Answer one request alone (the scheduler batches many)."""
-        job = self.prepare(request)
+        return self.generate_together([request])[0]
+
+    def generate_together(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Answer ``requests`` in one decode batch, prefilled together: each gets the greedy
+        tokens it gets alone (padding changes only float rounding). A request refused in
+        ``prepare`` refuses them all, with every adapter lease taken so far released."""
+        jobs: list[PreparedRequest] = []
         try:
+            for request in requests:
+                jobs.append(self.prepare(request))
             batch = self.new_batch()
-            batch.add([job.row])
+            batch.add([job.row for job in jobs])
             while len(batch):
                 batch.step()
-        finally:
-            job.lease.release()
-        return self.finish(job)
+        except BaseException:
+            for job in jobs:
+                job.lease.release()
+            raise
+        return [self.finish(job) for job in jobs]
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """Yield the answer's text as it is decoded, in the caller's thread."""
