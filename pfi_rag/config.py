@@ -230,13 +230,13 @@ class ServingConfig(Section):
     weight_format: Literal["none", "transposed", "int8"] = "none"
     # torch.compile the one-token decode step (docs/serving.md): on a CPU with the lean step
     # (auto or on), its one-row products, compiled once when the engine starts (needs a C++
-    # compiler; ~1.4x one stream's tokens/s); otherwise the model's whole step, with "auto" on
+    # compiler; ~1.3x one stream's tokens/s); otherwise the model's whole step, with "auto" on
     # CUDA only and "on" on any device. "off" never. A failing compile falls back to eager.
     compile_decode: Literal["auto", "on", "off"] = "auto"
     # How a one-token decode step runs (docs/serving.md "The lean decode step"): "lean" runs
-    # Llama-architecture models on fused input-major fp32/bf16 weights (the model's Linear weights
-    # become views of them) with grouped-query attention that never copies the cache; prefill and
-    # other models keep the model's own forward, as does a compiled step (compile_decode).
+    # Llama-architecture models on fused fp32/bf16 weights (the model's Linear weights become
+    # views of them) with grouped-query attention that never copies the cache; prefill and other
+    # models keep the model's own forward, as does a step compiled on CUDA (compile_decode).
     # "transformers": every step through the model's own forward.
     decode_step: Literal["lean", "transformers"] = "lean"
     # What the lean step's batched steps (two rows or more) read on a CPU (docs/serving.md "The
