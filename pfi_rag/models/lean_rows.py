@@ -5,8 +5,9 @@ and its speed is bounded by how fast one core reads them. Measured on the defaul
 (1 thread, every product of one step): MKL's one-row kernels read fused input-major weights at
 17 GB/s and out-major ones at 12 GB/s, where a plain sum reads 30 GB/s. ``torch.compile``
 (inductor) turns ``(weight * x).sum(-1)`` over out-major weights into one streaming reduction
-per matrix that read them faster than either, and fuses what surrounds the products (RMSNorm,
-the SiLU gate, the residual adds) into the same generated kernels.
+per matrix that read them faster than either (18.6 GB/s against MKL's 16.6 in the same run of
+``bench/one_stream.py``), and fuses what surrounds the products (RMSNorm, the SiLU gate, the
+residual adds) into the same generated kernels.
 
 :class:`CompiledRows` compiles three functions of one decoder step, each once for the model's
 shapes (the layers share them), and runs them once on zeros when built, so a missing C++
@@ -60,14 +61,13 @@ class CompiledRows:
         # activations as it makes them (inside it), so the real calls reuse these compilations.
         dtype, eps = norm.weight.dtype, norm.variance_epsilon
         weights = {name: torch.zeros(shape, dtype=dtype) for name, shape in shapes.items()}
-        hidden = shapes["qkv"][1]
-        norm = norm.weight
+        hidden, norm_weight = shapes["qkv"][1], norm.weight
         with torch.inference_mode():
             h = torch.zeros(1, hidden, dtype=dtype)
             attn = torch.zeros(1, shapes["o"][1], dtype=dtype)
-            self.normed_product(h, norm, weights["qkv"], eps)
-            self.normed_product(h, norm, weights["head"], eps)
-            self.mlp_block(h, attn, weights["o"], norm, weights["gate_up"], weights["down"], eps)
+            self.normed_product(h, norm_weight, weights["qkv"], eps)
+            self.normed_product(h, norm_weight, weights["head"], eps)
+            self.mlp_block(h, attn, weights["o"], norm_weight, weights["gate_up"], weights["down"], eps)
             self.product(attn, weights["o"])
             self.product(torch.zeros(1, shapes["down"][1], dtype=dtype), weights["down"])
             self.product(h, weights["gate_up"])
