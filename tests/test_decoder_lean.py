@@ -267,6 +267,23 @@ def test_compiled_one_row_functions_compute_what_their_eager_arithmetic_does():
     torch.testing.assert_close(product, act @ w["down"].t(), **close)
 
 
+def test_warming_up_is_not_stopped_by_dynamos_cap_on_compilations_per_function():
+    # One process may serve several models, or run a test suite: dynamo's cap on compilations of
+    # one function (8 by default) counts them all. Under a cap of 2, one model's 3 product shapes
+    # already pass it; warming up must lift it while it compiles.
+    from pfi_rag.models.lean_rows import CompiledRows
+
+    norm = torch.nn.RMSNorm(24, eps=1e-5)
+    norm.variance_epsilon = norm.eps
+    norm.weight.requires_grad_(False)
+    shapes = {"qkv": (40, 24), "o": (24, 16), "gate_up": (80, 24), "down": (24, 40), "head": (90, 24)}
+    with torch._dynamo.config.patch(recompile_limit=2):
+        rows = CompiledRows(shapes, norm=norm)
+    with torch.inference_mode():
+        x = torch.ones(1, 40)
+        assert torch.equal(rows.product(x, torch.ones(24, 40)), torch.full((1, 24), 40.0))
+
+
 def test_compiled_one_row_steps_give_transformers_answers_alone_and_batched(tiny_generator, tmp_path):
     # Prepare: adapters on q/v (c1) and on every projection (wide: its layers take the compiled
     # products one by one, not the fused block), an engine compiling its one-row steps.

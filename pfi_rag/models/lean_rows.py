@@ -50,11 +50,16 @@ class CompiledRows:
     """
 
     def __init__(self, shapes: dict[str, tuple[int, int]], *, norm: torch.nn.Module):
-        compile_ = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)  # noqa: E731
-        self.normed_product = compile_(normed_product)
-        self.mlp_block = compile_(mlp_block)
-        self.product = compile_(product)
-        self._warm_up(shapes, norm)
+        # Not fullgraph: should a call ever miss the compilations made here (and dynamo's cap on
+        # compilations per function be reached), it runs eagerly instead of failing a request.
+        self.normed_product = torch.compile(normed_product, dynamic=False)
+        self.mlp_block = torch.compile(mlp_block, dynamic=False)
+        self.product = torch.compile(product, dynamic=False)
+        # Each function compiles once per shape it serves (products: 3 a model), and dynamo keeps
+        # one cache per function for the whole process, capped at 8 compilations by default: a
+        # process with several models (or the test suite) would reach it while warming up.
+        with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+            self._warm_up(shapes, norm)
 
     def _warm_up(self, shapes: dict[str, tuple[int, int]], norm: torch.nn.Module) -> None:
         # The weights as the step passes them (plain tensors, made outside inference mode), the
