@@ -105,11 +105,13 @@ def run_benchmark(
     reused = [finished[(s.name, seed)] for s, seed in wanted if (s.name, seed) in finished]
     epsilons = preset.tradeoff_epsilons if tradeoff else ()
     reused_rows = [e for e in epsilons if e in done_tradeoff]
-    missing = {"runs": {}, "tradeoff": [_epsilon_label(e) for e in epsilons if e not in done_tradeoff]}
-    for scenario, seed in wanted:
-        if (scenario.name, seed) not in finished:
-            missing["runs"].setdefault(scenario.name, []).append(seed)
+    # What a report does not cover yet; a run covers everything it wanted (a failed run raises).
+    missing: dict[str, Any] = {"runs": {}, "tradeoff": []}
     if report_only:
+        missing["tradeoff"] = [_epsilon_label(e) for e in epsilons if e not in done_tradeoff]
+        for scenario, seed in wanted:
+            if (scenario.name, seed) not in finished:
+                missing["runs"].setdefault(scenario.name, []).append(seed)
         on_event(
             f"reporting on {len(reused)} of {len(wanted)} runs and {len(reused_rows)} of "
             f"{len(epsilons)} trade-off runs finished in {work}; nothing runs"
@@ -160,7 +162,6 @@ def run_benchmark(
     seconds = time.perf_counter() - started
     if not report_only:
         log.finish(ran=to_run, reused=len(reused) + len(reused_rows), seconds=seconds)
-        missing = {"runs": {}, "tradeoff": []}  # everything wanted ran (a failed run raises)
     result = {
         "meta": {
             "preset": preset.name,

@@ -109,23 +109,15 @@ class _Arena:
         size = linears[0].in_features * width
         flat = self.buffer[self._offset : self._offset + size]
         self._offset += size
-        if self.input_major:
-            fused = flat.view(linears[0].in_features, width)
-            start = 0
-            for linear in linears:
-                end = start + linear.out_features
-                fused[:, start:end] = linear.weight.detach().t()
-                linear.weight.data = fused[:, start:end].t()  # (out, in) view into the buffer
-                start = end
-            return fused
-        fused = flat.view(width, linears[0].in_features)
+        # (sum of outs, in) either way: stored so, or the transpose of the stored input-major tensor
+        fused = flat.view(linears[0].in_features, width).t() if self.input_major else flat.view(width, -1)
         start = 0
         for linear in linears:
             end = start + linear.out_features
             fused[start:end] = linear.weight.detach()
-            linear.weight.data = fused[start:end]  # (out, in) rows of the buffer
+            linear.weight.data = fused[start:end]  # (out, in) view into the buffer
             start = end
-        return fused
+        return fused.t() if self.input_major else fused
 
 
 @dataclass(eq=False)
