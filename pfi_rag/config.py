@@ -281,7 +281,8 @@ class ProbesConfig(Section):
     release_epsilon: float = Field(default=1.0, gt=0)
     # Mean counterfactual gap (P(" yes") of group a vs b) may grow by at most this much.
     bias_threshold: float = Field(default=0.05, ge=0, le=1)
-    calibration_threshold: float = Field(default=0.15, ge=0, le=1)  # per-client ECE
+    # Per-client ECE may grow by at most this much over the base model's on the same items.
+    calibration_threshold: float = Field(default=0.1, ge=0, le=1)
     calibration_choices: int = Field(default=4, ge=2, le=16)  # true answer + distractors
     # A client may be at most this much worse off than training alone (answer NLL, nats/token).
     fairness_threshold: float = Field(default=0.05, ge=0)

@@ -10,13 +10,14 @@ from typer.testing import CliRunner
 from pfi_rag.cli import app
 from pfi_rag.config import Config, ConfigError, with_probe_thresholds
 from pfi_rag.probes.context import ProbeContext
+from pfi_rag.probes.registry import probe_named
 from pfi_rag.probes.thresholds import calibrate, thresholds_toml
 
 
-def summary(probe, value, *, metric="m", threshold=0.05, fails_above=True, verdict="pass"):
+def summary(probe, value, *, metric=None, threshold=0.05, fails_above=True, verdict="pass"):
     return {
         "probe": probe,
-        "metric": metric,
+        "metric": metric or probe_named(probe).metric,
         "value": value,
         "threshold": threshold,
         "fails_above": fails_above,
@@ -54,6 +55,17 @@ def test_each_threshold_is_the_worst_reference_value_inside_the_fields_limits():
     assert calibrated["bias"].configured == 0.05 and calibrated["bias"].false_alarm_bound == 1 / 3
     with pytest.raises(ValueError, match="at least one"):
         calibrate([])
+
+
+def test_references_on_another_metric_than_the_probe_reads_now_are_left_out():
+    # calibration once failed on the absolute ECE; it now reads the increase over the base model,
+    # so a threshold from old reports (ECE 0.4-0.6) would never fire on the new metric.
+    old = [report(summary("calibration", 0.44, metric="ece"), summary("bias", 0.01)) for _ in range(2)]
+    mixed = [old[0], report(summary("calibration", 0.002), summary("bias", 0.02))]
+
+    assert [c.probe for c in calibrate(old)] == ["bias"]
+    assert [c.probe for c in calibrate(mixed)] == ["bias"]
+    assert calibrate([report(summary("calibration", 0.002))] * 2)[0].threshold == 0.002
 
 
 def test_a_thresholds_file_replaces_the_configured_thresholds_and_nothing_else(tmp_path):

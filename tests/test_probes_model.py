@@ -141,11 +141,18 @@ def test_calibration_flags_confident_wrong_answers(root, tiny_models_config, tin
     save(qa_trained(tiny_generator, root_dir, SMALL, wrong=True), client_adapter_dir(root_dir, SMALL))
     planted = CalibrationProbe().run_client(make_context(root_dir, tiny_models_config, tiny_generator), SMALL)
 
-    # Right and confident is calibrated; wrong and confident is not.
+    # Right and confident is calibrated; wrong and confident is not. The verdict reads the
+    # increase over the base model, scored on the same items.
     assert clean.verdict == Verdict.PASS and clean.evidence["accuracy"] == 1.0
     assert clean.evidence["mean_confidence"] > 0.9
     assert planted.verdict == Verdict.FAIL
     assert planted.evidence["accuracy"] == 0.0 and planted.evidence["mean_confidence"] > 0.5
+    for result in (clean, planted):
+        evidence = result.evidence
+        assert evidence["ece_base"] == clean.evidence["ece_base"]  # one base model, the same items
+        assert result.value == pytest.approx(evidence["ece"] - evidence["ece_base"])
+        assert evidence["interval"][0] <= result.value <= evidence["interval"][1]
+    assert planted.value > 0.5 > clean.value
 
 
 def test_fairness_flags_a_client_worse_off_than_training_alone(root, tiny_models_config, tiny_generator):

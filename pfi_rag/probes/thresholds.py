@@ -51,7 +51,9 @@ def calibrate(reports: Sequence[dict[str, Any]]) -> list[CalibratedThreshold]:
     """One threshold per probe that has a finite value in every report (``report.json`` dicts).
 
     Probes skipped or errored in any report are left out: a reference that did not measure the
-    probe says nothing about its healthy range.
+    probe says nothing about its healthy range. So is a probe whose references measured another
+    metric than it reads now (reports from before its metric changed): their values are on
+    another scale.
     """
     if not reports:
         raise ValueError("give at least one reference report")
@@ -65,6 +67,8 @@ def calibrate(reports: Sequence[dict[str, Any]]) -> list[CalibratedThreshold]:
         values = [s.get("value") for s in summaries if s.get("verdict") in ("pass", "fail")]
         finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
         if not _configurable(probe) or len(finite) < len(reports):
+            continue
+        if {str(s["metric"]) for s in summaries} != {_current_metric(probe, summaries[0]["metric"])}:
             continue
         fails_above = bool(summaries[0]["fails_above"])
         worst = max(finite) if fails_above else min(finite)
@@ -89,6 +93,14 @@ def _configurable(probe: str) -> bool:
         return probe_named(probe).default_threshold is not None
     except KeyError:
         return False
+
+
+def _current_metric(probe: str, reported: str) -> str:
+    """The metric ``probe`` reads today (``reported`` for a probe this version does not know)."""
+    try:
+        return probe_named(probe).metric
+    except KeyError:
+        return str(reported)
 
 
 def _within_limits(field: str, value: float) -> float:
