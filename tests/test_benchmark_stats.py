@@ -89,7 +89,7 @@ def _entry(value: float, verdict: str = "pass") -> dict:
     return {
         "verdict": verdict,
         "value": value,
-        "metric": "gap",
+        "metric": "gap_increase",  # what bias reads: calibration leaves out references on another metric
         "threshold": 0.5,
         "fails_above": True,
         "flagged_clients": [TARGET] if verdict == "fail" else [],
