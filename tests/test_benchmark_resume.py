@@ -40,7 +40,7 @@ def _run(scenario: str, seed: int, value: float, seconds: float) -> dict:
             "update_outliers": {
                 "verdict": "fail" if value > 3.5 else "pass",
                 "value": value,
-                "metric": "robust z",
+                "metric": "outlier_updates",
                 "fails_above": True,
                 "threshold": 3.5,
                 "flagged_clients": [TARGET] if value > 3.5 else [],
