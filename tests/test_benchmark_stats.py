@@ -74,9 +74,10 @@ def test_goal_verdict_says_why_from_the_numbers(tpr, fpr, n, auc, status):
             auroc=auc,
             failed_runs=n,
             clean_runs=n,
-            references=4,
+            reference_runs=4,
         )
-        assert "4 per seed bound false alarms by 1/5; 9 bound them by 0.1" in hinted.why
+        assert "4 clean runs per seed bound false alarms by 1/5" in hinted.why
+        assert "9 runs bound them by 0.1" in hinted.why
     assert (
         goal_verdict(
             tpr=None, tpr_ci=None, fpr=0.0, fpr_ci=[0, 0.4], auroc=None, failed_runs=0, clean_runs=5
@@ -122,6 +123,7 @@ def test_calibration_draws_on_every_healthy_round_of_the_other_seeds(tmp_path):
 
     row = scores["biased_client"]
     assert row["references_per_seed"] == {0: 2, 1: 2}  # the other seed's round 1 and final state
+    assert row["reference_runs_per_seed"] == {0: 1, 1: 1}  # ... both from one run
     cell = row["probes"]["bias"]
     # Seed 0 is judged against max(0.05, 0.20) = 0.20: 0.25 fails, 0.10 passes.
     # Seed 1 against max(0.30, 0.10) = 0.30: 0.15 passes, 0.20 passes.
@@ -157,7 +159,8 @@ def test_calibration_draws_on_every_healthy_round_of_the_other_seeds(tmp_path):
         "| 0.50 (1/2) [0.09, 0.91] | 0.00 (0/2) [0.00, 0.66] | weak |"
     ) in table
     assert "| biased_client (amplified bias) | bias (calibrated) | weak | AUROC 0.75: failed and" in table
-    assert "N = 2 for seed 0, 2 for seed 1" in table
+    assert "2 reports from 1 runs for seed 0, 2 reports from 1 runs for seed 1" in table
+    assert "N counts runs, not reports" in table
     assert "| bias | above | 0.5 | 0.2 | 0.3 |" in table  # each seed's threshold: the others' worst
 
 

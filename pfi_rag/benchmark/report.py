@@ -123,10 +123,15 @@ def false_alarm_table(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def _references(scores: dict[str, Any]) -> str:
-    counts = next(iter(scores.values()), {}).get("references_per_seed", {})
+    """Per seed: the healthy reports its thresholds came from, and the clean runs behind them."""
+    row = next(iter(scores.values()), {})
+    counts = row.get("references_per_seed", {})
+    runs = row.get("reference_runs_per_seed", {})
     if not counts:
-        return "0"
-    return ", ".join(f"{n} for seed {seed}" for seed, n in counts.items())
+        return "no reports"
+    return ", ".join(
+        f"{n} reports from {runs.get(seed, '?')} runs for seed {seed}" for seed, n in counts.items()
+    )
 
 
 def thresholds_table(calibration: dict[Any, dict[str, Any]]) -> list[str]:
@@ -135,7 +140,10 @@ def thresholds_table(calibration: dict[Any, dict[str, Any]]) -> list[str]:
         return []
     seeds = list(calibration)
     probes = sorted({p for entry in calibration.values() for p in entry["thresholds"]})
-    columns = [f"seed {s} ({calibration[s]['references']} refs)" for s in seeds]
+    columns = [
+        f"seed {s} ({calibration[s]['references']} refs, {calibration[s].get('runs', '?')} runs)"
+        for s in seeds
+    ]
     lines = [
         "| probe | fails | configured | " + " | ".join(columns) + " |",
         "|---|---|---|" + "---|" * len(seeds),
@@ -248,10 +256,12 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
             "",
             "Each threshold is the worst value the probe reached on the healthy reports (every "
             "probed round) of the clean runs of the *other* seeds (`pfi-rag calibrate-probes`; "
-            "leave-one-seed-out, so the FPR is out of sample). With N exchangeable references a "
-            "healthy run fails with probability at most 1/(N+1); here N = "
+            "leave-one-seed-out, so the FPR is out of sample): "
             + _references(result["scores"])
-            + ".",
+            + ". A healthy final state is worse than the final states of N other clean runs with "
+            "probability at most 1/(N+1); a run's earlier rounds are correlated with its final "
+            "state, not exchangeable with another run's, so they can raise a threshold but do not "
+            "tighten that bound: N counts runs, not reports.",
             "",
             *calibrated_table(result["scores"]),
             "",

@@ -43,16 +43,22 @@ def healthy_reports(run: dict[str, Any]) -> list[dict[str, Any]]:
 
 def thresholds_by_seed(runs: list[dict]) -> dict[int, dict[str, Any]]:
     """Per seed: the thresholds `pfi-rag calibrate-probes` would set from the healthy reports
-    (every round) of the clean runs of the *other* seeds, by probe (leave-one-seed-out), and
-    how many reports they came from."""
+    (every round) of the clean runs of the *other* seeds, by probe (leave-one-seed-out), how
+    many reports they came from, and from how many runs.
+
+    The runs, not the reports, bound the false alarms: a run's earlier rounds are correlated
+    with its final state, not exchangeable with a new run's, so what holds is that a healthy
+    final state is worse than the other runs' final states with probability at most
+    1/(runs + 1); the earlier rounds can only raise the threshold further."""
     from pfi_rag.probes.thresholds import calibrate
 
     clean = [r for r in runs if r["scenario"] == "clean"]
     by_seed: dict[int, dict[str, Any]] = {}
     for seed in sorted({r["seed"] for r in runs}):
-        references = [report for r in clean if r["seed"] != seed for report in healthy_reports(r)]
+        others = [r for r in clean if r["seed"] != seed]
+        references = [report for r in others for report in healthy_reports(r)]
         chosen = {c.probe: c for c in calibrate(references)} if references else {}
-        by_seed[seed] = {"references": len(references), "thresholds": chosen}
+        by_seed[seed] = {"references": len(references), "runs": len(others), "thresholds": chosen}
     return by_seed
 
 
@@ -61,6 +67,7 @@ def calibration_summary(runs: list[dict]) -> dict[int, dict[str, Any]]:
     return {
         seed: {
             "references": entry["references"],
+            "runs": entry["runs"],
             "thresholds": {
                 name: {"threshold": c.threshold, "configured": c.configured, "fails_above": c.fails_above}
                 for name, c in entry["thresholds"].items()
@@ -110,7 +117,9 @@ def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
     and the system view."""
     clean = [r for r in runs if r["scenario"] == "clean"]
     calibrated = calibrated_verdicts(runs)
-    references = {seed: e["references"] for seed, e in thresholds_by_seed(runs).items()}
+    by_seed = thresholds_by_seed(runs)
+    references = {seed: e["references"] for seed, e in by_seed.items()}
+    reference_runs = {seed: e["runs"] for seed, e in by_seed.items()}
 
     def calibrated_flags(group: list[dict[str, Any]], name: str) -> list[bool]:
         failed = [calibrated[run_key(r)].get(name) for r in group]
@@ -155,13 +164,14 @@ def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
             "runs": len(failed),
             "clean_runs": len(clean),
             "references_per_seed": references,  # healthy reports each seed's thresholds came from
+            "reference_runs_per_seed": reference_runs,  # ... and the clean runs that made them
             "probes": per_probe,
             "detector_tpr": max(
                 (per_probe[p]["tpr"] or 0 for p in scenario.detectors if p in per_probe), default=0
             ),
             "caught_by": caught,
             "goal": {
-                p: goal(per_probe[p], references=min(references.values(), default=0))
+                p: goal(per_probe[p], reference_runs=min(reference_runs.values(), default=0))
                 for p in scenario.detectors
                 if p in per_probe
             },
@@ -170,7 +180,7 @@ def score(runs: list[dict[str, Any]], scenarios) -> dict[str, Any]:
     return table
 
 
-def goal(row: dict[str, Any], *, references: int) -> dict[str, Any]:
+def goal(row: dict[str, Any], *, reference_runs: int) -> dict[str, Any]:
     """The goal (TPR >= 0.9 at FPR <= 0.1) judged at the calibrated thresholds, the benchmark's
     protocol; at the configured ones where nothing could be calibrated (a single seed)."""
     kind = "calibrated" if row["calibrated_tpr"] is not None and row["calibrated_fpr"] is not None else ""
@@ -183,7 +193,7 @@ def goal(row: dict[str, Any], *, references: int) -> dict[str, Any]:
         auroc=row["auroc"],
         failed_runs=row[f"{prefix}tpr_of"][1],
         clean_runs=row[f"{prefix}fpr_of"][1],
-        references=references if kind else None,
+        reference_runs=reference_runs if kind else None,
     )
     return {"thresholds": kind or "configured", "status": verdict.status, "why": verdict.why}
 

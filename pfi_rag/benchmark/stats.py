@@ -75,10 +75,10 @@ def goal_verdict(
     auroc: float | None,
     failed_runs: int,
     clean_runs: int,
-    references: int | None = None,
+    reference_runs: int | None = None,
 ) -> GoalVerdict:
     """Does the probe reach TPR >= 0.9 at FPR <= 0.1, and if not, why, from the numbers alone.
-    ``references``: the fewest healthy reports a seed's calibrated thresholds came from."""
+    ``reference_runs``: the fewest clean runs a seed's calibrated thresholds came from."""
     if tpr is None or fpr is None or tpr_ci is None or fpr_ci is None:
         return GoalVerdict("unknown", "no verdicts to count (the probe skipped, or nothing to calibrate on)")
     if tpr_ci[0] >= GOAL_TPR and fpr_ci[1] <= GOAL_FPR:
@@ -94,8 +94,8 @@ def goal_verdict(
         return GoalVerdict(
             "separates, threshold misses",
             f"AUROC {auroc:.2f}: the metric ranks failed runs above clean ones but the threshold "
-            f"(TPR {tpr:.2f}, FPR {fpr:.2f}) sits in the wrong place: more healthy references to "
-            "calibrate on" + _reference_hint(references),
+            f"(TPR {tpr:.2f}, FPR {fpr:.2f}) sits in the wrong place: more clean runs to "
+            "calibrate on" + _reference_hint(reference_runs),
         )
     if auroc is not None and auroc <= AT_CHANCE:
         return GoalVerdict(
@@ -111,9 +111,13 @@ def goal_verdict(
     )
 
 
-def _reference_hint(references: int | None) -> str:
-    """What N references promise against false alarms (1/(N+1)), and the N that promises 0.1."""
-    if references is None:
+def _reference_hint(runs: int | None) -> str:
+    """What N clean reference runs promise against false alarms (1/(N+1)), and the N that
+    promises 0.1. Runs, not reports: a run's earlier rounds do not tighten the bound."""
+    if runs is None:
         return ""
     enough = math.ceil(1 / GOAL_FPR - 1 - 1e-9)
-    return f" ({references} per seed bound false alarms by 1/{references + 1}; {enough} bound them by 0.1)"
+    return (
+        f" ({runs} clean runs per seed bound false alarms by 1/{runs + 1}, however many rounds each "
+        f"reports; {enough} runs bound them by 0.1)"
+    )
