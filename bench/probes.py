@@ -4,8 +4,9 @@ Builds a small federated world once (kept in ``--workdir`` and reused by later r
 the generator once and runs ``run_suite`` ``--repeats`` times, each with a fresh ProbeContext
 (adapters, items and caches rebuilt, as in one ``pfi-rag probe`` call). Prints each probe's
 wall and CPU seconds (median over repeats) and the suite's total, with the machine's load
-(``uptime``). The model runs on one thread (models.threads default on two cores), so on an idle
-machine CPU seconds are wall seconds; on a busy one they are what the load does not inflate.
+(``uptime``), and the suite's median wall time against the target of 3 minutes for four
+clients. The probes run torch on every core (``probes.threads``), so CPU seconds exceed wall
+seconds on an idle machine; on a busy one they are what the load does not inflate.
 
 Worlds:
 
@@ -34,6 +35,7 @@ from pathlib import Path
 from realtext_probes import LINES, cli, ingest, say, uptime
 
 TOPICS = "ai,coding,emotion,psychology"
+TARGET_SECONDS = 180.0  # `probe --suite all` on four clients on the default model, two cores
 
 
 def build(world: str, root: Path, sets: dict, topics: list[str]) -> None:
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     for probe, values in sorted(cpu_seconds.items(), key=lambda kv: -statistics.median(kv[1])):
         say(f"| {probe} | {statistics.median(seconds[probe]):.1f} | {statistics.median(values):.1f} |")
     say()
+    if only is None:
+        suite = statistics.median(seconds["TOTAL"])
+        say(f"suite / target: {suite:.1f} s / {TARGET_SECONDS:.0f} s = {suite / TARGET_SECONDS:.2f}x")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("a", encoding="utf-8") as out:
