@@ -233,3 +233,54 @@ def test_finished_trade_off_runs_are_reused_and_counted(tmp_path):
     assert result["tradeoff"][0]["mean"]["base"] == cell
     assert result["meta"]["run_seconds"] == 30.0 and result["meta"]["invocations"] == 2
     assert "| non-private | 4.9 / 0.95 |" in (tmp_path / "out" / "silent-failures.md").read_text()
+
+
+def test_a_run_whose_federation_fails_is_left_for_the_next_invocation(cli_workdir, monkeypatch):
+    from pfi_rag.benchmark import silent_failures
+    from pfi_rag.federation.server import FederationFailed
+
+    runner = CliRunner()
+    base = ["--data-root", str(cli_workdir / "data"), "bench", "silent-failures", "--preset", "quick"]
+    out = ["--out", str(cli_workdir / "results")]
+    matrix = [*base, "--scenarios", "poisoned_client", "--seeds", "2", "--no-tradeoff", *out]
+    work = bench_dir(cli_workdir / "data")
+    # Prepare: three of the four runs finished earlier; the fourth's federation will fail, as
+    # Flower fails a run whose task missed its heartbeats. (run_one stands in for the real run
+    # here so that the failure is certain; tests/test_benchmark.py runs real federations.)
+    assert runner.invoke(app, [*base, "--no-matrix", "--no-tradeoff", *out]).exit_code == 0
+    key = json.loads((work / SETTINGS_FILE).read_text())["fingerprint"]
+    log = WorkLog.open(work, key, describe={"preset": "quick", "world": "synthetic"}, command="earlier")
+    log.record(_run("clean", 0, 1.0, seconds=100.0))
+    log.record(_run("poisoned_client", 0, 9.0, seconds=50.0))
+    log.record(_run("clean", 1, 1.5, seconds=100.0))
+
+    def lost(*args, **kwargs):
+        raise FederationFailed("the Flower run ended finished:failed: No heartbeat received from the task")
+
+    monkeypatch.setattr(silent_failures, "run_one", lost)
+
+    failed = runner.invoke(app, matrix)
+
+    assert failed.exit_code == 1
+    assert "failed: poisoned_client seed 1: " in failed.output and "No heartbeat" in failed.output
+    assert "run the same command again" in failed.output
+    saved = json.loads((cli_workdir / "results" / "silent-failures.json").read_text())
+    assert saved["meta"]["missing"] == {"runs": {"poisoned_client": [1]}, "tradeoff": []}
+    assert [(r["scenario"], r["seed"]) for r in saved["meta"]["failed_runs"]] == [("poisoned_client", 1)]
+    assert saved["scores"]["poisoned_client"]["probes"]["update_outliers"]["tpr_of"] == [1, 1]
+    table = (cli_workdir / "results" / "silent-failures.md").read_text()
+    assert "Partial report** (their federations failed" in table
+    assert ("poisoned_client", 1) not in log.finished_runs()
+
+    # The same command again runs only the lost run.
+    monkeypatch.setattr(
+        silent_failures, "run_one", lambda *a, seed, **k: _run("poisoned_client", seed, 8.0, 50.0)
+    )
+    again = runner.invoke(app, matrix)
+
+    assert again.exit_code == 0, again.output
+    assert "reusing 3 of 4 runs" in again.output
+    row = json.loads((cli_workdir / "results" / "silent-failures.json").read_text())["scores"][
+        "poisoned_client"
+    ]
+    assert row["probes"]["update_outliers"]["tpr_of"] == [2, 2]

@@ -211,8 +211,13 @@ def partial(meta: dict[str, Any]) -> list[str]:
         for name, seeds in runs.items()
     ]
     parts += [f"trade-off at epsilon {', '.join(tradeoff)}"] if tradeoff else []
+    why = (
+        "`--report-only`"
+        if meta.get("report_only")
+        else "their federations failed; the same command runs them again"
+    )
     return [
-        f"**Partial report** (`--report-only`): {count} runs not finished yet, so the rates below "
+        f"**Partial report** ({why}): {count} runs not finished yet, so the rates below "
         f"cover fewer runs than the full matrix. Not finished: {'; '.join(parts)}.  "
     ]
 

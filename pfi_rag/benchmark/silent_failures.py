@@ -28,6 +28,7 @@ from pfi_rag.benchmark.scoring import calibration_summary, score
 from pfi_rag.benchmark.tradeoff import run_tradeoff
 from pfi_rag.benchmark.worklog import WorkLog, fingerprint
 from pfi_rag.config import Config
+from pfi_rag.federation.server import FederationFailed
 
 REFERENCES_DIR = "references"  # <work>/references/clean-seed<k>-round<r>/report.json
 
@@ -105,8 +106,10 @@ def run_benchmark(
     reused = [finished[(s.name, seed)] for s, seed in wanted if (s.name, seed) in finished]
     epsilons = preset.tradeoff_epsilons if tradeoff else ()
     reused_rows = [e for e in epsilons if e in done_tradeoff]
-    # What a report does not cover yet; a run covers everything it wanted (a failed run raises).
+    # What a report does not cover yet: runs not reached (--report-only), or whose federation
+    # failed (``failed_runs`` says why; the next invocation runs them again).
     missing: dict[str, Any] = {"runs": {}, "tradeoff": []}
+    failed_runs: list[dict[str, Any]] = []
     if report_only:
         missing["tradeoff"] = [_epsilon_label(e) for e in epsilons if e not in done_tradeoff]
         for scenario, seed in wanted:
@@ -132,16 +135,25 @@ def run_benchmark(
         if report_only:
             continue
         on_event(f"run {scenario.name} seed {seed} ...")
-        result = run_one(
-            cfg,
-            work,
-            scenario,
-            seed=seed,
-            embedder=embedder,
-            probes=probes_for(scenario, probes, planted_probes),
-            references=work / REFERENCES_DIR,
-            probe_rounds=probe_rounds,
-        )
+        try:
+            result = run_one(
+                cfg,
+                work,
+                scenario,
+                seed=seed,
+                embedder=embedder,
+                probes=probes_for(scenario, probes, planted_probes),
+                references=work / REFERENCES_DIR,
+                probe_rounds=probe_rounds,
+            )
+        except FederationFailed as exc:
+            # Flower can lose a run to its own machinery (a missed task heartbeat on a loaded
+            # host); one lost run must not cost the hours of matrix after it. Nothing is logged
+            # for it, so the next invocation runs it again.
+            missing["runs"].setdefault(scenario.name, []).append(seed)
+            failed_runs.append({"scenario": scenario.name, "seed": seed, "error": str(exc)})
+            on_event(f"  failed, left for the next invocation: {exc}")
+            continue
         runs.append(result)
         log.record(result)
         failed = [p for p, v in result["probes"].items() if v["verdict"] == "fail"]
@@ -183,6 +195,7 @@ def run_benchmark(
             # scenario, trade-off runs by epsilon).
             "report_only": report_only,
             "missing": missing,
+            "failed_runs": failed_runs,
             # The matrix may have accumulated over several invocations (same settings): how many,
             # and the sum of its runs' own seconds, this invocation's and the reused ones.
             "invocations": len(log.invocations),

@@ -153,4 +153,12 @@ def register(app: typer.Typer) -> None:
 
             console.rule(f"[bold]report from the finished runs; {not_finished(meta)} not finished yet")
             return
+        if meta["failed_runs"]:
+            for run in meta["failed_runs"]:
+                console.print(f"failed: {run['scenario']} seed {run['seed']}: {run['error']}", soft_wrap=True)
+            fail(
+                f"{len(meta['failed_runs'])} federated runs failed and were left out of the report; "
+                "run the same command again to run them (the finished ones are reused)",
+                code=1,
+            )
         console.rule(f"[bold green]benchmark finished in {(time.perf_counter() - started) / 60:.1f} min")
