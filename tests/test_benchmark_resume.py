@@ -51,6 +51,18 @@ def _run(scenario: str, seed: int, value: float, seconds: float) -> dict:
     }
 
 
+def _three_of_four_runs_logged(runner, base: list[str], out: list[str], work: Path, command: str) -> WorkLog:
+    """Settings recorded by an invocation that ran nothing, then three of the four runs of
+    poisoned_client x 2 seeds logged as finished (poisoned_client seed 1 missing)."""
+    assert runner.invoke(app, [*base, "--no-matrix", "--no-tradeoff", *out]).exit_code == 0
+    key = json.loads((work / SETTINGS_FILE).read_text())["fingerprint"]
+    log = WorkLog.open(work, key, describe={"preset": "quick", "world": "synthetic"}, command=command)
+    log.record(_run("clean", 0, 1.0, seconds=100.0))
+    log.record(_run("poisoned_client", 0, 9.0, seconds=50.0))
+    log.record(_run("clean", 1, 1.5, seconds=100.0))
+    return log
+
+
 def _fingerprint(tmp_path, **changes) -> str:
     cfg = load_config(None, {"data_root": str(tmp_path), **PRESETS["quick"].overrides(), **changes})
     return fingerprint(cfg, preset="quick", world="synthetic", probes=("update_outliers",), probe_rounds=True)
@@ -156,12 +168,7 @@ def test_report_only_tables_the_finished_runs_and_changes_nothing(cli_workdir):
     nothing_yet = runner.invoke(app, report)
     assert nothing_yet.exit_code == 2 and "run the benchmark first" in nothing_yet.output
     # Prepare: settings recorded, and three of the four runs finished (poisoned seed 1 missing).
-    assert runner.invoke(app, [*base, "--no-matrix", "--no-tradeoff", *out]).exit_code == 0
-    key = json.loads((work / SETTINGS_FILE).read_text())["fingerprint"]
-    log = WorkLog.open(work, key, describe={"preset": "quick", "world": "synthetic"}, command="running")
-    log.record(_run("clean", 0, 1.0, seconds=100.0))
-    log.record(_run("poisoned_client", 0, 9.0, seconds=50.0))
-    log.record(_run("clean", 1, 1.5, seconds=100.0))
+    _three_of_four_runs_logged(runner, base, out, work, command="running")
     before = {name: (work / name).read_bytes() for name in (SETTINGS_FILE, RUNS_FILE)}
 
     reported = runner.invoke(app, report)
@@ -247,12 +254,7 @@ def test_a_run_whose_federation_fails_is_left_for_the_next_invocation(cli_workdi
     # Prepare: three of the four runs finished earlier; the fourth's federation will fail, as
     # Flower fails a run whose task missed its heartbeats. (run_one stands in for the real run
     # here so that the failure is certain; tests/test_benchmark.py runs real federations.)
-    assert runner.invoke(app, [*base, "--no-matrix", "--no-tradeoff", *out]).exit_code == 0
-    key = json.loads((work / SETTINGS_FILE).read_text())["fingerprint"]
-    log = WorkLog.open(work, key, describe={"preset": "quick", "world": "synthetic"}, command="earlier")
-    log.record(_run("clean", 0, 1.0, seconds=100.0))
-    log.record(_run("poisoned_client", 0, 9.0, seconds=50.0))
-    log.record(_run("clean", 1, 1.5, seconds=100.0))
+    log = _three_of_four_runs_logged(runner, base, out, work, command="earlier")
 
     def lost(*args, **kwargs):
         raise FederationFailed("the Flower run ended finished:failed: No heartbeat received from the task")
