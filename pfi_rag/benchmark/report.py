@@ -122,15 +122,13 @@ def false_alarm_table(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _references(scores: dict[str, Any]) -> str:
+def _references(calibration: dict[Any, dict[str, Any]]) -> str:
     """Per seed: the healthy reports its thresholds came from, and the clean runs behind them."""
-    row = next(iter(scores.values()), {})
-    counts = row.get("references_per_seed", {})
-    runs = row.get("reference_runs_per_seed", {})
-    if not counts:
+    if not calibration:
         return "no reports"
     return ", ".join(
-        f"{n} reports from {runs.get(seed, '?')} runs for seed {seed}" for seed, n in counts.items()
+        f"{entry['references']} reports from {entry['runs']} runs for seed {seed}"
+        for seed, entry in calibration.items()
     )
 
 
@@ -141,8 +139,7 @@ def thresholds_table(calibration: dict[Any, dict[str, Any]]) -> list[str]:
     seeds = list(calibration)
     probes = sorted({p for entry in calibration.values() for p in entry["thresholds"]})
     columns = [
-        f"seed {s} ({calibration[s]['references']} refs, {calibration[s].get('runs', '?')} runs)"
-        for s in seeds
+        f"seed {s} ({calibration[s]['references']} refs, {calibration[s]['runs']} runs)" for s in seeds
     ]
     lines = [
         "| probe | fails | configured | " + " | ".join(columns) + " |",
@@ -262,7 +259,7 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
             "Each threshold is the worst value the probe reached on the healthy reports (every "
             "probed round) of the clean runs of the *other* seeds (`pfi-rag calibrate-probes`; "
             "leave-one-seed-out, so the FPR is out of sample): "
-            + _references(result["scores"])
+            + _references(result.get("calibration", {}))
             + ". A healthy final state is worse than the final states of N other clean runs with "
             "probability at most 1/(N+1); a run's earlier rounds are correlated with its final "
             "state, not exchangeable with another run's, so they can raise a threshold but do not "
