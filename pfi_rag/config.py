@@ -111,8 +111,9 @@ class PrivacyConfig(Section):
     # Per-record clipping bound C of the flat L2 norm of the adapter gradient.
     max_grad_norm: float = Field(default=1.0, gt=0)
     # How Opacus gets per-record gradient norms; all three give the same clipped sum (tested).
-    # "auto": the fastest measured on the default model (docs/privacy.md): ghost clipping on
-    # cuda (1.19x a non-private step on an H100, hooks 1.46x), hooks on cpu (0.96x, ghost 1.33x).
+    # "auto": the fastest measured on the default model (bench/results/gpu_smoke-h100.txt and
+    # dp_train-smollm2-cpu.txt): ghost clipping on cuda (1.19x a non-private step on an H100,
+    # hooks 1.46x), hooks on cpu (0.96x, ghost 1.33x).
     grad_sample_mode: Literal["auto", "hooks", "functorch", "ghost"] = "auto"
     # pld: dp-accounting's privacy-loss-distribution accountant, the tightest (13% lower epsilon
     # than rdp for the same noise in docs/privacy.md's example); rdp: Opacus's. Both compose the
@@ -186,7 +187,7 @@ class FederationConfig(Section):
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
     # Ditto's proximal weight: how strongly a personal adapter is pulled towards the global one.
     ditto_lambda: float = Field(default=0.1, ge=0)
-    # How long the server waits for nodes to connect, and for one round's replies.
+    # How long the server waits for nodes to connect.
     connect_timeout_s: float = Field(default=120.0, gt=0)
     round_timeout_s: float = Field(default=3600.0, gt=0)
     # A client sends its train reply no sooner than this many seconds after the round's message
@@ -230,7 +231,7 @@ class ServingConfig(Section):
     weight_format: Literal["none", "transposed", "int8"] = "none"
     # torch.compile the one-token decode step (docs/serving.md): on a CPU with the lean step
     # (auto or on), its one-row products, compiled once when the engine starts (needs a C++
-    # compiler; ~1.3x one stream's tokens/s); otherwise the model's whole step, with "auto" on
+    # compiler; ~1.5x the eager lean step's tokens/s for one stream); otherwise the model's whole step, with "auto" on
     # CUDA only and "on" on any device. "off" never. A failing compile falls back to eager.
     compile_decode: Literal["auto", "on", "off"] = "auto"
     # How a one-token decode step runs (docs/serving.md "The lean decode step"): "lean" runs
