@@ -231,8 +231,9 @@ class ServingConfig(Section):
     weight_format: Literal["none", "transposed", "int8"] = "none"
     # torch.compile the one-token decode step (docs/serving.md): on a CPU with the lean step
     # (auto or on), its one-row products, compiled once when the engine starts (needs a C++
-    # compiler; ~1.5x the eager lean step's tokens/s for one stream); otherwise the model's whole step, with "auto" on
-    # CUDA only and "on" on any device. "off" never. A failing compile falls back to eager.
+    # compiler; ~1.5x the eager lean step's tokens/s for one stream); otherwise the model's
+    # whole step, with "auto" on CUDA only and "on" on any device. "off" never. A failing
+    # compile falls back to eager.
     compile_decode: Literal["auto", "on", "off"] = "auto"
     # How a one-token decode step runs (docs/serving.md "The lean decode step"): "lean" runs
     # Llama-architecture models on fused fp32/bf16 weights (the model's Linear weights become

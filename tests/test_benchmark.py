@@ -1,6 +1,6 @@
 """The silent-failure benchmark: its scoring arithmetic, and a small matrix end to end on real
 Flower runs, FAISS stores and probes (tiny model; the full quick preset is `pfi-rag bench
-silent-failures --preset quick`, ~30 min, docs/benchmark.md)."""
+silent-failures --preset quick`, ~20 min, docs/benchmark.md)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,9 @@ def register(app: typer.Typer) -> None:
     def silent_failures(
         ctx: typer.Context,
         preset: str = typer.Option(
-            "quick", "--preset", help="quick: tiny random model, ~20 min on 2 cores; full: SmolLM2-135M, ~4-6 h."
+            "quick",
+            "--preset",
+            help="quick: tiny random model, ~20 min on 2 cores; full: SmolLM2-135M, 4-6 h.",
         ),
         seeds: int = typer.Option(None, "--seeds", min=1, help="Seeds per scenario (default: the preset's)."),
         scenarios: str = typer.Option(
