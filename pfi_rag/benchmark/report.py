@@ -259,7 +259,7 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
             "Each threshold is the worst value the probe reached on the healthy reports (every "
             "probed round) of the clean runs of the *other* seeds (`pfi-rag calibrate-probes`; "
             "leave-one-seed-out, so the FPR is out of sample): "
-            + _references(result.get("calibration", {}))
+            + _references(result["calibration"])
             + ". A healthy final state is worse than the final states of N other clean runs with "
             "probability at most 1/(N+1); a run's earlier rounds are correlated with its final "
             "state, not exchangeable with another run's, so they can raise a threshold but do not "
@@ -269,7 +269,7 @@ def write_outputs(out: Path, result: dict[str, Any]) -> dict[str, Path]:
             "",
             "The thresholds (per seed, from the other seeds' healthy reports):",
             "",
-            *thresholds_table(result.get("calibration", {})),
+            *thresholds_table(result["calibration"]),
             "",
         ]
     if result["tradeoff"]:
